@@ -1,0 +1,173 @@
+"""One forward pass over real text: capture each layer's post-RoPE q/k, score, allocate, write a recipe."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .. import __version__
+from ..errors import InputTooLongError, PatchattnError
+from ..patch import ATTN_NAME, capture, check_supported
+from ..recipe import HeadPlan, Recipe, model_identity
+from ..strategies import STRATEGIES, Strategy
+from .allocate import allocate
+from .scoring import LayerScores, sample_rows, score_layer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "block_topk")
+# What the allocation maximises per head: the attention mass kept, or 1 - the relative error of the
+# attention output (which also weighs what the dropped keys' values would have contributed).
+OBJECTIVES = ("mass", "output")
+
+
+def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) -> list[Strategy]:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise PatchattnError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(sorted(STRATEGIES))}")
+    return [cand for name in strategies for cand in STRATEGIES[name].budget_grid(n_tokens, block_size)]
+
+
+def context_length(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.Tensor:
+    limit = context_length(config) if config is not None else None
+    if limit is not None and seq_len > limit:
+        raise InputTooLongError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens; use a length <= {limit}")
+    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[:, :seq_len]
+    if ids.shape[1] < seq_len:
+        raise PatchattnError(f"calibration text has only {ids.shape[1]} tokens, fewer than --seq-len {seq_len}; give a longer text")
+    return ids
+
+
+def _num_layers(config) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.num_hidden_layers
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    input_ids: torch.Tensor,
+    target_sparsity: float = 0.85,
+    block_size: int = 64,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    n_rows: int = 256,
+    seed: int = 0,
+    text_name: str = "",
+    objective: str = "mass",
+    on_layer: Callable[[int, LayerScores], None] | None = None,
+) -> Recipe:
+    """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``."""
+    if objective not in OBJECTIVES:
+        raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if not 0.0 <= target_sparsity < 1.0:
+        raise PatchattnError(f"--target-sparsity must be in [0, 1), not {target_sparsity}")
+    check_supported(model)
+    n_tokens = input_ids.shape[1]
+    if n_tokens < 4 * block_size:
+        raise PatchattnError(f"calibration needs at least {4 * block_size} tokens at block size {block_size}; raise --seq-len")
+    candidates = candidate_grid(strategies, n_tokens, block_size)
+    rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
+    n_layers = _num_layers(model.config)
+    scores: dict[int, LayerScores] = {}
+
+    def hook(module, query, key, value):
+        layer = getattr(module, "layer_idx", len(scores))
+        if query.shape[2] != key.shape[2] or layer in scores:
+            return
+        scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
+        scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale)
+        if on_layer is not None:
+            on_layer(layer, scores[layer])
+
+    original = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
+    try:
+        with capture(hook):
+            device = next(model.parameters()).device
+            kwargs = {"use_cache": False}
+            try:
+                model(input_ids.to(device), logits_to_keep=1, **kwargs)
+            except TypeError:
+                model(input_ids.to(device), **kwargs)
+    finally:
+        model.set_attn_implementation(original)
+    if len(scores) != n_layers:
+        raise PatchattnError(f"captured {len(scores)} of {n_layers} layers; this model's attention is not fully routed through the registry")
+
+    density = torch.stack([scores[i].density for i in range(n_layers)])  # (L, H, C)
+    mass = torch.stack([scores[i].kept_mass for i in range(n_layers)])
+    error = torch.stack([scores[i].output_error for i in range(n_layers)])
+    n_heads, n_cand = density.shape[1], density.shape[2]
+    utility = mass if objective == "mass" else 1.0 - error
+    choice = allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
+
+    layers = []
+    for li in range(n_layers):
+        heads = []
+        for hi in range(n_heads):
+            cand = candidates[int(choice[li, hi])]
+            c = choice[li, hi]
+            heads.append(HeadPlan(cand.name, cand.params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c])))
+        layers.append(heads)
+    chosen_density = torch.gather(density, -1, choice[..., None]).squeeze(-1)
+    chosen_mass = torch.gather(mass, -1, choice[..., None]).squeeze(-1)
+    chosen_error = torch.gather(error, -1, choice[..., None]).squeeze(-1)
+    calibration = {
+        "patchattn_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "text": text_name,
+        "seq_len": n_tokens,
+        "target_sparsity": target_sparsity,
+        "achieved_sparsity": round(1.0 - float(chosen_density.mean()), 6),
+        "mean_kept_mass": round(float(chosen_mass.mean()), 6),
+        "mean_output_error": round(float(chosen_error.mean()), 6),
+        "objective": objective,
+        "sampled_rows": int(rows.numel()),
+        "strategies": list(strategies),
+        "layer_density": [round(float(x), 6) for x in chosen_density.mean(-1)],
+        "candidates": [
+            {
+                "strategy": cand.name,
+                "params": cand.params(),
+                "mean_density": round(float(density[..., ci].mean()), 6),
+                "mean_kept_mass": round(float(mass[..., ci].mean()), 6),
+                "mean_output_error": round(float(error[..., ci].mean()), 6),
+            }
+            for ci, cand in enumerate(candidates)
+        ],
+    }
+    return Recipe(model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated")
+
+
+def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:
+    """The same strategy and budget on every head, at (about) the calibrated recipe's sparsity.
+
+    From the calibration's per-candidate averages: among candidates whose mean density is within
+    ``tolerance`` of the calibrated recipe's, the one keeping the most mass (else the nearest in density).
+    """
+    cands = recipe.calibration.get("candidates")
+    if not cands:
+        raise PatchattnError("this recipe has no calibration statistics; a uniform baseline needs a calibrated recipe")
+    target = 1.0 - recipe.calibration["achieved_sparsity"]
+    near = [c for c in cands if abs(c["mean_density"] - target) <= tolerance and c["strategy"] != "dense"]
+    objective = recipe.calibration.get("objective", "mass")
+    score = (lambda c: c["mean_kept_mass"]) if objective == "mass" else (lambda c: -c.get("mean_output_error", 0.0))
+    best = max(near, key=score) if near else min(cands, key=lambda c: abs(c["mean_density"] - target))
+    layers = [[HeadPlan(best["strategy"], dict(best["params"])) for _ in layer] for layer in recipe.layers]
+    calibration = {
+        "baseline_of": recipe.name,
+        "seq_len": recipe.calibration.get("seq_len"),
+        "achieved_sparsity": round(1.0 - best["mean_density"], 6),
+        "mean_kept_mass": best["mean_kept_mass"],
+        "mean_output_error": best.get("mean_output_error"),
+    }
+    return Recipe(model=dict(recipe.model), layers=layers, block_size=recipe.block_size, calibration=calibration, name="uniform")

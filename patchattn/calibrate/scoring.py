@@ -1,0 +1,84 @@
+"""Score every strategy budget on one layer's captured queries and keys.
+
+For each head and each candidate (strategy + budget) two numbers: ``density``, the fraction of causal
+blocks the candidate's layout computes, and ``kept_mass``, the share of the true attention probability
+that falls inside the layout, measured on sampled query rows (never the full N x N matrix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import block_density, finalize, num_blocks
+from ..strategies import Strategy
+
+
+@dataclass
+class LayerScores:
+    density: torch.Tensor  # (H, C) float32
+    kept_mass: torch.Tensor  # (H, C) float32
+    output_error: torch.Tensor  # (H, C) float32: ||O_sparse - O_dense|| / ||O_dense|| on sampled rows
+
+
+def sample_rows(n_tokens: int, n_rows: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Query positions to score on: uniform over the sequence past the first block, sorted."""
+    lo = min(block_size, n_tokens - 1)
+    count = min(n_rows, n_tokens - lo)
+    rows = torch.randperm(n_tokens - lo, generator=generator)[:count] + lo
+    return rows.sort().values
+
+
+def row_block_mass(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, block_size: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal attention of the sampled rows, per key block: probability mass (B, H, R, nkb) and
+    partial outputs sum_t p_t v_t (B, H, R, nkb, D)."""
+    n = key.shape[2]
+    scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
+    future = torch.arange(n, device=key.device)[None, :] > rows[:, None].to(key.device)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    n_blk = num_blocks(n, block_size)
+    pad = n_blk * block_size - n
+    probs = torch.nn.functional.pad(probs, (0, pad)).view(*probs.shape[:-1], n_blk, block_size)
+    values = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(*value.shape[:2], n_blk, block_size, -1)
+    partial = torch.einsum("bhrjt,bhjtd->bhrjd", probs, values)
+    return probs.sum(-1), partial
+
+
+def score_layer(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    candidates: list[Strategy],
+    block_size: int,
+    rows: torch.Tensor,
+    scale: float | None = None,
+) -> LayerScores:
+    """``query`` (B, Hq, N, D), ``key``/``value`` (B, Hkv, N, D) post-RoPE; candidates grouped by strategy class."""
+    n_q_heads, head_dim = query.shape[1], query.shape[-1]
+    key = key.repeat_interleave(n_q_heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(n_q_heads // value.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    mass_per_block, partial_out = row_block_mass(query, key, value, rows, block_size, scale)
+    dense_out = partial_out.sum(-2)  # (B, H, R, D)
+    dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
+    row_blocks = (rows // block_size).to(query.device)
+
+    densities, masses, errors = [], [], []
+    estimates: dict[type, object] = {}
+    for cand in candidates:
+        est = estimates.get(type(cand))
+        if est is None:
+            est = estimates[type(cand)] = cand.estimate(query, key, block_size)
+        keep = finalize(cand.layout(est))
+        densities.append(block_density(keep).mean(0))
+        keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
+        kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
+        masses.append(kept.mean((0, 2)))
+        sparse_out = torch.einsum("bhrj,bhrjd->bhrd", keep_rows, partial_out) / kept.clamp(min=1e-12)[..., None]
+        errors.append(((sparse_out - dense_out).norm(dim=-1) / dense_norm).mean((0, 2)))
+    stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
+    return LayerScores(stack(densities), stack(masses), stack(errors))

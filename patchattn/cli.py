@@ -1,0 +1,314 @@
+"""The ``patchattn`` command: calibrate, eval, export. Parses, calls the library, renders with Rich."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import PatchattnError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free sparse attention for long-context HuggingFace LMs.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_STATE = {"debug": False}
+
+MODEL_HELP = "HuggingFace id already in the local cache, a local model directory, or a .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
+):
+    _STATE["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    if not debug:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _run(fn, *args, **kwargs):
+    """Call ``fn``; turn errors into one readable line and a non-zero exit code (tracebacks with --debug)."""
+    try:
+        return fn(*args, **kwargs)
+    except PatchattnError as exc:
+        if _STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # anything unexpected: still one line unless --debug
+        if _STATE["debug"]:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        err_console.print(
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {message} (run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise PatchattnError(f"--lengths must be comma-separated integers, not {text!r}") from None
+    if not lengths or min(lengths) < 128:
+        raise PatchattnError("--lengths needs at least one length, each >= 128 tokens")
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+@app.command()
+def calibrate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    target_sparsity: float = typer.Option(0.85, "--target-sparsity", "-s", help="Fraction of causal query-key blocks to skip, averaged over heads."),
+    seq_len: int = typer.Option(4096, "--seq-len", "-n", help="Calibration length in tokens."),
+    output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
+    block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
+    strategies: str = typer.Option("dense,streaming,vertical_slash,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
+    objective: str = typer.Option("mass", "--objective", help="Maximise kept attention 'mass' or attention 'output' accuracy."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
+    rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
+    baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Measure every strategy's kept attention per head in one forward pass and write a recipe."""
+
+    def body():
+        from .calibrate import calibrate as run_calibration
+        from .calibrate import tokens_from_text, uniform_baseline
+        from .calibrate.plot import save_density_heatmap
+        from .io import ensure_writable_dir
+        from .models import load_model
+        from .text import load_text
+
+        heat = heatmap or output.with_suffix(".png")
+        for path in {output, heat, baseline_output} - {None}:
+            ensure_writable_dir(path.parent)
+        if text is not None:
+            try:
+                prose, text_name = text.read_text(encoding="utf-8"), str(text)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PatchattnError(f"cannot read --text {text}: {exc}") from None
+        else:
+            prose, text_name = load_text("calibration"), "patchattn:calibration (State of the Union 1901-1961)"
+        with console.status("loading model"):
+            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+        input_ids = tokens_from_text(tokenizer, prose, seq_len, lm.config)
+        n_layers = lm.config.get_text_config().num_hidden_layers
+        with _progress() as progress:
+            task = progress.add_task(f"calibrating {seq_len} tokens", total=n_layers)
+            recipe = run_calibration(
+                lm,
+                input_ids,
+                target_sparsity=target_sparsity,
+                block_size=block_size,
+                strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                n_rows=rows,
+                seed=seed,
+                text_name=text_name,
+                objective=objective,
+                on_layer=lambda layer, scores: progress.advance(task),
+            )
+        recipe.name = output.stem
+        recipe.save(output)
+        save_density_heatmap(recipe, heat)
+        _print_recipe(recipe)
+        console.print(f"recipe written to [bold]{output}[/], heat map to [bold]{heat}[/]")
+        if baseline_output is not None:
+            baseline = uniform_baseline(recipe)
+            baseline.name = baseline_output.stem
+            baseline.save(baseline_output)
+            head = baseline.layers[0][0]
+            console.print(f"uniform baseline ({head.strategy} {head.params}, sparsity {baseline.calibration['achieved_sparsity']:.3f}) written to [bold]{baseline_output}[/]")
+
+    _run(body)
+
+
+def _print_recipe(recipe) -> None:
+    table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False)
+    for col in ("layer", "density", "kept mass", "output err", "strategies"):
+        table.add_column(col, justify="right" if col != "strategies" else "left")
+    for li, heads in enumerate(recipe.layers):
+        counts: dict[str, int] = {}
+        for h in heads:
+            counts[h.strategy] = counts.get(h.strategy, 0) + 1
+        mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else float("nan")  # noqa: E731
+        table.add_row(
+            str(li),
+            f"{mean([h.density for h in heads]):.3f}",
+            f"{mean([h.kept_mass for h in heads]):.3f}",
+            f"{mean([h.output_error for h in heads]):.3f}",
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        )
+    console.print(table)
+    cal = recipe.calibration
+    console.print(
+        f"target sparsity {cal.get('target_sparsity')}, achieved {cal.get('achieved_sparsity')}, "
+        f"mean kept mass {cal.get('mean_kept_mass')}, heads {recipe.strategy_counts()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe JSON from `patchattn calibrate`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (weights are saved in it)."),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Write a directory that loads back as the patched model (safetensors, config, recipe, model card)."""
+
+    def body():
+        from .export import export as run_export
+        from .io import ensure_writable_dir
+        from .models import load_model
+        from .recipe import Recipe
+
+        plan = Recipe.load(recipe)
+        ensure_writable_dir(output.parent if str(output.parent) else Path("."))
+        if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
+            raise PatchattnError(f"{output} exists and is not an empty directory; choose another path or pass --overwrite")
+        with console.status("loading model"):
+            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+        plan.check_model(lm.config)
+        with console.status(f"writing {output}"):
+            run_export(lm, tokenizer, plan, output, overwrite=overwrite)
+        console.print(f"patched model written to [bold]{output}[/]; load it with `patchattn.load({str(output)!r})`")
+
+    _run(body)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@app.command(name="eval")
+def evaluate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " A directory from `patchattn export` brings its own recipe."),
+    recipe: List[Path] = typer.Option([], "--recipe", "-r", help="Recipe JSON (repeatable)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="'uniform': add the uniform-budget recipe of equal sparsity for each recipe."),
+    lengths: str = typer.Option("2048,4096", "--lengths", "-l", help="Comma-separated prompt lengths in tokens."),
+    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue", "--tasks", help="Comma-separated tasks."),
+    trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
+    output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md and plots."),
+    backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Dense vs patched on the same prompts: perplexity, passkey and needle accuracy, achieved sparsity."""
+
+    def body():
+        from .calibrate import context_length, uniform_baseline
+        from .eval.report import write_report
+        from .eval.runner import run_eval
+        from .io import ensure_writable_dir
+        from .models import load_model
+        from .patch import BACKENDS, RECIPE_KEY, set_default_backend
+        from .recipe import Recipe
+
+        length_list = _parse_lengths(lengths)
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        if backend not in BACKENDS:
+            raise PatchattnError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if baseline not in (None, "uniform"):
+            raise PatchattnError(f"--baseline must be 'uniform', not {baseline!r}")
+        recipes = [Recipe.load(p) for p in recipe]
+        ensure_writable_dir(output)
+        with console.status("loading model"):
+            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+        exported = getattr(lm.config, RECIPE_KEY, None)
+        if exported is not None:
+            bundled = Recipe.from_dict(exported, source=f"recipe in {model}")
+            bundled.name = bundled.name or "exported"
+            recipes.insert(0, bundled)
+        if not recipes:
+            raise PatchattnError("nothing to compare: pass --recipe (or evaluate a directory from `patchattn export`)")
+        for r in recipes:
+            r.check_model(lm.config)
+        limit = context_length(lm.config)
+        if limit is not None and max(length_list) > limit:
+            raise PatchattnError(f"--lengths {max(length_list)} exceeds the model's context of {limit} tokens; use lengths <= {limit}")
+        variants: dict = {"dense": None}
+        for r in recipes:
+            variants[_unique(variants, r.name or "patched")] = r
+            if baseline == "uniform":
+                variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
+        set_default_backend(backend)
+        with _progress() as progress:
+            task = progress.add_task("evaluating", total=None)
+
+            def on_progress(advance: int = 1, description: str | None = None, total: int | None = None):
+                progress.update(task, advance=advance, description=description or "evaluating", total=total)
+
+            results = run_eval(lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, progress=on_progress)
+        paths = write_report(results, output)
+        _print_results(results)
+        console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+    _run(body)
+
+
+def _unique(existing: dict, name: str) -> str:
+    out, i = name, 2
+    while out in existing:
+        out, i = f"{name}-{i}", i + 1
+    return out
+
+
+def _print_results(results: dict) -> None:
+    rows = results.get("results", [])
+    variants = list(results.get("variants", {}))
+    table = Table(title="dense vs patched")
+    table.add_column("length", justify="right")
+    table.add_column("task")
+    for v in variants:
+        table.add_column(v, justify="right")
+    for row in rows:
+        table.add_row(str(row.get("length")), str(row.get("task")), *[_fmt(row.get("values", {}).get(v)) for v in variants])
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def run() -> None:  # pragma: no cover - console-script shim
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

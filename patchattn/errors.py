@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI turns each into one readable line and a non-zero exit code."""
+
+
+class PatchattnError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class ModelLoadError(PatchattnError):
+    """The model could not be found or loaded."""
+
+
+class UnsupportedModelError(PatchattnError):
+    """The model does not route attention through transformers' attention registry."""
+
+
+class RecipeError(PatchattnError):
+    """A recipe is corrupt, of an unknown schema, or made for another model."""
+
+
+class InputTooLongError(PatchattnError):
+    """A prompt does not fit in the model's context."""
+
+
+class OutputPathError(PatchattnError):
+    """An output path cannot be written."""

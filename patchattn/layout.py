@@ -1,0 +1,75 @@
+"""Block layouts: which key blocks each query block reads.
+
+A layout is a boolean tensor ``keep`` of shape (B, H, n_q_blocks, n_k_blocks); query block ``i`` holds
+tokens ``[i * block_size, (i + 1) * block_size)`` (the last one may be short), likewise for keys. Every
+strategy produces one; the kernels consume its ragged form (``kv_block_counts`` + ``kv_block_ids``).
+Layouts are causal (no key block after the query block) and always keep the diagonal block, so no query
+row is ever left with nothing to attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_blocks(n_tokens: int, block_size: int) -> int:
+    return (n_tokens + block_size - 1) // block_size
+
+
+def causal_blocks(n_blocks: int, device=None) -> torch.Tensor:
+    """(n_blocks, n_blocks) bool, True where key block <= query block."""
+    idx = torch.arange(n_blocks, device=device)
+    return idx[:, None] >= idx[None, :]
+
+
+def diagonal_blocks(n_blocks: int, device=None) -> torch.Tensor:
+    return torch.eye(n_blocks, dtype=torch.bool, device=device)
+
+
+def finalize(keep: torch.Tensor) -> torch.Tensor:
+    """Clip a layout to causal blocks and force the diagonal in."""
+    n = keep.shape[-1]
+    return (keep & causal_blocks(n, keep.device)) | diagonal_blocks(n, keep.device)
+
+
+def to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged form of a layout.
+
+    Returns ``kv_block_counts`` (B, H, n_q_blocks) int32 and ``kv_block_ids`` (B, H, n_q_blocks, max_count)
+    int32: the first ``count`` ids of each row are the kept key blocks in ascending order; the rest are
+    padding (0) that a consumer must not read.
+    """
+    counts = keep.sum(-1, dtype=torch.int32)
+    max_count = max(int(counts.max().item()), 1) if keep.numel() else 1
+    n_k = keep.shape[-1]
+    # Kept blocks sort first (by id), dropped ones after them; keep the first max_count columns.
+    block_id = torch.arange(n_k, device=keep.device, dtype=torch.int32)
+    order_key = torch.where(keep, block_id, block_id + n_k)
+    ids = torch.sort(order_key, dim=-1).values[..., :max_count].to(torch.int32)
+    valid = torch.arange(max_count, device=keep.device) < counts[..., None]
+    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    return counts, ids.contiguous()
+
+
+def from_indices(counts: torch.Tensor, ids: torch.Tensor, n_k_blocks: int) -> torch.Tensor:
+    """Inverse of :func:`to_indices`."""
+    valid = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
+    hits = torch.zeros(*ids.shape[:-1], n_k_blocks, dtype=torch.int32, device=ids.device)
+    hits.scatter_add_(-1, ids.long(), valid.to(torch.int32))
+    return hits > 0
+
+
+def block_density(keep: torch.Tensor) -> torch.Tensor:
+    """Fraction of causal blocks kept, per (B, H): shape (B, H) float32."""
+    n = keep.shape[-1]
+    causal = causal_blocks(n, keep.device)
+    kept = (keep & causal).sum((-1, -2), dtype=torch.float32)
+    return kept / causal.sum().float()
+
+
+def token_mask(keep: torch.Tensor, n_q: int, n_k: int, block_size: int) -> torch.Tensor:
+    """Expand a layout to a token-level bool mask (B, H, n_q, n_k), causal included. For tests and references."""
+    full = keep.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n_q, :n_k]
+    q_pos = torch.arange(n_q, device=keep.device)[:, None] + (n_k - n_q)
+    k_pos = torch.arange(n_k, device=keep.device)[None, :]
+    return full & (k_pos <= q_pos)

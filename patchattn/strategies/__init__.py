@@ -1,0 +1,20 @@
+"""Sparse-attention strategies, each a small dataclass in one registry."""
+
+from .base import Estimate, Strategy
+from .block_topk import BlockTopK
+from .dense import Dense
+from .registry import STRATEGIES, get_strategy, register
+from .streaming import Streaming
+from .vertical_slash import VerticalSlash
+
+__all__ = [
+    "STRATEGIES",
+    "BlockTopK",
+    "Dense",
+    "Estimate",
+    "Strategy",
+    "Streaming",
+    "VerticalSlash",
+    "get_strategy",
+    "register",
+]

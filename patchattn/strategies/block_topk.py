@@ -1,0 +1,61 @@
+"""Block top-k with an adaptive mass threshold (FlexPrefill, XAttention, SpargeAttn).
+
+Queries and keys are mean-pooled per block; the softmax of the pooled scores over causal key blocks
+estimates each block's share of the row's attention. A query block keeps its highest-scoring key blocks
+until their estimated mass reaches ``threshold`` — so the density adapts to each head and each input —
+plus the sink block and the diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Estimate, Strategy
+from .registry import register
+
+
+def _mean_pool(x: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
+    n = x.shape[2]
+    pad = n_blocks * block_size - n
+    summed = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(*x.shape[:2], n_blocks, block_size, -1).sum(-2)
+    counts = torch.full((n_blocks,), float(block_size), device=x.device)
+    counts[-1] = n - (n_blocks - 1) * block_size
+    return summed / counts[:, None]
+
+
+@register
+@dataclass(frozen=True)
+class BlockTopK(Strategy):
+    name: ClassVar[str] = "block_topk"
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError("block_topk needs 0 < threshold <= 1")
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
+        est = super().estimate(q, k, block_size)
+        n = est.n_blocks
+        q_pool, k_pool = _mean_pool(q, block_size, n), _mean_pool(k, block_size, n)
+        scores = torch.matmul(q_pool, k_pool.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        q_blk, k_blk = est.block_grid()
+        probs = torch.softmax(scores.masked_fill(k_blk > q_blk, float("-inf")), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        est.scores["order"] = order
+        est.scores["mass_before"] = sorted_probs.cumsum(-1) - sorted_probs  # mass of the blocks ranked above
+        return est
+
+    def layout(self, est: Estimate) -> torch.Tensor:
+        keep_sorted = est.scores["mass_before"] < self.threshold
+        keep = torch.zeros_like(keep_sorted)
+        keep.scatter_(-1, est.scores["order"], keep_sorted)
+        keep[..., 0] = True  # the sink block
+        return keep
+
+    @classmethod
+    def budget_grid(cls, n_tokens: int, block_size: int) -> list[Strategy]:
+        return [cls(threshold=t) for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)]

@@ -1,0 +1,74 @@
+"""Vertical-slash heads (MInference): a few important key columns plus a few diagonals.
+
+The pattern is estimated from the attention of the last ``LAST_Q`` queries: summed over those queries,
+the probabilities per key column give the vertical scores and, per diagonal offset (query position minus
+key position), the slash scores. At block granularity a query block keeps the top ``vertical_tokens``
+worth of key-column blocks and every block on the top ``slash_tokens`` worth of block diagonals; the sink
+block and the main diagonal are always kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Estimate, Strategy, blocks_for
+from .registry import register
+
+LAST_Q = 64
+
+
+def _block_sums(values: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
+    pad = n_blocks * block_size - values.shape[-1]
+    values = torch.nn.functional.pad(values, (0, pad))
+    return values.view(*values.shape[:-1], n_blocks, block_size).sum(-1)
+
+
+@register
+@dataclass(frozen=True)
+class VerticalSlash(Strategy):
+    name: ClassVar[str] = "vertical_slash"
+    vertical_tokens: int = 1024
+    slash_tokens: int = 1024
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
+        est = super().estimate(q, k, block_size)
+        n, last = q.shape[2], min(LAST_Q, q.shape[2])
+        q_pos = torch.arange(n - last, n, device=q.device)
+        k_pos = torch.arange(n, device=q.device)
+        offset = q_pos[:, None] - k_pos[None, :]  # (last, n): query position minus key position
+        scores = torch.matmul(q[:, :, -last:].float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(scores.masked_fill(offset < 0, float("-inf")), dim=-1)
+        est.scores["vertical"] = _block_sums(probs.sum(-2), block_size, est.n_blocks)
+        # Slash: probability mass per block-diagonal offset (offset // block_size).
+        diag_block = (offset.clamp(min=0) // block_size).expand_as(probs).reshape(*probs.shape[:2], -1)
+        slash = torch.zeros(*probs.shape[:2], est.n_blocks, device=q.device)
+        slash.scatter_add_(-1, diag_block, probs.reshape(*probs.shape[:2], -1))
+        est.scores["slash"] = slash
+        return est
+
+    def layout(self, est: Estimate) -> torch.Tensor:
+        n = est.n_blocks
+        vertical = est.scores["vertical"].clone()
+        slash = est.scores["slash"].clone()
+        vertical[..., 0] = float("inf")  # the sink block
+        slash[..., 0] = float("inf")  # the main diagonal
+        n_vertical = min(n, blocks_for(self.vertical_tokens, est.block_size))
+        n_slash = min(n, blocks_for(self.slash_tokens, est.block_size))
+        keep_col = torch.zeros_like(vertical, dtype=torch.bool)
+        keep_col.scatter_(-1, vertical.topk(n_vertical, dim=-1).indices, True)
+        keep_diag = torch.zeros_like(slash, dtype=torch.bool)
+        keep_diag.scatter_(-1, slash.topk(n_slash, dim=-1).indices, True)
+        q_blk, k_blk = est.block_grid()
+        diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, n, n)
+        on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
+        return keep_col[:, :, None, :] | on_diag
+
+    @classmethod
+    def budget_grid(cls, n_tokens: int, block_size: int) -> list[Strategy]:
+        fractions = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3)
+        tokens = sorted({max(block_size, int(math.ceil(f * n_tokens / block_size)) * block_size) for f in fractions})
+        return [cls(vertical_tokens=v, slash_tokens=s) for v in tokens for s in tokens]

@@ -1,0 +1,89 @@
+"""Layouts and strategies: ragged form round-trips; every strategy's layout is causal, keeps the diagonal,
+and its reference attention equals a dense attention masked with the same layout."""
+
+import pytest
+import torch
+
+from patchattn.kernels.sparse_prefill.naive import sparse_prefill_naive
+from patchattn.layout import block_density, causal_blocks, finalize, from_indices, num_blocks, to_indices, token_mask
+from patchattn.strategies import STRATEGIES, get_strategy
+
+
+def test_indices_round_trip():
+    g = torch.Generator().manual_seed(1)
+    keep = finalize(torch.rand(2, 3, 11, 11, generator=g) > 0.5)
+    counts, ids = to_indices(keep)
+    assert counts.dtype == torch.int32 and ids.dtype == torch.int32
+    assert torch.equal(from_indices(counts, ids, 11), keep)
+    for b, h, i in [(0, 0, 10), (1, 2, 5)]:
+        valid = ids[b, h, i, : counts[b, h, i]]
+        assert torch.equal(valid, torch.nonzero(keep[b, h, i]).flatten().int())
+
+
+def test_density_counts_causal_blocks():
+    keep = causal_blocks(8)[None, None]
+    assert block_density(keep).item() == pytest.approx(1.0)
+    diag = finalize(torch.zeros(1, 1, 8, 8, dtype=torch.bool))
+    assert block_density(diag).item() == pytest.approx(8 / 36)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_layout_is_causal_with_diagonal(name):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 333, 16, generator=g), torch.randn(2, 3, 333, 16, generator=g)
+    n_blk = num_blocks(333, 32)
+    for strat in STRATEGIES[name].budget_grid(333, 32):
+        keep = strat.block_layout(q, k, 32)
+        assert keep.shape == (2, 3, n_blk, n_blk) and keep.dtype == torch.bool
+        assert not (keep & ~causal_blocks(n_blk)).any(), "layout reads a future block"
+        assert keep.diagonal(dim1=-2, dim2=-1).all(), "diagonal block missing"
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("n_tokens,block_size,group", [(300, 32, 2), (256, 64, 1), (97, 16, 4)])
+def test_reference_equals_masked_dense(name, n_tokens, block_size, group):
+    g = torch.Generator().manual_seed(3)
+    hkv = 2
+    q = torch.randn(1, hkv * group, n_tokens, 16, generator=g) * 2
+    k = torch.randn(1, hkv, n_tokens, 16, generator=g) * 2
+    v = torch.randn(1, hkv, n_tokens, 16, generator=g)
+    strat = STRATEGIES[name].budget_grid(n_tokens, block_size)[0]  # the sparsest budget
+    keep = strat.block_layout(q, k.repeat_interleave(group, 1), block_size)
+    counts, ids = to_indices(keep)
+    out = sparse_prefill_naive(q, k, v, counts, ids, block_size)
+    mask = token_mask(keep, n_tokens, n_tokens, block_size)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double(), attn_mask=mask
+    )
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+    if name != "dense" and num_blocks(n_tokens, block_size) >= 8:
+        assert block_density(keep).mean() < 0.9, "the sparsest budget should skip blocks"
+
+
+def test_reference_applies_model_mask():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 100, 8, generator=g) for _ in range(3))
+    keep = finalize(torch.ones(1, 2, 4, 4, dtype=torch.bool))
+    counts, ids = to_indices(keep)
+    window = torch.ones(100, 100, dtype=torch.bool).tril() & ~torch.ones(100, 100, dtype=torch.bool).tril(-20)
+    out = sparse_prefill_naive(q, k, v, counts, ids, 32, attn_mask=window[None, None])
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=window)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_budgets_order_density():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
+    for name in ("streaming", "block_topk"):
+        dens = [block_density(s.block_layout(q, k, 32)).mean().item() for s in STRATEGIES[name].budget_grid(512, 32)]
+        assert dens == sorted(dens), f"{name} budgets should grow denser: {dens}"
+
+
+def test_unknown_strategy_and_bad_params():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        get_strategy("nope")
+    with pytest.raises(ValueError, match="bad parameters"):
+        get_strategy("streaming", width=3)
+    with pytest.raises(ValueError):
+        get_strategy("block_topk", threshold=1.5)

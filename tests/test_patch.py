@@ -1,0 +1,107 @@
+"""The patch on tiny random models of every supported architecture."""
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+import patchattn
+from patchattn.patch import ATTN_NAME, is_patched
+from patchattn.recipe import HeadPlan, Recipe
+from patchattn.stats import record_sparsity
+
+
+def _ids(n=300, batch=2, seed=0):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_recipe_gives_same_logits(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, Recipe.uniform(model.config, "dense", block_size=32)):
+            assert model.config._attn_implementation == ATTN_NAME
+            out = model(ids).logits
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_path_with_full_budget_matches_dense(arch):
+    """Mixed layers (dense heads next to streaming heads whose window covers everything) go through the
+    block-sparse path and must reproduce dense logits, GQA and the model's own masks included."""
+    model = tiny_model(arch)
+    recipe = Recipe.uniform(model.config, "dense", block_size=32)
+    for layer in recipe.layers:
+        for h in range(0, len(layer), 2):
+            layer[h] = HeadPlan("streaming", {"sink_tokens": 32, "window_tokens": 4096})
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out = model(ids).logits
+    assert rec.calls == model.config.num_hidden_layers
+    assert rec.sparsity == pytest.approx(0.0)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparse_recipe_changes_output_and_reports_sparsity(arch):
+    model = tiny_model(arch)
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
+    ids = _ids(n=512, batch=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out = model(ids).logits
+    # 16 blocks: each row keeps the sink, the previous block and the diagonal.
+    assert rec.sparsity == pytest.approx(1 - (1 + 2 + 3 * 14) / 136, abs=1e-6)
+    assert (out - ref).abs().max() > 1e-3
+    # The first blocks see everything they would see dense, so their logits agree.
+    torch.testing.assert_close(out[:, :96], ref[:, :96], atol=2e-4, rtol=2e-4)
+
+
+def test_generate_prefill_sparse_decode_dense():
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    ids = _ids(n=256, batch=1)
+    with torch.no_grad(), patchattn.patched(model, recipe):
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 264)
+
+
+def test_patch_rejects_recipe_for_other_model():
+    from patchattn.errors import RecipeError
+
+    recipe = Recipe.uniform(tiny_model("llama").config, "dense")
+    with pytest.raises(RecipeError, match="another model"):
+        patchattn.patch(tiny_model("gpt2"), recipe)
+
+
+def test_unpatch_restores_original():
+    model = tiny_model("qwen2")
+    ids = _ids(n=200, batch=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        patchattn.patch(model, Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=32))
+        assert is_patched(model)
+        patchattn.unpatch(model)
+        out = model(ids).logits
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+    assert torch.equal(out, ref)
+
+
+def test_padded_batch_matches_dense():
+    """Left padding arrives as the model's own mask and is honoured on the sparse path."""
+    model = tiny_model("llama")
+    ids = _ids(n=200, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=4096)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        with patchattn.patched(model, recipe):
+            out = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=2e-4, rtol=2e-4)
