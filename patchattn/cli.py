@@ -191,15 +191,13 @@ def export(
     """Write a directory that loads back as the patched model (safetensors, config, recipe, model card)."""
 
     def body():
+        from .export import check_output_dir
         from .export import export as run_export
-        from .io import ensure_writable_dir
         from .models import load_model
         from .recipe import Recipe
 
         plan = Recipe.load(recipe)
-        ensure_writable_dir(output.parent if str(output.parent) else Path("."))
-        if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
-            raise PatchattnError(f"{output} exists and is not an empty directory; choose another path or pass --overwrite")
+        check_output_dir(output, overwrite)
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device)
         plan.check_model(lm.config)

@@ -65,16 +65,22 @@ def _model_card(recipe: Recipe, source: str, dirname: str) -> str:
     )
 
 
-def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``recipe`` as a directory that loads back patched."""
-    check_supported(model)
-    recipe.check_model(model.config)
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early (before any model is loaded) if ``out_dir`` cannot become the export directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} exists and is not a directory; choose another output path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputPathError(f"{out_dir} exists and is not empty; choose another path or pass --overwrite")
-    parent = ensure_writable_dir(out_dir.parent if str(out_dir.parent) else ".")
+    return ensure_writable_dir(out_dir.parent if str(out_dir.parent) else ".")
+
+
+def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``recipe`` as a directory that loads back patched."""
+    check_supported(model)
+    recipe.check_model(model.config)
+    out_dir = Path(out_dir)
+    parent = check_output_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -120,6 +120,13 @@ def resolve_model_dir(spec: str | None) -> Path | str:
     return spec
 
 
+def _unsupported_message(class_name: str) -> str:
+    return (
+        f"{class_name} does not route attention through transformers' attention registry, so patchattn cannot "
+        "patch it; supported are e.g. Llama, Qwen2/3, Mistral, Phi-3, Gemma and GPT-2 models"
+    )
+
+
 def load_model(
     spec: str | None = None,
     dtype: str = "auto",
@@ -144,6 +151,9 @@ def load_model(
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"{spec or source}: model type {config.model_type!r} is not a causal LM that transformers knows")
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
+        raise UnsupportedModelError(_unsupported_message(model_class.__name__))
     if device_map is None and device == "cuda":
         device_map = "auto"
     try:
@@ -164,10 +174,7 @@ def load_model(
     if device_map is None:
         model.to(device)
     if not getattr(model, "_supports_attention_backend", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not route attention through transformers' attention registry, so "
-            "patchattn cannot patch it; supported are e.g. Llama, Qwen2/3, Mistral, Phi-3, Gemma and GPT-2 models"
-        )
+        raise UnsupportedModelError(_unsupported_message(type(model).__name__))
     model.eval()
     model.patchattn_source = str(spec) if spec else "SmolLM2-135M-Instruct (embedded)"
     return model, tokenizer

@@ -150,10 +150,9 @@ register()
 
 def check_supported(model) -> None:
     if not getattr(model, "_supports_attention_backend", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not route attention through transformers' attention registry, so "
-            "patchattn cannot patch it; supported are e.g. Llama, Qwen2/3, Mistral, Phi-3, Gemma and GPT-2 models"
-        )
+        from .models import _unsupported_message
+
+        raise UnsupportedModelError(_unsupported_message(type(model).__name__))
 
 
 def patch(model, recipe: Recipe, backend: str | None = None):

@@ -1,0 +1,135 @@
+"""The CLI end to end on tiny local models: happy paths and every kind of bad input.
+
+Bad input must give one readable line, a non-zero exit code, no traceback, and no half-written file.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+from typer.testing import CliRunner
+
+from patchattn.cli import app
+from patchattn.recipe import Recipe
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code != 0
+    text = result.output
+    assert "Traceback" not in text
+    error_lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, text
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.fixture
+def calibration_text(tmp_path):
+    from patchattn.text import load_text
+
+    path = tmp_path / "text.txt"
+    path.write_text(load_text("calibration")[:20000])
+    return path
+
+
+def test_calibrate_then_export_then_load(tiny_model_dir, calibration_text, tmp_path):
+    recipe_path = tmp_path / "out" / "my.json"
+    result = invoke("calibrate", tiny_model_dir, "--target-sparsity", 0.7, "--seq-len", 1024, "--block-size", 32,
+                    "--text", calibration_text, "-o", recipe_path, "--baseline-output", tmp_path / "out" / "uniform.json")
+    assert result.exit_code == 0, result.output
+    recipe = Recipe.load(recipe_path)
+    assert abs(recipe.calibration["achieved_sparsity"] - 0.7) <= 0.02
+    assert (tmp_path / "out" / "my.png").stat().st_size > 1000
+    assert Recipe.load(tmp_path / "out" / "uniform.json").name == "uniform"
+    assert "achieved" in result.output
+
+    out_dir = tmp_path / "patched"
+    result = invoke("export", tiny_model_dir, "--recipe", recipe_path, "-o", out_dir)
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "recipe.json", "README.md", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
+
+    import patchattn
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(0))
+    model, _ = patchattn.load(out_dir)
+    plain = AutoModelForCausalLM.from_pretrained(out_dir)
+    reference = tiny_model("llama")
+    with torch.no_grad(), patchattn.patched(reference, recipe):
+        expected = reference(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+        torch.testing.assert_close(plain(ids).logits, expected)
+
+
+def test_unknown_model(tmp_path):
+    result = invoke("calibrate", "nobody/no-such-model-xyz", "-o", tmp_path / "r.json")
+    assert_clean_error(result, "not found")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_gguf(tmp_path):
+    assert_clean_error(invoke("calibrate", tmp_path / "model.gguf", "-o", tmp_path / "r.json"), "does not exist")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    path = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=256, state_size=4)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    result = invoke("calibrate", path, "-o", tmp_path / "r.json")
+    assert_clean_error(result, "attention registry")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_recipe_for_another_model(tiny_model_dir, tmp_path):
+    other = Recipe.uniform(tiny_model("gpt2").config, "dense")
+    other.save(tmp_path / "gpt2.json")
+    result = invoke("export", tiny_model_dir, "--recipe", tmp_path / "gpt2.json", "-o", tmp_path / "out")
+    assert_clean_error(result, "another model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [("{not json", "not valid JSON"), (json.dumps({"schema_version": 0}), "schema version 0")])
+def test_corrupt_or_old_recipe(tiny_model_dir, tmp_path, content, fragment):
+    (tmp_path / "bad.json").write_text(content)
+    result = invoke("export", tiny_model_dir, "--recipe", tmp_path / "bad.json", "-o", tmp_path / "out")
+    assert_clean_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_longer_than_context(tiny_model_dir, calibration_text, tmp_path):
+    result = invoke("calibrate", tiny_model_dir, "--seq-len", 4096, "--text", calibration_text, "-o", tmp_path / "r.json")
+    assert_clean_error(result, "4096", "context of 2048")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unwritable_output(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke("calibrate", tiny_model_dir, "-o", blocker / "r.json")
+    assert_clean_error(result, "cannot write")
+    assert blocker.read_text() == "x"
+
+
+def test_export_refuses_non_empty_dir(tiny_model_dir, tmp_path):
+    Recipe.uniform(tiny_model("llama").config, "dense").save(tmp_path / "r.json")
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    result = invoke("export", tiny_model_dir, "--recipe", tmp_path / "r.json", "-o", target)
+    assert_clean_error(result, "not empty")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = runner.invoke(app, ["--debug", "calibrate", "nobody/no-such-model-xyz", "-o", str(tmp_path / "r.json")])
+    assert result.exit_code != 0 and result.exception is not None
