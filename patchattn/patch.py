@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,7 +72,8 @@ class CompiledRecipe:
             self.layers.append(LayerPlan(groups, all(g.strategy.name == "dense" for g in groups)))
 
 
-_COMPILED: dict[int, tuple[dict, CompiledRecipe]] = {}
+_COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
+_COMPILED_MAX = 16
 _CAPTURE_HOOKS: list[Callable] = []
 
 
@@ -83,6 +85,8 @@ def _compiled_for(config) -> CompiledRecipe | None:
     if hit is None or hit[0] is not data:
         hit = (data, CompiledRecipe(Recipe.from_dict(data)))
         _COMPILED[id(data)] = hit
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
     return hit[1]
 
 
