@@ -92,7 +92,7 @@ def calibrate(
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
     strategies: str = typer.Option("dense,streaming,vertical_slash,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
-    objective: str = typer.Option("mass", "--objective", help="Maximise kept attention 'mass' or attention 'output' accuracy."),
+    objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default) or attention 'mass'."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),

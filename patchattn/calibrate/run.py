@@ -62,7 +62,7 @@ def calibrate(
     n_rows: int = 256,
     seed: int = 0,
     text_name: str = "",
-    objective: str = "mass",
+    objective: str = "output",
     on_layer: Callable[[int, LayerScores], None] | None = None,
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``."""

@@ -1,0 +1,126 @@
+"""Time to first token of a Llama-3.1-8B-shaped model (random weights), dense SDPA vs patched.
+
+GPU only; never part of the test suite. One run measures, for each prompt length, the median prefill
+time (``logits_to_keep=1``, synchronised, warm-up excluded) of the unpatched model with SDPA and of the
+same model patched with a recipe of >= 90% sparsity, and writes JSON.
+
+    python benchmarks/ttft.py --lengths 32768,131072 --out ttft.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import patchattn
+from patchattn.recipe import HeadPlan, Recipe
+from patchattn.stats import record_sparsity
+
+
+def llama8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def random_model(layers: int):
+    from transformers import AutoModelForCausalLM
+
+    config = llama8b_config(layers)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        model.model.rotary_emb.__init__(config, device="cuda")  # recompute inv_freq lost by to_empty
+    return model.eval()
+
+
+def sparse_recipe(config, kind: str) -> Recipe:
+    """Half the heads streaming (sink 128 + window 4096), half ``kind`` (vertical-slash, block top-k, or
+    streaming too). Random weights give near-uniform attention, so block top-k's adaptive density is high
+    on them: its row shows the kernel at whatever density it chose, reported beside it."""
+    recipe = Recipe.uniform(config, "dense", block_size=64, name=f"ttft-{kind}")
+    for layer in recipe.layers:
+        for h in range(len(layer)):
+            if h % 2 == 0 or kind == "streaming":
+                layer[h] = HeadPlan("streaming", {"sink_tokens": 128, "window_tokens": 4096})
+            elif kind == "vertical_slash":
+                layer[h] = HeadPlan("vertical_slash", {"vertical_tokens": 2048, "slash_tokens": 4096})
+            else:
+                layer[h] = HeadPlan("block_topk", {"threshold": 0.9})
+    return recipe
+
+
+def time_prefill(model, ids, reps: int) -> list[float]:
+    times = []
+    with torch.no_grad():
+        model(ids[:, :4096], logits_to_keep=1, use_cache=False)  # warm-up / compile
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1, use_cache=False)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--kinds", default="vertical_slash,streaming")
+    parser.add_argument("--out", default="ttft.json")
+    args = parser.parse_args()
+    model = random_model(args.layers)
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(0, 128256, (1, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
+        dense = statistics.median(time_prefill(model, ids, args.reps))
+        row = {"tokens": n, "dense_sdpa_ms": round(dense, 1)}
+        for kind in args.kinds.split(","):
+            recipe = sparse_recipe(model.config, kind)
+            with patchattn.patched(model, recipe, backend="auto"), record_sparsity() as rec:
+                patched_ms = statistics.median(time_prefill(model, ids, args.reps))
+            row[f"{kind}_ms"] = round(patched_ms, 1)
+            row[f"{kind}_sparsity"] = round(rec.sparsity or 0.0, 4)
+            row[f"{kind}_speedup"] = round(dense / patched_ms, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": f"Llama-3.1-8B shape, {args.layers} layers, random bf16 weights",
+        "rows": rows,
+    }
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"{'tokens':>8} {'dense ms':>9} " + " ".join(f"{k + ' ms':>18} {'x':>6} {'sparsity':>8}" for k in args.kinds.split(",")))
+    for r in rows:
+        print(f"{r['tokens']:>8} {r['dense_sdpa_ms']:>9} " + " ".join(
+            f"{r[k + '_ms']:>18} {r[k + '_speedup']:>6} {r[k + '_sparsity']:>8}" for k in args.kinds.split(",")))
+
+
+if __name__ == "__main__":
+    main()
