@@ -226,12 +226,12 @@ def evaluate(
     """Dense vs patched on the same prompts: perplexity, passkey and needle accuracy, achieved sparsity."""
 
     def body():
-        from .calibrate import context_length, uniform_baseline
+        from .calibrate import uniform_baseline
         from .eval.report import write_report
-        from .eval.runner import run_eval
+        from .eval.runner import check_lengths, eval_steps, run_eval
         from .io import ensure_writable_dir
         from .models import load_model
-        from .patch import BACKENDS, RECIPE_KEY, set_default_backend
+        from .patch import BACKENDS, RECIPE_KEY
         from .recipe import Recipe
 
         length_list = _parse_lengths(lengths)
@@ -241,34 +241,36 @@ def evaluate(
         if baseline not in (None, "uniform"):
             raise PatchattnError(f"--baseline must be 'uniform', not {baseline!r}")
         recipes = [Recipe.load(p) for p in recipe]
+        for path, r in zip(recipe, recipes):
+            r.name = path.stem  # variants are named after their files
         ensure_writable_dir(output)
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device)
         exported = getattr(lm.config, RECIPE_KEY, None)
-        if exported is not None:
+        if exported is not None:  # a directory from `patchattn export`: its recipe is a variant, dense the baseline
             bundled = Recipe.from_dict(exported, source=f"recipe in {model}")
             bundled.name = bundled.name or "exported"
             recipes.insert(0, bundled)
+            delattr(lm.config, RECIPE_KEY)
         if not recipes:
             raise PatchattnError("nothing to compare: pass --recipe (or evaluate a directory from `patchattn export`)")
         for r in recipes:
             r.check_model(lm.config)
-        limit = context_length(lm.config)
-        if limit is not None and max(length_list) > limit:
-            raise PatchattnError(f"--lengths {max(length_list)} exceeds the model's context of {limit} tokens; use lengths <= {limit}")
+        check_lengths(lm, length_list)
         variants: dict = {"dense": None}
         for r in recipes:
             variants[_unique(variants, r.name or "patched")] = r
             if baseline == "uniform":
                 variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
-        set_default_backend(backend)
         with _progress() as progress:
-            task = progress.add_task("evaluating", total=None)
+            task = progress.add_task("evaluating", total=eval_steps(variants, length_list, task_list, trials))
 
-            def on_progress(advance: int = 1, description: str | None = None, total: int | None = None):
-                progress.update(task, advance=advance, description=description or "evaluating", total=total)
+            def on_progress(advance: int, description: str) -> None:
+                progress.update(task, advance=advance, description=description)
 
-            results = run_eval(lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, progress=on_progress)
+            results = run_eval(
+                lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, progress=on_progress, backend=backend
+            )
         paths = write_report(results, output)
         _print_results(results)
         console.print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -284,15 +286,23 @@ def _unique(existing: dict, name: str) -> str:
 
 
 def _print_results(results: dict) -> None:
-    rows = results.get("results", [])
     variants = list(results.get("variants", {}))
-    table = Table(title="dense vs patched")
+    cells: dict[tuple[int, str], dict[str, dict]] = {}
+    for row in results.get("results", []):
+        cells.setdefault((row["length"], row["task"]), {})[row["variant"]] = row
+    table = Table(title="dense vs patched (perplexity: lower is better; tasks: accuracy)")
     table.add_column("length", justify="right")
     table.add_column("task")
     for v in variants:
         table.add_column(v, justify="right")
-    for row in rows:
-        table.add_row(str(row.get("length")), str(row.get("task")), *[_fmt(row.get("values", {}).get(v)) for v in variants])
+    for (length, task), by_variant in cells.items():
+        table.add_row(str(length), task, *[_fmt(by_variant.get(v, {}).get("value")) for v in variants])
+    for length in sorted({length for length, _ in cells}):
+        sparsities = []
+        for v in variants:
+            values = [c[v]["sparsity"] for (n, _), c in cells.items() if n == length and v in c and c[v].get("sparsity") is not None]
+            sparsities.append(_fmt(sum(values) / len(values)) if values else "-")
+        table.add_row(str(length), "[dim]sparsity[/]", *sparsities)
     console.print(table)
 
 

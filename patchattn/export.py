@@ -109,7 +109,7 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
     return out_dir
 
 
-def load(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", backend: str | None = None):
+def load(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", backend: str = "auto"):
     """Load an exported directory: returns ``(model, tokenizer)``, patched with its recipe."""
     from .models import load_model
     from .patch import patch

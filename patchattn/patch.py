@@ -35,14 +35,6 @@ RECIPE_KEY = "patchattn_recipe"
 BACKEND_KEY = "patchattn_backend"
 ORIGINAL_KEY = "patchattn_original_attn"
 BACKENDS = ("auto", "torch", "triton")
-_DEFAULT_BACKEND = ["auto"]
-
-
-def set_default_backend(backend: str) -> None:
-    """The kernel backend that :func:`patch` uses when none is named (the CLI's ``--backend``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    _DEFAULT_BACKEND[0] = backend
 
 
 @dataclass
@@ -159,9 +151,10 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(_unsupported_message(type(model).__name__))
 
 
-def patch(model, recipe: Recipe, backend: str | None = None):
-    """Make ``model`` run ``recipe``'s sparse attention. Returns the model (changed in place)."""
-    backend = backend or _DEFAULT_BACKEND[0]
+def patch(model, recipe: Recipe, backend: str = "auto"):
+    """Make ``model`` run ``recipe``'s sparse attention. Returns the model (changed in place).
+
+    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     check_supported(model)
@@ -192,20 +185,25 @@ def is_patched(model) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, recipe: Recipe | None, backend: str | None = None):
-    """Run a block with ``recipe`` applied (``None``: unchanged model), restoring the model after."""
+def patched(model, recipe: Recipe | None, backend: str = "auto"):
+    """Run a block with ``recipe`` applied (``None``: the model as it is), then restore the model exactly."""
     if recipe is None:
         yield model
         return
-    was = getattr(model.config, RECIPE_KEY, None)
+    config = model.config
+    keys = (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY)
+    saved = {k: getattr(config, k) for k in keys if hasattr(config, k)}
+    saved_impl = config._attn_implementation
     patch(model, recipe, backend)
     try:
         yield model
     finally:
-        if was is None:
-            unpatch(model)
-        else:
-            setattr(model.config, RECIPE_KEY, was)
+        for k in keys:
+            if hasattr(config, k):
+                delattr(config, k)
+        for k, v in saved.items():
+            setattr(config, k, v)
+        model.set_attn_implementation(saved_impl)
 
 
 @contextlib.contextmanager

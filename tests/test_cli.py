@@ -133,3 +133,34 @@ def test_export_refuses_non_empty_dir(tiny_model_dir, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = runner.invoke(app, ["--debug", "calibrate", "nobody/no-such-model-xyz", "-o", str(tmp_path / "r.json")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_eval_end_to_end_and_too_long(tiny_model_dir, tmp_path):
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.save(tmp_path / "r.json")
+    out = tmp_path / "results"
+    result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 600, "--tasks", "ppl,passkey",
+                    "--trials", 1, "-o", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    rows = {(r["task"], r["variant"]): r for r in data["results"]}
+    assert set(rows) == {("ppl", "dense"), ("ppl", "r"), ("passkey", "dense"), ("passkey", "r")}
+    assert rows[("ppl", "r")]["sparsity"] > 0.3 and rows[("ppl", "dense")]["sparsity"] == 0.0
+    assert (out / "results.md").exists() and (out / "results.png").exists()
+
+    result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 4096, "-o", tmp_path / "r2")
+    assert_clean_error(result, "4096", "2048")
+    assert not (tmp_path / "r2" / "results.json").exists()
+
+
+def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
+    recipe.save(tmp_path / "r.json")
+    assert invoke("export", tiny_model_dir, "--recipe", tmp_path / "r.json", "-o", tmp_path / "exp").exit_code == 0
+    result = invoke("eval", tmp_path / "exp", "--lengths", 512, "--tasks", "ppl", "-o", tmp_path / "res")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "res" / "results.json").read_text())
+    ppl = {r["variant"]: r for r in data["results"]}
+    assert set(ppl) == {"dense", "streaming"}
+    assert ppl["dense"]["sparsity"] == 0.0 and ppl["streaming"]["sparsity"] > 0.5
+    assert ppl["dense"]["value"] != ppl["streaming"]["value"]

@@ -1,5 +1,5 @@
 """Calibration: one forward pass, per-head scores for every budget, a global allocation."""
 
-from .run import DEFAULT_STRATEGIES, calibrate, candidate_grid, context_length, tokens_from_text, uniform_baseline
+from .run import DEFAULT_STRATEGIES, calibrate, candidate_grid, tokens_from_text, uniform_baseline
 
-__all__ = ["DEFAULT_STRATEGIES", "calibrate", "candidate_grid", "context_length", "tokens_from_text", "uniform_baseline"]
+__all__ = ["DEFAULT_STRATEGIES", "calibrate", "candidate_grid", "tokens_from_text", "uniform_baseline"]

@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputTooLongError, PatchattnError
+from ..models import context_length
 from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
@@ -30,11 +31,6 @@ def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) ->
     if unknown:
         raise PatchattnError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(sorted(STRATEGIES))}")
     return [cand for name in strategies for cand in STRATEGIES[name].budget_grid(n_tokens, block_size)]
-
-
-def context_length(config) -> int | None:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""Write an eval's results as ``results.json``, ``results.md`` and ``results.png``.
+
+Everything is rendered in memory first; each file is then written under a temporary name in the output
+directory and renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from ..io import ensure_writable_dir, write_bytes_atomic
+
+BASELINE = "dense"
+FILES = {"json": "results.json", "md": "results.md", "png": "results.png"}
+TASK_TITLES = {
+    "ppl": "perplexity",
+    "passkey": "passkey (filler)",
+    "single": "single needle",
+    "multikey": "multi-key needle",
+    "multivalue": "multi-value needle",
+}
+
+__all__ = ["ensure_writable_dir", "render_markdown", "render_png", "write_report"]
+
+
+def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write the three files into ``out_dir`` (created if missing); returns {"json"|"md"|"png": path}.
+    An unwritable ``out_dir`` raises OutputPathError before anything is rendered."""
+    out_dir = ensure_writable_dir(out_dir)
+    contents = {
+        "json": (json.dumps(results, indent=2) + "\n").encode("utf-8"),
+        "md": render_markdown(results).encode("utf-8"),
+        "png": render_png(results),
+    }
+    return {kind: write_bytes_atomic(out_dir / FILES[kind], data) for kind, data in contents.items()}
+
+
+# ---- markdown -------------------------------------------------------------------------------------
+def _rows(results: dict) -> dict[tuple[int, str, str], dict]:
+    return {(r["length"], r["task"], r["variant"]): r for r in results["results"]}
+
+
+def _fmt_value(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    return f"{row['value']:.2f}"
+
+
+def _fmt_delta(row: dict | None, base: dict | None) -> str:
+    if row is None or base is None:
+        return ""
+    delta = row["value"] - base["value"]
+    return f" ({'+' if delta >= 0 else '−'}{abs(delta):.2f})"
+
+
+def _fmt_sparsity(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _mean_sparsity(rows: list[dict]) -> float | None:
+    values = [r["sparsity"] for r in rows if r.get("sparsity") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def render_markdown(results: dict) -> str:
+    variants = list(results["variants"])
+    rows = _rows(results)
+    has_base = BASELINE in variants
+    env = results.get("environment", {})
+    lines = [
+        "# patchattn eval",
+        "",
+        f"Model: {results['model']} · trials per task: {results['trials']} · seed: {results['seed']}"
+        + (f" · torch {env['torch']}, transformers {env['transformers']} on {env['device']} ({env.get('dtype')})" if env else ""),
+        "",
+        "Accuracy is the fraction of trials answered correctly (higher is better); perplexity is on held-out "
+        "State of the Union prose (lower is better); sparsity is the share of causal query-key blocks the "
+        "variant skipped in prefill attention."
+        + (f" Brackets: difference from `{BASELINE}` on the same prompts." if has_base else ""),
+    ]
+    for length in results["lengths"]:
+        lines += ["", f"## {length} tokens", "", "| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+        tasks = [t for t in results["tasks"] if any((length, t, v) in rows for v in variants)]
+        for task in tasks:
+            base = rows.get((length, task, BASELINE))
+            cells = []
+            for v in variants:
+                row = rows.get((length, task, v))
+                cells.append(_fmt_value(row) + ("" if v == BASELINE else _fmt_delta(row, base)))
+            lines.append(f"| {TASK_TITLES.get(task, task)} | " + " | ".join(cells) + " |")
+        sparsity = [_mean_sparsity([rows[k] for k in rows if k[0] == length and k[2] == v]) for v in variants]
+        lines.append("| *sparsity* | " + " | ".join(_fmt_sparsity(s) for s in sparsity) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- figure ---------------------------------------------------------------------------------------
+def render_png(results: dict) -> bytes:
+    """Accuracy per task vs length (one line per variant), and a perplexity panel; PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(results["tasks"]) or ["ppl"]
+    variants = list(results["variants"])
+    rows = _rows(results)
+    lengths = results["lengths"]
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks):
+        for v in variants:
+            points = [(n, rows[(n, task, v)]["value"]) for n in lengths if (n, task, v) in rows]
+            if not points:
+                continue
+            sparsity = _mean_sparsity([r for k, r in rows.items() if k[2] == v])
+            label = v if sparsity is None or v == BASELINE else f"{v} ({100 * sparsity:.0f}% sparse)"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.set_xlabel("context length (tokens)")
+        if len(lengths) > 1 and max(lengths) / min(lengths) >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        if task == "ppl":
+            ax.set_ylabel("perplexity (lower is better)")
+        else:
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    if variants:
+        axes[0].legend(fontsize="small")
+    fig.suptitle(f"patchattn eval: {results['model']}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

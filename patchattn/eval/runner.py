@@ -1,0 +1,182 @@
+"""Run every variant (dense or a recipe) on the same prompts, per length and task; return plain data.
+
+The results dict is versioned and JSON-serialisable::
+
+    {"schema_version": 1, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
+     "environment": {...}, "variants": {name: {...}},
+     "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
+                  "replies", "prompt_tokens", "seconds"}]}
+
+``metric`` is ``"perplexity"`` for ``ppl`` and ``"accuracy"`` (mean score over trials) otherwise.
+``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
+of that task at that length (0.0 for dense; None when nothing ran sparse).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import InputTooLongError, PatchattnError
+from ..models import context_length
+from ..patch import patched
+from ..recipe import Recipe
+from ..stats import record_sparsity
+from .haystack import Prompt, build_prompt
+from .tasks import answer, perplexity, ppl_input_ids
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TASKS = ("ppl", "passkey", "single", "multikey", "multivalue")
+Progress = Callable[[int, str], None]
+
+
+def check_lengths(model, lengths: Sequence[int]) -> None:
+    """Raise InputTooLongError for a length beyond the model's context (call before any expensive work)."""
+    limit = context_length(model.config)
+    for length in lengths:
+        if length < 64:
+            raise PatchattnError(f"eval length {length} tokens is too short; use at least 64 tokens")
+        if limit is not None and length > limit:
+            raise InputTooLongError(
+                f"eval length {length} tokens exceeds the model's context of {limit} tokens; "
+                f"choose lengths up to {limit}"
+            )
+
+
+def _check_tasks(tasks: Sequence[str]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+
+
+def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = TASKS, trials: int = 5) -> int:
+    """How many progress steps ``run_eval`` reports in all (for a progress bar's total)."""
+    per_length = sum(1 if t == "ppl" else trials for t in tasks)
+    return per_length * len(lengths) * len(variants)
+
+
+def _variant_info(recipe: Recipe | None) -> dict:
+    if recipe is None:
+        return {"recipe": None, "dense": True}
+    return {
+        "recipe": getattr(recipe, "name", None) or None,
+        "dense": False,
+        "block_size": recipe.block_size,
+        "strategy_counts": recipe.strategy_counts(),
+        "mean_density": recipe.mean_density,
+    }
+
+
+def _prompts(task: str, tokenizer, length: int, limit: int | None, trials: int, seed: int) -> list[Prompt]:
+    """``trials`` prompts; shortened by the reply length where prompt plus reply would overrun the context."""
+    prompts = []
+    for trial in range(trials):
+        trial_seed = seed * 10_000 + trial
+        prompt = build_prompt(task, tokenizer, length, trial_seed)
+        if limit is not None and length + prompt.max_new_tokens > limit:
+            prompt = build_prompt(task, tokenizer, limit - prompt.max_new_tokens, trial_seed)
+        prompts.append(prompt)
+    return prompts
+
+
+def run_eval(
+    model,
+    tokenizer,
+    variants: Mapping[str, Recipe | None],
+    lengths: Sequence[int],
+    tasks: Sequence[str] = TASKS,
+    trials: int = 5,
+    seed: int = 0,
+    progress: Progress | None = None,
+    *,
+    model_name: str | None = None,
+    backend: str = "auto",
+) -> dict:
+    """Evaluate each variant on the same prompts. ``variants`` maps a display name to a Recipe, or to
+    None for the unpatched model; name the baseline ``"dense"`` for the report's deltas.
+    ``progress(advance, description)`` is called before each block (advance 0) and after each trial
+    (advance 1); ``eval_steps`` gives the total."""
+    _check_tasks(tasks)
+    if trials < 1:
+        raise ValueError("trials must be at least 1")
+    if not variants:
+        raise ValueError("no variants to evaluate")
+    lengths = sorted(set(int(n) for n in lengths))
+    check_lengths(model, lengths)
+    limit = context_length(model.config)
+    report = progress or (lambda advance, description: None)
+    results = []
+    for length in lengths:
+        for task in tasks:
+            if task == "ppl":
+                inputs: list = [ppl_input_ids(tokenizer, length, seed)]
+            else:
+                inputs = _prompts(task, tokenizer, length, limit, trials, seed)
+            for name, recipe in variants.items():
+                description = f"{length} tokens · {task} · {name}"
+                report(0, description)
+                started = time.perf_counter()
+                scores, replies = [], []
+                with patched(model, recipe, backend), record_sparsity() as record:
+                    for item in inputs:
+                        if task == "ppl":
+                            scores.append(perplexity(model, item))
+                        else:
+                            result = answer(model, tokenizer, item)
+                            scores.append(result.score)
+                            replies.append(result.reply)
+                        report(1, description)
+                sparsity = 0.0 if recipe is None else record.sparsity
+                row = {
+                    "length": length,
+                    "task": task,
+                    "variant": name,
+                    "metric": "perplexity" if task == "ppl" else "accuracy",
+                    "value": scores[0] if task == "ppl" else sum(scores) / len(scores),
+                    "sparsity": None if sparsity is None else float(sparsity),
+                    "trials": len(inputs),
+                    "scores": scores,
+                    "replies": replies,
+                    "prompt_tokens": [len(item) if task == "ppl" else item.length_tokens for item in inputs],
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+                logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
+                results.append(row)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model_name or _model_name(model),
+        "lengths": lengths,
+        "tasks": list(tasks),
+        "trials": trials,
+        "seed": seed,
+        "environment": _environment(model),
+        "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
+        "results": results,
+    }
+
+
+def _model_name(model) -> str:
+    return (
+        getattr(model, "patchattn_source", None)
+        or getattr(model.config, "name_or_path", None)
+        or getattr(model, "name_or_path", None)
+        or type(model).__name__
+    )
+
+
+def _environment(model) -> dict:
+    import transformers
+
+    parameter = next(model.parameters(), None)
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(parameter.device) if parameter is not None else "cpu",
+        "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
