@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import stats
 from .errors import UnsupportedModelError
-from .kernels import sparse_prefill
+from .kernels import BACKENDS, sparse_prefill
 from .layout import block_density, causal_blocks, num_blocks, to_indices
 from .recipe import Recipe
 from .strategies import Strategy
@@ -34,7 +34,6 @@ ATTN_NAME = "patchattn"
 RECIPE_KEY = "patchattn_recipe"
 BACKEND_KEY = "patchattn_backend"
 ORIGINAL_KEY = "patchattn_original_attn"
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass

@@ -1,11 +1,59 @@
-"""Sparse attention kernels. (Placeholder dispatch until the Triton kernel lands: torch reference only.)"""
+"""Sparse attention kernels and their dispatch.
 
-from .sparse_prefill.naive import sparse_prefill_naive
+``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64 or 128,
+block size 64 or 128, no ``attn_mask``) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
+mask). ``"auto"`` takes Triton whenever it can and the reference otherwise. Triton is an optional
+dependency: without it the package imports fine and only the torch backend exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def available_backends() -> list[str]:
-    return ["torch"]
+    """Backends usable in this process: always "torch"; "triton" when CUDA is present and Triton imports."""
+    backends = ["torch"]
+    if torch.cuda.is_available() and load_triton_kernel() is not None:
+        backends.append("triton")
+    return backends
+
+
+def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
+    """Why the Triton backend cannot take this call, or None."""
+    if not q.is_cuda:
+        return f"q is on {q.device}, the Triton kernel needs a CUDA tensor"
+    if k.device != q.device or v.device != q.device:
+        return "q, k and v must be on the same device"
+    if attn_mask is not None:
+        return "attn_mask is not supported by the Triton kernel (use backend='torch')"
+    mod = load_triton_kernel()
+    if mod is None:
+        return f"triton is not importable ({triton_import_error()})"
+    return mod.unsupported_reason(q, k, v, block_size)
 
 
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto"):
+    """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
+
+    ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16, head dim and block
+    size are supported and there is no ``attn_mask``; the torch reference otherwise), "torch" or "triton"
+    (raises ValueError saying why when the input is unsupported).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
+        return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
+    reason = _triton_unsupported(q, k, v, block_size, attn_mask)
+    if reason is None:
+        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale)
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this input: {reason}")
     return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
+
+
+__all__ = ["available_backends", "sparse_prefill", "sparse_prefill_naive", "sparse_prefill_triton"]

@@ -43,10 +43,11 @@ class VerticalSlash(Strategy):
         scores = torch.matmul(q[:, :, -last:].float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         probs = torch.softmax(scores.masked_fill(offset < 0, float("-inf")), dim=-1)
         est.scores["vertical"] = _block_sums(probs.sum(-2), block_size, est.n_blocks)
-        # Slash: probability mass per block-diagonal offset (offset // block_size).
-        diag_block = (offset.clamp(min=0) // block_size).expand_as(probs).reshape(*probs.shape[:2], -1)
-        slash = torch.zeros(*probs.shape[:2], est.n_blocks, device=q.device)
-        slash.scatter_add_(-1, diag_block, probs.reshape(*probs.shape[:2], -1))
+        # Slash: probability mass per diagonal offset o = q_pos - k_pos, gathered (no atomics) as
+        # sum_i P[i, q_pos_i - o], then summed per block of offsets.
+        key_of = q_pos[:, None] - torch.arange(n, device=q.device)[None, :]  # (last, n): key position at offset o
+        on_diag = torch.gather(probs, -1, key_of.clamp(min=0).expand_as(probs)) * (key_of >= 0)
+        slash = _block_sums(on_diag.sum(-2), block_size, est.n_blocks)
         est.scores["slash"] = slash
         return est
 

@@ -1,0 +1,256 @@
+"""The Triton block-sparse prefill kernel against the PyTorch reference, and the reference against a
+dense SDPA masked with the same layout.
+
+On a machine without CUDA the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, set below
+before Triton is imported) at small shapes; the tests marked ``gpu`` run larger shapes on a CUDA device.
+Every check draws fresh random inputs from a fixed seed, poisons the output with NaN first, and reports
+the relative error ||out - ref|| / ||ref|| against a float32 reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it (and each kernel) is first imported, so set it before any import.
+# Importing patchattn imports transformers, which imports Triton: when another test module did that first,
+# the interpreter can no longer be switched on here and the kernel tests re-run this file in a subprocess.
+_TRITON_PRELOADED = "triton" in sys.modules
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from patchattn.kernels import available_backends, sparse_prefill  # noqa: E402
+from patchattn.kernels.sparse_prefill.naive import sparse_prefill_naive  # noqa: E402
+from patchattn.layout import causal_blocks, finalize, num_blocks, to_indices, token_mask  # noqa: E402
+
+kernel = importlib.import_module("patchattn.kernels.sparse_prefill.kernel")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# Triton's own jit'd helpers (tl.max, tl.sum...) must be interpreted too, not only our kernel.
+INTERPRETED = all(
+    type(fn).__name__ == "InterpretedFunction" for fn in (kernel._sparse_prefill_fwd, triton.language.standard.max)
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+runs_kernel = pytest.mark.skipif(
+    not ON_GPU and not INTERPRETED,
+    reason="no CUDA, and Triton was imported before TRITON_INTERPRET=1 could be set: "
+    "test_kernel_in_interpreter_subprocess runs these",
+)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Generator, device=DEVICE) -> torch.Tensor:
+    """A finalized (causal, diagonal kept) block layout of one of a few shapes."""
+    q_blk = torch.arange(n_blocks)[:, None]
+    k_blk = torch.arange(n_blocks)[None, :]
+    if kind == "dense":
+        keep = causal_blocks(n_blocks).expand(batch, heads, n_blocks, n_blocks)
+    elif kind == "random":
+        keep = torch.rand(batch, heads, n_blocks, n_blocks, generator=gen) < 0.4
+    elif kind == "streaming":  # sink block + 2 blocks of local window
+        keep = ((k_blk == 0) | (q_blk - k_blk <= 2)).expand(batch, heads, n_blocks, n_blocks)
+    elif kind == "vertical_slash":  # a few random columns and a few random diagonals per head
+        cols = torch.rand(batch, heads, 1, n_blocks, generator=gen) < 0.2
+        diags = torch.rand(batch, heads, n_blocks, generator=gen) < 0.2
+        offset = (q_blk - k_blk).clamp(min=0).expand(batch, heads, n_blocks, n_blocks)
+        keep = cols | torch.gather(diags[:, :, None, :].expand(-1, -1, n_blocks, -1), -1, offset)
+    elif kind == "diagonal":
+        keep = torch.zeros(batch, heads, n_blocks, n_blocks, dtype=torch.bool)
+    else:
+        raise ValueError(kind)
+    return finalize(keep.contiguous()).to(device)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_kernel(
+    batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_n=None, n_k=None, use_tma=None, block_m=None, tol=1e-2
+):
+    gen = torch.Generator().manual_seed(seed)
+    n_k = n if n_k is None else n_k
+    q = torch.randn(batch, n_q_heads, n, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, n_kv_heads, n_k, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, n_kv_heads, n_k, d, generator=gen).to(DEVICE, dtype)
+    if n_k == n:
+        keep = make_layout(kind, batch, n_q_heads, num_blocks(n, block_size), gen)
+    else:  # queries at the end of a longer key sequence (chunked prefill): every key block up to the row's last query
+        last_pos = (torch.arange(num_blocks(n, block_size)) * block_size + block_size - 1).clamp(max=n - 1) + (n_k - n)
+        keep = torch.arange(num_blocks(n_k, block_size))[None, :] * block_size <= last_pos[:, None]
+        keep = keep.expand(batch, n_q_heads, -1, -1).contiguous().to(DEVICE)
+    counts, ids = to_indices(keep)
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out)
+    ref = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size)
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    err = rel_err(out, ref)
+    print(f"\n  B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} Nk={n_k} d={d} bs={block_size} bm={block_m} bn={block_n} {kind} {dtype} tma={use_tma}: rel err {err:.2e}")
+    assert err < tol, f"relative error {err:.3e} >= {tol}"
+    return err
+
+
+# ------------------------------------------------------------------------------- reference vs dense SDPA
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind",
+    [(1, 4, 4, 200, 32, 64, "random"), (2, 4, 1, 150, 16, 32, "vertical_slash"), (1, 2, 2, 97, 16, 32, "streaming")],
+)
+def test_naive_matches_masked_sdpa(batch, hq, hkv, n, d, bs, kind):
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, hq, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, hkv, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, hkv, n, d, generator=gen, dtype=torch.float64)
+    keep = make_layout(kind, batch, hq, num_blocks(n, bs), gen, device="cpu")
+    counts, ids = to_indices(keep)
+    out = sparse_prefill_naive(q, k, v, counts, ids, bs)
+    group = hq // hkv
+    mask = token_mask(keep, n, n, bs)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
+    )
+    assert rel_err(out, ref) < 1e-5  # the reference computes in float32 whatever the input dtype
+
+
+# --------------------------------------------------------------------- kernel vs reference (small shapes)
+# Triton's interpreter computes bfloat16 wrongly on CPU (numpy has no bfloat16): fp16 there, bf16 on GPU.
+SMALL_DTYPE = torch.bfloat16 if ON_GPU else torch.float16
+
+
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind,block_n",
+    [
+        (1, 4, 4, 200, 64, 64, "random", None),  # GQA group 1, N not a multiple of the block
+        (1, 4, 1, 300, 128, 128, "random", None),  # group 4, d 128, block 128
+        (2, 4, 1, 257, 64, 128, "dense", None),  # batch 2, one-token tail block
+        (1, 8, 2, 300, 128, 64, "streaming", None),
+        (1, 4, 2, 250, 64, 64, "vertical_slash", None),
+        (1, 2, 1, 300, 64, 128, "random", 64),  # a layout block split into two key tiles
+        (1, 2, 2, 129, 128, 64, "diagonal", None),
+    ],
+)
+@runs_kernel
+def test_kernel_matches_reference(batch, hq, hkv, n, d, bs, kind, block_n):
+    check_kernel(batch, hq, hkv, n, d, bs, kind, SMALL_DTYPE, seed=n + d + bs, block_n=block_n)
+
+
+@runs_kernel
+@pytest.mark.parametrize(
+    "n,d,bs,block_m,block_n,kind",
+    [(300, 64, 128, 128, 128, "random"), (257, 64, 128, 128, 64, "dense"), (300, 128, 128, 64, 128, "streaming"), (190, 64, 64, 32, 32, "random")],
+)
+def test_kernel_tile_shapes(n, d, bs, block_m, block_n, kind):
+    """Query tiles of the whole layout block or a part of it, key tiles of the whole block or a part."""
+    check_kernel(1, 4, 2, n, d, bs, kind, SMALL_DTYPE, seed=n + block_m + block_n, block_m=block_m, block_n=block_n)
+
+
+@runs_kernel
+def test_kernel_queries_after_keys():
+    check_kernel(1, 2, 1, 100, 64, 64, "dense", SMALL_DTYPE, seed=4, n_k=230)  # query t at Nk - N + t
+    check_kernel(1, 2, 1, 200, 64, 128, "dense", SMALL_DTYPE, seed=5, n_k=301, block_m=64)
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
+def test_kernel_in_interpreter_subprocess():
+    """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not gpu", "-k", "kernel_matches_reference or queries_after_keys or tile_shapes"]
+    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def test_dispatch_backends():
+    assert "torch" in available_backends()
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 70, 64, generator=gen)
+    keep = make_layout("random", 1, 2, num_blocks(70, 64), gen, device="cpu")
+    counts, ids = to_indices(keep)
+    ref = sparse_prefill_naive(q, q, q, counts, ids, 64)
+    assert torch.equal(sparse_prefill(q, q, q, counts, ids, 64), ref)  # auto on fp32 / CPU: the reference
+    assert torch.equal(sparse_prefill(q, q, q, counts, ids, 64, backend="torch"), ref)
+    with pytest.raises(ValueError, match="float16 or bfloat16|CUDA"):
+        sparse_prefill(q, q, q, counts, ids, 64, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparse_prefill(q, q, q, counts, ids, 64, backend="cuda")
+
+
+@needs_cuda
+def test_dispatch_on_gpu():
+    assert "triton" in available_backends()
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 300, 128, generator=gen).cuda().bfloat16()
+    k = torch.randn(1, 2, 300, 128, generator=gen).cuda().bfloat16()
+    keep = make_layout("random", 1, 4, num_blocks(300, 64), gen)
+    counts, ids = to_indices(keep)
+    fast = sparse_prefill(q, k, k, counts, ids, 64)
+    assert torch.equal(fast, kernel.sparse_prefill_triton(q, k, k, counts, ids, 64))
+    mask = torch.ones(1, 1, 300, 300, dtype=torch.bool, device="cuda")
+    masked = sparse_prefill(q, k, k, counts, ids, 64, attn_mask=mask)  # falls back to the reference
+    assert rel_err(masked, fast) < 1e-2
+    with pytest.raises(ValueError, match="attn_mask"):
+        sparse_prefill(q, k, k, counts, ids, 64, attn_mask=mask, backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        sparse_prefill(q[..., :96], k[..., :96], k[..., :96], counts, ids, 64, backend="triton")
+
+
+# --------------------------------------------------------------------------------- larger, GPU only
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind,block_n",
+    [
+        (1, 32, 8, 4100, 128, 128, "dense", None),
+        (1, 32, 8, 4100, 128, 128, "random", None),
+        (2, 8, 8, 3000, 64, 64, "vertical_slash", None),
+        (1, 16, 4, 5000, 128, 64, "streaming", None),
+        (1, 8, 2, 2049, 64, 128, "random", 64),
+        (1, 8, 8, 2000, 128, 128, "diagonal", 64),
+    ],
+)
+def test_kernel_matches_reference_gpu(batch, hq, hkv, n, d, bs, kind, block_n, dtype):
+    check_kernel(batch, hq, hkv, n, d, bs, kind, dtype, seed=n + d + bs, block_n=block_n)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind,block_n",
+    [(2, 8, 2, 3001, 128, 128, "random", None), (1, 8, 8, 2500, 64, 64, "vertical_slash", None), (1, 4, 1, 1000, 128, 128, "dense", 64)],
+)
+@pytest.mark.parametrize("block_m", [None, 128])
+def test_kernel_load_paths_gpu(batch, hq, hkv, n, d, bs, kind, block_n, use_tma, block_m):
+    """Both ways of loading K/V (pointers, TMA descriptors where the GPU has them) give the reference."""
+    if block_m is not None and block_m > bs:
+        pytest.skip("block_m larger than the layout block")
+    check_kernel(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 1, block_n=block_n, use_tma=use_tma, block_m=block_m)
+
+
+@gpu
+@needs_cuda
+def test_dense_layout_matches_sdpa_gpu():
+    gen = torch.Generator().manual_seed(11)
+    n, bs = 8192, 128
+    q = torch.randn(1, 32, n, 128, generator=gen).cuda().bfloat16()
+    k = torch.randn(1, 8, n, 128, generator=gen).cuda().bfloat16()
+    v = torch.randn(1, 8, n, 128, generator=gen).cuda().bfloat16()
+    counts, ids = to_indices(make_layout("dense", 1, 32, num_blocks(n, bs), gen))
+    out = kernel.sparse_prefill_triton(q, k, v, counts, ids, bs)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1), is_causal=True
+    )
+    err = rel_err(out, ref)
+    print(f"\n  dense 8K vs float32 SDPA: rel err {err:.2e}")
+    assert err < 1e-2
