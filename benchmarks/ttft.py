@@ -51,15 +51,16 @@ def random_model(layers: int):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-        model.model.rotary_emb.__init__(config, device="cuda")  # recompute inv_freq lost by to_empty
+    # to_empty left the rotary buffers uninitialised: rebuild that module on the GPU.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device="cuda")
     return model.eval()
 
 
-def sparse_recipe(config, kind: str) -> Recipe:
+def sparse_recipe(config, kind: str, block_size: int = 128) -> Recipe:
     """Half the heads streaming (sink 128 + window 4096), half ``kind`` (vertical-slash, block top-k, or
     streaming too). Random weights give near-uniform attention, so block top-k's adaptive density is high
     on them: its row shows the kernel at whatever density it chose, reported beside it."""
-    recipe = Recipe.uniform(config, "dense", block_size=64, name=f"ttft-{kind}")
+    recipe = Recipe.uniform(config, "dense", block_size=block_size, name=f"ttft-{kind}")
     for layer in recipe.layers:
         for h in range(len(layer)):
             if h % 2 == 0 or kind == "streaming":
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--kinds", default="vertical_slash,streaming")
     parser.add_argument("--out", default="ttft.json")
     args = parser.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
         dense = statistics.median(time_prefill(model, ids, args.reps))
         row = {"tokens": n, "dense_sdpa_ms": round(dense, 1)}
         for kind in args.kinds.split(","):
-            recipe = sparse_recipe(model.config, kind)
+            recipe = sparse_recipe(model.config, kind, args.block_size)
             with patchattn.patched(model, recipe, backend="auto"), record_sparsity() as rec:
                 patched_ms = statistics.median(time_prefill(model, ids, args.reps))
             row[f"{kind}_ms"] = round(patched_ms, 1)
