@@ -4,7 +4,9 @@ A layout is a boolean tensor ``keep`` of shape (B, H, n_q_blocks, n_k_blocks); q
 tokens ``[i * block_size, (i + 1) * block_size)`` (the last one may be short), likewise for keys. Every
 strategy produces one; the kernels consume its ragged form (``kv_block_counts`` + ``kv_block_ids``).
 Layouts are causal (no key block after the query block) and always keep the diagonal block, so no query
-row is ever left with nothing to attend to.
+row is ever left with nothing to attend to. The last query block always reads every block: it holds the end
+of the prompt (the question, the instruction), whose attention produces the first generated token, and it
+costs one row of blocks (1/n of the work).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def diagonal_blocks(n_blocks: int, device=None) -> torch.Tensor:
 
 
 def finalize(keep: torch.Tensor) -> torch.Tensor:
-    """Clip a layout to causal blocks and force the diagonal in."""
+    """Clip a layout to causal blocks, force the diagonal in, and make the last query block dense."""
     n = keep.shape[-1]
+    keep = keep.clone()
+    keep[..., -1, :] = True
     return (keep & causal_blocks(n, keep.device)) | diagonal_blocks(n, keep.device)
 
 

@@ -55,8 +55,8 @@ def test_sparse_recipe_changes_output_and_reports_sparsity(arch):
         ref = model(ids).logits
         with patchattn.patched(model, recipe), record_sparsity() as rec:
             out = model(ids).logits
-    # 16 blocks: each row keeps the sink, the previous block and the diagonal.
-    assert rec.sparsity == pytest.approx(1 - (1 + 2 + 3 * 14) / 136, abs=1e-6)
+    # 16 blocks: each row keeps the sink, the previous block and the diagonal; the last row reads all 16.
+    assert rec.sparsity == pytest.approx(1 - (1 + 2 + 3 * 13 + 16) / 136, abs=1e-6)
     assert (out - ref).abs().max() > 1e-3
     # The first blocks see everything they would see dense, so their logits agree.
     torch.testing.assert_close(out[:, :96], ref[:, :96], atol=2e-4, rtol=2e-4)

@@ -21,8 +21,9 @@ def test_calibration_reaches_target(recipe_2k, smollm):
     assert abs(recipe_2k.calibration["achieved_sparsity"] - 0.7) <= 0.02
     assert recipe_2k.model["num_layers"] == 30 and recipe_2k.model["num_kv_heads"] == 3
     assert model.config._attn_implementation == "sdpa"
-    # Real attention is far from uniform: at 70% sparsity the chosen layouts keep most of the mass.
-    assert recipe_2k.calibration["mean_kept_mass"] > 0.85
+    # Real attention is far from uniform: computing 30% of the blocks keeps over 80% of the mass.
+    assert recipe_2k.calibration["mean_kept_mass"] > 0.8
+    assert recipe_2k.calibration["mean_output_error"] < 0.15
 
 
 def test_passkey_dense_and_patched(recipe_2k, smollm):
