@@ -53,7 +53,10 @@ def _fmt_delta(row: dict | None, base: dict | None) -> str:
     if row is None or base is None:
         return ""
     delta = row["value"] - base["value"]
-    return f" ({'+' if delta >= 0 else '−'}{abs(delta):.2f})"
+    text = f"{'+' if delta >= 0 else '−'}{abs(delta):.2f}"
+    if row.get("metric") == "perplexity" and base["value"]:
+        text += f", {100 * delta / base['value']:+.1f}%"
+    return f" ({text})"
 
 
 def _fmt_sparsity(value: float | None) -> str:
@@ -63,6 +66,21 @@ def _fmt_sparsity(value: float | None) -> str:
 def _mean_sparsity(rows: list[dict]) -> float | None:
     values = [r["sparsity"] for r in rows if r.get("sparsity") is not None]
     return sum(values) / len(values) if values else None
+
+
+def _describe_variant(info: dict | None) -> str:
+    if not info or info.get("recipe") is None and not info.get("strategy_counts"):
+        return "the unpatched model (dense attention)"
+    parts = []
+    counts = info.get("strategy_counts") or {}
+    if counts:
+        parts.append("heads: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for key, label in (("calibration_seq_len", "calibrated at"), ("calibrated_sparsity", "sparsity at calibration")):
+        if info.get(key) is not None:
+            parts.append(f"{label} {info[key]}")
+    if info.get("uniform"):
+        parts.append("uniform budget: " + info["uniform"])
+    return "; ".join(parts) or "patched"
 
 
 def render_markdown(results: dict) -> str:
@@ -81,6 +99,9 @@ def render_markdown(results: dict) -> str:
         "variant skipped in prefill attention."
         + (f" Brackets: difference from `{BASELINE}` on the same prompts." if has_base else ""),
     ]
+    lines += ["", "## Variants", ""]
+    for name, info in results["variants"].items():
+        lines.append(f"- `{name}`: {_describe_variant(info)}")
     for length in results["lengths"]:
         lines += ["", f"## {length} tokens", "", "| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
         tasks = [t for t in results["tasks"] if any((length, t, v) in rows for v in variants)]

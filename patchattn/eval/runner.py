@@ -63,13 +63,21 @@ def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] =
 def _variant_info(recipe: Recipe | None) -> dict:
     if recipe is None:
         return {"recipe": None, "dense": True}
-    return {
+    calibration = recipe.calibration or {}
+    heads = {(h.strategy, tuple(sorted(h.params.items()))) for layer in recipe.layers for h in layer}
+    info = {
         "recipe": getattr(recipe, "name", None) or None,
         "dense": False,
         "block_size": recipe.block_size,
         "strategy_counts": recipe.strategy_counts(),
         "mean_density": recipe.mean_density,
+        "calibration_seq_len": calibration.get("seq_len"),
+        "calibrated_sparsity": calibration.get("achieved_sparsity"),
     }
+    if len(heads) == 1:
+        strategy, params = next(iter(heads))
+        info["uniform"] = f"{strategy} {dict(params)}"
+    return info
 
 
 def _prompts(task: str, tokenizer, length: int, limit: int | None, trials: int, seed: int) -> list[Prompt]:
