@@ -57,3 +57,43 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
 
 
 __all__ = ["available_backends", "sparse_prefill", "sparse_prefill_naive", "sparse_prefill_triton"]
+
+
+# ------------------------------------------------------------------------------------ decode (one query token)
+from . import sparse_decode as _sparse_decode_pkg  # noqa: E402
+from .sparse_decode import sparse_decode_naive, sparse_decode_triton  # noqa: E402
+
+
+def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
+    """Why the Triton decode kernel cannot take this call, or None."""
+    if not q.is_cuda:
+        return f"q is on {q.device}, the Triton kernel needs a CUDA tensor"
+    if k_cache.device != q.device or v_cache.device != q.device:
+        return "q, k_cache and v_cache must be on the same device"
+    mod = _sparse_decode_pkg.load_triton_kernel()
+    if mod is None:
+        return f"triton is not importable ({_sparse_decode_pkg.triton_import_error()})"
+    return mod.unsupported_reason(q, k_cache, v_cache, page_size)
+
+
+def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size, scale=None, backend="auto"):
+    """Page-sparse attention of one new token; same contract as :func:`sparse_decode_naive`.
+
+    ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16 and head dim and page
+    size are supported; the torch reference otherwise), "torch" or "triton" (raises ValueError saying why when
+    the input is unsupported).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    args = (q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size)
+    if backend == "torch":
+        return sparse_decode_naive(*args, scale=scale)
+    reason = _decode_triton_unsupported(q, k_cache, v_cache, page_size)
+    if reason is None:
+        return sparse_decode_triton(*args, scale=scale)
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this input: {reason}")
+    return sparse_decode_naive(*args, scale=scale)
+
+
+__all__ += ["sparse_decode", "sparse_decode_naive", "sparse_decode_triton"]
