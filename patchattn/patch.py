@@ -5,13 +5,18 @@
 recipe from ``module.config`` at call time, so a model saved with the recipe in its config and
 ``attn_implementation="patchattn"`` loads back patched once patchattn is imported.
 
-Prefill calls (as many queries as keys) run the recipe's block layouts through the sparse kernels;
-everything else (decoding, chunked prefill, dropout, softcapping) runs transformers' own SDPA path.
+Prefill calls (as many queries as keys) run the recipe's block layouts through the sparse kernels.
+When the recipe's KV plans keep or read less than the full cache (streaming KV heads, SnapKV budgets, Quest
+page budgets), a forward pre-hook on the model gives every cached forward (``generate`` included) a
+:class:`~patchattn.cache.HeadBudgetCache` in place of an empty ``DynamicCache``; the attention function then
+compresses the prompt's keys and values after prefill and runs each decode step through the page-sparse
+decode kernel. Everything else (no cache, padded batches, dropout, softcapping) runs transformers' own SDPA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,9 +24,11 @@ from typing import Callable
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import stats
+from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, sparse_prefill
 from .layout import block_density, causal_blocks, num_blocks, to_indices
@@ -34,6 +41,10 @@ ATTN_NAME = "patchattn"
 RECIPE_KEY = "patchattn_recipe"
 BACKEND_KEY = "patchattn_backend"
 ORIGINAL_KEY = "patchattn_original_attn"
+HOOKS_ATTR = "_patchattn_cache_hooks"
+
+# The head-budgeted cache of the forward running now (set by the model's pre-hook, cleared after it).
+_ACTIVE_CACHE: contextvars.ContextVar[HeadBudgetCache | None] = contextvars.ContextVar("patchattn_cache", default=None)
 
 
 @dataclass
@@ -105,9 +116,21 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     """transformers attention-function contract: q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> ((B, Nq, Hq, D), None)."""
     for hook in _CAPTURE_HOOKS:
         hook(module, query, key, value)
+    layer_idx = getattr(module, "layer_idx", 0) or 0
+    cache = _ACTIVE_CACHE.get()
+    cache_layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+    backend = getattr(module.config, BACKEND_KEY, "auto")
+    if cache_layer is not None and cache_layer.incoming is not None:  # decode steps: the budgeted cache
+        return cache_layer.attend(query, scaling, backend), None
+    out = _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs)
+    if cache_layer is not None and cache_layer.pending is not None:
+        cache_layer.finish_prefill(query, scaling)
+    return out, None
+
+
+def _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs):
     compiled = _compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
-    layer_idx = getattr(module, "layer_idx", 0) or 0
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
     plan = compiled.layers[layer_idx] if sparse_ok else None
@@ -116,7 +139,7 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
             n_blk = num_blocks(n_q, compiled.block_size)
             causal = n_blk * (n_blk + 1) / 2 * query.shape[0] * query.shape[1]
             stats.report(layer_idx, causal, causal)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
     keep = layer_layout(plan, query, key, block_size)
@@ -124,9 +147,57 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     if stats.is_recording():
         n_causal = causal_blocks(keep.shape[-1], keep.device).sum().item()
         stats.report(layer_idx, block_density(keep).sum().item() * n_causal, n_causal * keep.shape[0] * keep.shape[1])
-    backend = getattr(module.config, BACKEND_KEY, "auto")
     out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+def _is_padded(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
+
+
+def _cache_pre_hook(model, args, kwargs):
+    """Give a cached forward of a patched model the head-budgeted cache in place of an empty DynamicCache."""
+    compiled = _compiled_for(model.config)
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+    fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    if compiled is not None and use_cache and fresh and compiled.recipe.compresses_kv:
+        if _is_padded(kwargs.get("attention_mask")):
+            logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")
+        else:
+            cache = kwargs["past_key_values"] = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
+    kwargs["_patchattn_token"] = _ACTIVE_CACHE.set(cache if isinstance(cache, HeadBudgetCache) else None)
+    return args, kwargs
+
+
+def _install_cache_hooks(model) -> None:
+    if getattr(model, HOOKS_ATTR, None):
+        return
+    tokens: list = []
+
+    def pre(module, args, kwargs):
+        args, kwargs = _cache_pre_hook(module, args, kwargs)
+        tokens.append(kwargs.pop("_patchattn_token"))
+        return args, kwargs
+
+    def post(module, args, kwargs, output):
+        if tokens:
+            _ACTIVE_CACHE.reset(tokens.pop())
+        return output
+
+    handles = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
+    setattr(model, HOOKS_ATTR, handles)
+
+
+def _remove_cache_hooks(model) -> None:
+    for handle in getattr(model, HOOKS_ATTR, None) or []:
+        handle.remove()
+    if hasattr(model, HOOKS_ATTR):
+        delattr(model, HOOKS_ATTR)
 
 
 def register() -> None:
@@ -164,6 +235,7 @@ def patch(model, recipe: Recipe, backend: str = "auto"):
     setattr(config, RECIPE_KEY, recipe.to_dict())
     setattr(config, BACKEND_KEY, backend)
     model.set_attn_implementation(ATTN_NAME)
+    _install_cache_hooks(model)
     logger.info("patched %s with recipe %r (%s)", type(model).__name__, recipe.name, recipe.strategy_counts())
     return model
 
@@ -176,6 +248,7 @@ def unpatch(model):
         if hasattr(config, key):
             delattr(config, key)
     model.set_attn_implementation(original)
+    _remove_cache_hooks(model)
     return model
 
 
@@ -193,10 +266,13 @@ def patched(model, recipe: Recipe | None, backend: str = "auto"):
     keys = (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY)
     saved = {k: getattr(config, k) for k in keys if hasattr(config, k)}
     saved_impl = config._attn_implementation
+    had_hooks = bool(getattr(model, HOOKS_ATTR, None))
     patch(model, recipe, backend)
     try:
         yield model
     finally:
+        if not had_hooks:
+            _remove_cache_hooks(model)
         for k in keys:
             if hasattr(config, k):
                 delattr(config, k)

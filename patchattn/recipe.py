@@ -1,4 +1,9 @@
-"""Recipes: per layer, per head, which strategy and budget. Plain data, JSON with a schema version."""
+"""Recipes: per layer, per head, which strategy and budget. Plain data, JSON with a schema version.
+
+Schema 2 adds, per layer, a decode plan per KV head (``kv_heads``): what the KV cache keeps of that head and
+how the decode step reads it. Schema 1 recipes (prefill plans only) still load; their KV plans are derived
+from the prefill plans (:func:`derive_kv_plans`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from .errors import RecipeError
 from .io import write_json_atomic
 from .strategies import Strategy, get_strategy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+KV_POLICIES = ("full", "window", "snapkv")
 _IDENTITY_FIELDS = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
@@ -59,12 +66,82 @@ class HeadPlan:
 
 
 @dataclass
+class KVPlan:
+    """What the KV cache keeps of one KV head, and how the decode step reads it.
+
+    ``policy``: ``"full"`` keeps every token; ``"window"`` keeps the first ``sink_tokens`` and a rolling
+    window of the last ``window_tokens`` (streaming heads: memory stays constant); ``"snapkv"`` keeps
+    ``budget_tokens`` prompt tokens chosen after prefill by the attention of the prompt's last ``window_tokens``
+    queries (SnapKV), then every generated token. ``decode_pages`` > 0 (``full`` and ``snapkv``): each decode
+    step reads only that many cache pages per head, the ones whose key bounds promise the largest scores
+    for the current query (Quest), always including the first and the newest page.
+    """
+
+    policy: str = "full"
+    sink_tokens: int = 0
+    window_tokens: int = 0
+    budget_tokens: int = 0
+    decode_pages: int = 0
+
+    def __post_init__(self):
+        if self.policy not in KV_POLICIES:
+            raise ValueError(f"unknown KV policy {self.policy!r}; choose from {', '.join(KV_POLICIES)}")
+        if min(self.sink_tokens, self.window_tokens, self.budget_tokens, self.decode_pages) < 0:
+            raise ValueError("KV plan sizes must be >= 0")
+        if self.policy == "window" and self.window_tokens < 1:
+            raise ValueError("a window KV plan needs window_tokens >= 1")
+        if self.policy == "snapkv" and not 0 < self.window_tokens <= self.budget_tokens:
+            raise ValueError("a snapkv KV plan needs 0 < window_tokens <= budget_tokens")
+        if self.policy == "window" and self.decode_pages:
+            raise ValueError("decode_pages applies to full and snapkv KV plans, not window")
+
+    @property
+    def compresses(self) -> bool:
+        """Whether this head keeps or reads less than the full cache."""
+        return self.policy != "full" or self.decode_pages > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"policy": self.policy}
+        for name in ("sink_tokens", "window_tokens", "budget_tokens", "decode_pages"):
+            if getattr(self, name):
+                d[name] = getattr(self, name)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KVPlan":
+        unknown = set(data) - {"policy", "sink_tokens", "window_tokens", "budget_tokens", "decode_pages"}
+        if unknown:
+            raise ValueError(f"unknown KV plan field(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: (v if k == "policy" else int(v)) for k, v in data.items()})
+
+
+def derive_kv_plans(layers: list[list[HeadPlan]], num_kv_heads: int) -> list[list[KVPlan]]:
+    """KV plans implied by prefill plans: a KV head whose query heads are all ``streaming`` keeps their
+    (largest) sink and window and nothing else, as DuoAttention's streaming heads do; any other keeps all."""
+    plans = []
+    for heads in layers:
+        group = len(heads) // num_kv_heads
+        layer = []
+        for kvh in range(num_kv_heads):
+            members = heads[kvh * group : (kvh + 1) * group]
+            if members and all(h.strategy == "streaming" for h in members):
+                sink = max(int(h.params.get("sink_tokens", 64)) for h in members)
+                window = max(int(h.params.get("window_tokens", 1024)) for h in members)
+                layer.append(KVPlan("window", sink_tokens=sink, window_tokens=window))
+            else:
+                layer.append(KVPlan("full"))
+        plans.append(layer)
+    return plans
+
+
+@dataclass
 class Recipe:
     model: dict[str, Any]
     layers: list[list[HeadPlan]]
     block_size: int = 64
     calibration: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    kv_layers: list[list[KVPlan]] | None = None  # per layer, per KV head; None: derived from the prefill plans
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -80,6 +157,17 @@ class Recipe:
     def mean_density(self) -> float | None:
         values = [h.density for layer in self.layers for h in layer]
         return None if any(v is None for v in values) else sum(values) / len(values)
+
+    def kv_plans(self) -> list[list[KVPlan]]:
+        """Per layer, per KV head: the recipe's own decode plans, or those its prefill plans imply."""
+        if self.kv_layers is not None:
+            return self.kv_layers
+        return derive_kv_plans(self.layers, int(self.model.get("num_kv_heads") or self.model["num_heads"]))
+
+    @property
+    def compresses_kv(self) -> bool:
+        """Whether any KV head keeps or reads less than the full cache (then generation uses the budgeted cache)."""
+        return any(p.compresses for layer in self.kv_plans() for p in layer)
 
     def strategy_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -106,7 +194,10 @@ class Recipe:
             "model": dict(self.model),
             "block_size": self.block_size,
             "calibration": self.calibration,
-            "layers": [{"heads": [h.to_dict() for h in layer]} for layer in self.layers],
+            "layers": [
+                {"heads": [h.to_dict() for h in layer], **({"kv_heads": [p.to_dict() for p in kv]} if kv is not None else {})}
+                for layer, kv in zip(self.layers, self.kv_layers or [None] * len(self.layers))
+            ],
         }
 
     @classmethod
@@ -114,16 +205,21 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{source} is not a recipe (expected a JSON object)")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise RecipeError(
-                f"{source} has schema version {version!r}, this patchattn reads version {SCHEMA_VERSION}; "
-                "re-run `patchattn calibrate` to make a current recipe"
+                f"{source} has schema version {version!r}, this patchattn reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `patchattn calibrate` to make a current recipe"
             )
         try:
             model = data["model"]
             block_size = int(data["block_size"])
-            layers = []
+            layers, kv_layers = [], []
             for li, layer in enumerate(data["layers"]):
+                if "kv_heads" in layer:
+                    try:
+                        kv_layers.append([KVPlan.from_dict(dict(p)) for p in layer["kv_heads"]])
+                    except ValueError as exc:
+                        raise RecipeError(f"{source}: layer {li} kv_heads: {exc}") from None
                 heads = []
                 for hi, head in enumerate(layer["heads"]):
                     plan = HeadPlan(
@@ -141,7 +237,13 @@ class Recipe:
             raise RecipeError(f"{source}: block_size {block_size} unsupported; use 16, 32, 64, 128 or 256")
         if len(layers) != model.get("num_layers") or any(len(l) != model.get("num_heads") for l in layers):
             raise RecipeError(f"{source}: layer/head counts do not match its own model description")
-        return cls(model=model, layers=layers, block_size=block_size, calibration=data.get("calibration", {}), name=data.get("name", ""))
+        n_kv = model.get("num_kv_heads") or model.get("num_heads")
+        if kv_layers and (len(kv_layers) != len(layers) or any(len(l) != n_kv for l in kv_layers)):
+            raise RecipeError(f"{source}: kv_heads must be given for every layer, one per KV head ({n_kv})")
+        return cls(
+            model=model, layers=layers, block_size=block_size, calibration=data.get("calibration", {}),
+            name=data.get("name", ""), kv_layers=kv_layers or None,
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json_atomic(path, self.to_dict())

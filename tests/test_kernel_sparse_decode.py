@@ -162,11 +162,57 @@ def test_kernel_empty_list_gives_zero():
         assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2])) and rel_err(out, ref) < 1e-2
 
 
+def make_pool(batch, hq, hkv, region_tokens, lens, d, page_size, dtype, seed, device=DEVICE):
+    """Heads sharing one pool (B, C, D): head h owns a page-aligned region of ``region_tokens[h]`` slots whose
+    first ``lens[h]`` are valid; returns q, the pool views (zero head stride), page lists, counts, limits."""
+    gen = torch.Generator().manual_seed(seed)
+    caps = [triton.cdiv(r, page_size) * page_size for r in region_tokens]
+    offsets = [sum(caps[:h]) for h in range(hkv)]
+    total = sum(caps)
+    q = torch.randn(batch, hq, d, generator=gen).to(device, dtype)
+    k_pool = torch.randn(batch, total, d, generator=gen).to(device, dtype)
+    v_pool = torch.randn(batch, total, d, generator=gen).to(device, dtype)
+    max_pages = max(triton.cdiv(n, page_size) for n in lens)
+    ids = torch.zeros(batch, hkv, max_pages, dtype=torch.int32)
+    counts = torch.zeros(batch, hkv, dtype=torch.int32)
+    for h in range(hkv):
+        n_pages = triton.cdiv(lens[h], page_size)
+        pages = torch.randperm(n_pages, generator=gen) + offsets[h] // page_size  # any order: softmax does not care
+        ids[:, h, :n_pages] = pages.to(torch.int32)
+        counts[:, h] = n_pages
+    limits = torch.tensor([[offsets[h] + lens[h] for h in range(hkv)]] * batch, dtype=torch.int32)
+    k_view = k_pool[:, None].expand(batch, hkv, total, d)
+    v_view = v_pool[:, None].expand(batch, hkv, total, d)
+    return q, k_view, v_view, ids.to(device), counts.to(device), limits.to(device)
+
+
+def test_naive_pool_matches_per_head_sdpa():
+    """The pooled form (zero head stride, per-head limits): each head attends exactly its own valid slots."""
+    q, kv, vv, ids, counts, limits = make_pool(2, 8, 4, [40, 100, 33, 64], [40, 70, 1, 64], 32, 16, torch.float64, 1, "cpu")
+    out = sparse_decode_naive(q, kv, vv, ids, counts, limits, 16)
+    for h in range(4):
+        start = int(limits[0, h]) - [40, 70, 1, 64][h]
+        k_h = kv[:, h, start : int(limits[0, h])]
+        v_h = vv[:, h, start : int(limits[0, h])]
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, 2 * h : 2 * h + 2, None], k_h[:, None], v_h[:, None])[:, :, 0]
+        assert rel_err(out[:, 2 * h : 2 * h + 2], ref) < 1e-10
+
+
+@runs_kernel
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_kernel_pool_matches_reference(splits):
+    q, kv, vv, ids, counts, limits = make_pool(2, 8, 4, [40, 100, 33, 64], [40, 70, 1, 64], 64, 16, SMALL_DTYPE, 2)
+    out = torch.full_like(q, float("nan"))
+    kernel.sparse_decode_triton(q, kv, vv, ids, counts, limits, 16, out=out, num_splits=splits)
+    ref = sparse_decode_naive(q.float(), kv.float(), vv.float(), ids, counts, limits, 16)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not gpu", "-k", "kernel_matches_reference or splits_and_tiles or empty_list"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not gpu", "-k", "kernel_matches_reference or splits_and_tiles or empty_list or kernel_pool"]
     res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]

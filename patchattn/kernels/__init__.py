@@ -8,6 +8,8 @@ dependency: without it the package imports fine and only the torch backend exist
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
@@ -65,9 +67,9 @@ from .sparse_decode import sparse_decode_naive, sparse_decode_triton  # noqa: E4
 
 
 def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
-    """Why the Triton decode kernel cannot take this call, or None."""
-    if not q.is_cuda:
-        return f"q is on {q.device}, the Triton kernel needs a CUDA tensor"
+    """Why the Triton decode kernel cannot take this call, or None (CPU tensors only under TRITON_INTERPRET=1)."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"q is on {q.device}, the Triton kernel needs a CUDA tensor (or Triton's interpreter)"
     if k_cache.device != q.device or v_cache.device != q.device:
         return "q, k_cache and v_cache must be on the same device"
     mod = _sparse_decode_pkg.load_triton_kernel()

@@ -9,7 +9,10 @@ Contract (identical to :func:`patchattn.kernels.sparse_decode.naive.sparse_decod
 * ``page_ids`` (B, Hkv, max_pages) int32 and ``page_counts`` (B, Hkv) int32: each KV head's own ascending list
   of pages (page p = tokens [p * page_size, (p + 1) * page_size)), the first ``count`` entries valid. Lists
   differ in length per head (head-wise budgets: the full cache, sink + window pages, query-aware top pages).
-* ``seq_lens`` (B,) int: tokens at positions >= seq_lens[b] are masked (the last page may be partial).
+* ``seq_lens`` (B,) or (B, Hkv) int: tokens at positions >= seq_lens[b] (or seq_lens[b, kvh]) are masked (the
+  last page may be partial). The per-head form lets several heads share one pool of pages: pass the pool as
+  ``k_cache = pool.unsqueeze(1).expand(B, Hkv, S, D)`` (a zero head stride, nothing copied), each head's pages as
+  pool pages and its limit as the end of its own valid run (the head-budgeted cache does this).
 * fp16 or bf16, head dim 64 or 128, ``page_size`` 16, 32, 64 or 128. Returns q's dtype; softmax statistics and
   the output are accumulated in float32. A head whose list selects no token gets a zero output.
 
@@ -58,6 +61,7 @@ def _sparse_decode_split(
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
     stride_cb, stride_ch,
+    stride_sb, stride_sh,
     stride_ob, stride_oh,
     n_kv_heads, n_splits, tiles_per_split, n_mid_rows, qk_scale,
     GROUP: tl.constexpr,
@@ -73,7 +77,7 @@ def _sparse_decode_split(
     kvh = pid_bh % n_kv_heads
 
     count = tl.load(COUNTS + b.to(tl.int64) * stride_cb + kvh.to(tl.int64) * stride_ch)
-    seq_len = tl.load(SEQ_LENS + b)
+    seq_len = tl.load(SEQ_LENS + b.to(tl.int64) * stride_sb + kvh.to(tl.int64) * stride_sh)
     n_tiles = tl.cdiv(count * PAGE, BLOCK_N)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, n_tiles)
@@ -236,10 +240,11 @@ def sparse_decode_triton(
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_q_heads // n_kv_heads
-    if page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or seq_lens.shape != (batch,):
+    lens_ok = tuple(seq_lens.shape) in ((batch,), (batch, n_kv_heads))
+    if page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or not lens_ok:
         raise ValueError(
             f"page_ids {tuple(page_ids.shape)}, page_counts {tuple(page_counts.shape)}, seq_lens {tuple(seq_lens.shape)} "
-            f"do not match (B, Hkv, max_pages), (B, Hkv), (B,) with B={batch}, Hkv={n_kv_heads}"
+            f"do not match (B, Hkv, max_pages), (B, Hkv), (B,) or (B, Hkv) with B={batch}, Hkv={n_kv_heads}"
         )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -248,7 +253,8 @@ def sparse_decode_triton(
     if ids.stride(-1) != 1:
         ids = ids.contiguous()
     counts = page_counts.to(torch.int32)
-    lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    lens_2d = lens[:, None].expand(batch, n_kv_heads) if lens.dim() == 1 else lens
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -270,12 +276,13 @@ def sparse_decode_triton(
     mid = torch.empty(n_mid_rows * (head_dim + 2), device=q.device, dtype=torch.float32) if split_out else out
 
     _sparse_decode_split[(batch * n_kv_heads, num_splits)](
-        q, k_cache, v_cache, ids, counts, lens, out, mid,
+        q, k_cache, v_cache, ids, counts, lens_2d, out, mid,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         ids.stride(0), ids.stride(1),
         counts.stride(0), counts.stride(1),
+        lens_2d.stride(0), lens_2d.stride(1),
         out.stride(0), out.stride(1),
         n_kv_heads, num_splits, tiles_per_split, n_mid_rows, scale * LOG2E,
         GROUP=group,

@@ -1,0 +1,422 @@
+"""The head-budgeted KV cache: each KV head keeps what its recipe plan allows, in one pool per layer.
+
+A transformers ``Cache`` whose layers hold, per layer, one key pool and one value pool of shape (B, C, D).
+KV head ``h`` owns a page-aligned region ``[offset_h, offset_h + cap_h)`` of the pool, so a head's memory is
+its own budget, not the longest head's: a ``window`` head (sinks + rolling window, StreamingLLM) holds
+``sink + window`` slots for ever, a ``snapkv`` head the prompt tokens chosen after prefill plus what is
+generated, a ``full`` head everything. Inside its region a head's valid slots are one run starting at the
+offset, so the decode kernel reads every head from the same pool (a zero head stride) with per-head page
+lists and per-head limits (:func:`patchattn.kernels.sparse_decode`). ``full``/``snapkv`` heads with
+``decode_pages`` keep per-page key minima and maxima and read only the pages whose bound on q.k is largest
+(Quest).
+
+The cache never sees queries: the prompt's keys and values wait in ``pending`` until the patched attention
+function, which has the queries, calls :meth:`BudgetLayer.finish_prefill`. Decode-time bookkeeping
+(write slots, limits, page counts) stays on the device, so a decode step makes no host-device sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .recipe import KVPlan
+
+logger = logging.getLogger(__name__)
+
+PAGE_TOKENS = 16  # cache page: the unit of the decode kernel's lists and of Quest's key bounds
+GROWTH_TOKENS = 1024  # the most headroom a growing head gets when its region is (re)allocated
+SNAPKV_POOL = 7  # SnapKV's 1-D max-pool width over token scores (keeps neighbours of strong tokens)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, (n + multiple - 1) // multiple * multiple)
+
+
+def _headroom(n_tokens: int, page: int) -> int:
+    """Free slots a growing head gets on (re)allocation: an eighth of what it holds, 4 pages to GROWTH_TOKENS."""
+    return min(GROWTH_TOKENS, max(4 * page, n_tokens // 8))
+
+
+class BudgetLayer(DynamicLayer):
+    """One layer's pooled, head-budgeted cache (see the module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, plans: list[KVPlan], page_tokens: int = PAGE_TOKENS):
+        super().__init__()
+        self.plans = plans
+        self.page = page_tokens
+        self.seen = 0  # tokens this layer has been given (the logical sequence length)
+        self.written = 0  # tokens written to the pools (seen, less those waiting in pending or incoming)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt, until finish_prefill
+        self.incoming: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's new tokens, until attend
+        self.valid = [0] * len(plans)  # host mirror: valid slots per head
+        self.caps = [0] * len(plans)
+        self.offsets = [0] * len(plans)
+        self.quest_heads = [h for h, p in enumerate(plans) if p.decode_pages > 0]
+
+    # ---- transformers' layer contract --------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Take the new tokens. The prompt is held until :meth:`finish_prefill`; later tokens wait in
+        ``incoming`` until :meth:`attend` writes them (one at a time, the same as token-by-token decoding)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[-2]
+        if self.keys is None:  # the prompt (or more of it, before it was compressed)
+            if self.pending is not None:
+                key_states = torch.cat([self.pending[0], key_states], dim=-2)
+                value_states = torch.cat([self.pending[1], value_states], dim=-2)
+            self.pending = (key_states, value_states)
+            self.seen += n_new
+            return key_states, value_states
+        if self.incoming is not None:  # nobody attended the last step's tokens: store them first
+            self._append(*self.incoming)
+        self.incoming = (key_states, value_states)
+        self.seen += n_new
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, scale: float | None, backend: str = "auto") -> torch.Tensor:
+        """Attention of the ``incoming`` tokens' queries (B, Hq, n, D) over what each head keeps, each new token
+        written before its own query reads. Returns (B, n, Hq, D)."""
+        from .kernels import sparse_decode
+
+        key_states, value_states = self.incoming
+        self.incoming = None
+        outs = []
+        n_kv = len(self.plans)
+        for i in range(query.shape[2]):
+            self._append(key_states[:, :, i : i + 1], value_states[:, :, i : i + 1])
+            q = query[:, :, i]
+            ids, counts, limits = self.page_lists(q)
+            k_view, v_view = self.pool_views(n_kv)
+            outs.append(sparse_decode(q, k_view, v_view, ids, counts, limits, self.page, scale=scale, backend=backend))
+        return torch.stack(outs, dim=1)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.seen + n, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.plans, self.page)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.pending is not None:
+            self.pending = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.pending)
+        if self.keys is not None:
+            for name in ("keys", "values", "positions", "page_min", "page_max"):
+                t = getattr(self, name, None)
+                if t is not None:
+                    setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the head-budgeted cache cannot be cropped (evicted tokens are gone)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the head-budgeted cache does not support batch expansion")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("the head-budgeted cache does not support batch selection")
+
+    # ---- prefill: choose what each head keeps --------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.keys is not None
+
+    def _keep_indices(self, h: int, plan: KVPlan, query: torch.Tensor | None, key: torch.Tensor, scale: float) -> torch.Tensor:
+        """Prompt token indices head ``h`` keeps, ascending (B, T) or (T,) long."""
+        n = key.shape[2]
+        device = key.device
+        if plan.policy == "window":
+            sink, window = plan.sink_tokens, plan.window_tokens
+            if n <= sink + window:
+                return torch.arange(n, device=device)
+            return torch.cat([torch.arange(sink, device=device), torch.arange(n - window, n, device=device)])
+        if plan.policy == "snapkv" and n > plan.budget_tokens:
+            obs = plan.window_tokens
+            if query is None:  # no queries reached us: keep the most recent tokens
+                return torch.arange(n - plan.budget_tokens, n, device=device)
+            group = query.shape[1] // key.shape[1]
+            q_obs = query[:, h * group : (h + 1) * group, -obs:].float()  # (B, G, obs, D): the last queries
+            scores = torch.matmul(q_obs, key[:, h, None, : n - obs].float().transpose(-1, -2)) * scale  # (B, G, obs, n-obs)
+            votes = torch.softmax(scores, dim=-1).sum((1, 2))  # (B, n - obs)
+            votes = torch.nn.functional.max_pool1d(votes[:, None], SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)[:, 0]
+            chosen = votes.topk(plan.budget_tokens - obs, dim=-1).indices.sort(-1).values
+            recent = torch.arange(n - obs, n, device=device).expand(chosen.shape[0], -1)
+            return torch.cat([chosen, recent], dim=-1)
+        return torch.arange(n, device=device)
+
+    def finish_prefill(self, query: torch.Tensor | None = None, scale: float | None = None) -> None:
+        """Compress the pending prompt into the pool (``query`` (B, Hq, N, D) post-RoPE, for SnapKV)."""
+        if self.pending is None:
+            return
+        key, value = self.pending
+        self.pending = None
+        batch, n_kv, n, dim = key.shape
+        scale = scale if scale is not None else 1.0 / math.sqrt(dim)
+        keep = [self._keep_indices(h, p, query, key, scale) for h, p in enumerate(self.plans)]
+        counts = [k.shape[-1] for k in keep]
+        caps = []
+        for h, plan in enumerate(self.plans):
+            if plan.policy == "window":
+                caps.append(_round_up(plan.sink_tokens + plan.window_tokens, self.page))
+            else:
+                caps.append(_round_up(counts[h] + _headroom(counts[h], self.page), self.page))
+        self._allocate(caps, batch, dim, key.dtype, key.device)
+        for h, idx in enumerate(keep):
+            idx_b = idx.expand(batch, -1) if idx.dim() == 1 else idx
+            gather = idx_b[..., None].expand(-1, -1, dim)
+            k_h = torch.gather(key[:, h], 1, gather)
+            v_h = torch.gather(value[:, h], 1, gather)
+            slots = self._prompt_slots(h, n, counts[h])
+            self.keys[:, slots] = k_h
+            self.values[:, slots] = v_h
+            self.positions[:, slots] = idx_b
+            self.valid[h] = counts[h]
+        self.written = n
+        self._sync_limits()
+        if self.quest_heads:
+            self._rebuild_bounds()
+
+    def _prompt_slots(self, h: int, n: int, count: int) -> torch.Tensor:
+        """Pool slots of head ``h``'s kept prompt tokens: in order, except a full window head, whose window
+        tokens sit where the ring formula of :meth:`_append` puts them."""
+        plan, base = self.plans[h], self.offsets[h]
+        local = torch.arange(count, device=self.keys.device)
+        if plan.policy == "window" and n > plan.sink_tokens + plan.window_tokens:
+            sink, window = plan.sink_tokens, plan.window_tokens
+            positions = torch.arange(n - window, n, device=self.keys.device)
+            local[sink:] = sink + (positions - sink) % window
+        return base + local
+
+    # ---- storage -----------------------------------------------------------------------------------
+    def _allocate(self, caps: list[int], batch: int, dim: int, dtype, device) -> None:
+        """(Re)allocate the pools for ``caps``, copying what each head already holds."""
+        offsets = [sum(caps[:h]) for h in range(len(caps))]
+        total = sum(caps)
+        keys = torch.zeros(batch, total, dim, dtype=dtype, device=device)  # zeros: unwritten slots stay finite
+        values = torch.zeros_like(keys)
+        positions = torch.full((batch, total), -1, dtype=torch.int64, device=device)
+        if self.keys is not None:
+            for h in range(len(caps)):
+                n = self.valid[h] if self.plans[h].policy != "window" else self.caps[h]
+                new, old = slice(offsets[h], offsets[h] + n), slice(self.offsets[h], self.offsets[h] + n)
+                keys[:, new], values[:, new], positions[:, new] = self.keys[:, old], self.values[:, old], self.positions[:, old]
+        self.keys, self.values, self.positions = keys, values, positions  # positions: each slot's token index
+        self.caps, self.offsets = list(caps), offsets
+        self.dtype, self.device = dtype, device
+        page = self.page
+        self.offsets_t = torch.tensor(offsets, device=device)
+        width = max(c // page for c in caps)
+        table = torch.zeros(len(caps), width, dtype=torch.int32)
+        for h, (off, cap) in enumerate(zip(offsets, caps)):
+            table[h, : cap // page] = torch.arange(off // page, (off + cap) // page, dtype=torch.int32)
+        self.page_table = table.to(device)
+        window = [p.policy == "window" for p in self.plans]
+        self.is_window_t = torch.tensor(window, device=device)
+        self.sink_t = torch.tensor([p.sink_tokens for p in self.plans], device=device)
+        self.ring_t = torch.tensor([max(1, p.window_tokens) for p in self.plans], device=device)
+        if self.quest_heads:
+            self.page_min = torch.empty(batch, total // page, dim, dtype=dtype, device=device)
+            self.page_max = torch.empty_like(self.page_min)
+
+    def _sync_limits(self) -> None:
+        """Device copies of the per-head valid runs (after prefill or a reallocation; a host->device copy)."""
+        self.valid_t = torch.tensor(self.valid, device=self.device, dtype=torch.int64)
+        grows = [p.policy != "window" or self.valid[h] < self.caps_used(h) for h, p in enumerate(self.plans)]
+        self.grows_t = torch.tensor(grows, device=self.device, dtype=torch.int64)
+
+    def caps_used(self, h: int) -> int:
+        """Slots a window head holds when full (sinks + window); a growing head's capacity."""
+        plan = self.plans[h]
+        return plan.sink_tokens + plan.window_tokens if plan.policy == "window" else self.caps[h]
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        n_new = key_states.shape[-2]
+        if self.pending is not None:
+            self.finish_prefill()
+        if any(p.policy != "window" and self.valid[h] + n_new > self.caps[h] for h, p in enumerate(self.plans)):
+            caps = [
+                self.caps[h] if p.policy == "window" else max(self.caps[h], _round_up(self.valid[h] + n_new + _headroom(self.valid[h], self.page), self.page))
+                for h, p in enumerate(self.plans)
+            ]
+            logger.debug("growing cache pool to %d slots", sum(caps))
+            self._allocate(caps, self.keys.shape[0], self.keys.shape[-1], self.keys.dtype, self.keys.device)
+            if self.quest_heads:
+                self._rebuild_bounds()
+        for i in range(n_new):
+            self._append_one(key_states[:, :, i], value_states[:, :, i])
+
+    def _append_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write token ``self.written`` (key/value (B, Hkv, D)) into every head's region; device-side slots."""
+        t = self.written
+        ring_slot = torch.where(
+            t < self.sink_t + self.ring_t, t, self.sink_t + (t - self.sink_t).remainder(self.ring_t)
+        )
+        local = torch.where(self.is_window_t, ring_slot, self.valid_t)
+        slots = self.offsets_t + local
+        self.keys[:, slots] = key
+        self.values[:, slots] = value
+        self.positions[:, slots] = t
+        if self.quest_heads:
+            self._update_bounds(slots, key)
+        self.valid_t += self.grows_t
+        crossed = False
+        for h, plan in enumerate(self.plans):
+            if plan.policy != "window" or self.valid[h] < self.caps_used(h):
+                self.valid[h] += 1
+                crossed |= plan.policy == "window" and self.valid[h] == self.caps_used(h)
+        if crossed:  # a window head just filled its ring: it stops growing
+            self._sync_limits()
+        self.written += 1
+
+    # ---- Quest page bounds ---------------------------------------------------------------------------
+    def _rebuild_bounds(self) -> None:
+        """Per-page key minima and maxima of every Quest head's valid pages (after prefill or reallocation)."""
+        page = self.page
+        for h in self.quest_heads:
+            n = self.valid[h]
+            n_pages = -(-n // page)
+            region = self.keys[:, self.offsets[h] : self.offsets[h] + n_pages * page].float()
+            region = region.view(region.shape[0], n_pages, page, -1)
+            filled = (torch.arange(n_pages * page, device=region.device) < n).view(1, n_pages, page, 1)
+            first = self.offsets[h] // page
+            self.page_min[:, first : first + n_pages] = region.masked_fill(~filled, float("inf")).amin(2).to(self.dtype)
+            self.page_max[:, first : first + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2).to(self.dtype)
+
+    def _update_bounds(self, slots: torch.Tensor, key: torch.Tensor) -> None:
+        heads = self.quest_idx_t if hasattr(self, "quest_idx_t") else self._quest_index()
+        qslots = slots[heads]
+        pages = qslots // self.page
+        first = (qslots % self.page == 0)[None, :, None]
+        k = key[:, heads]
+        self.page_min[:, pages] = torch.where(first, k, torch.minimum(self.page_min[:, pages], k))
+        self.page_max[:, pages] = torch.where(first, k, torch.maximum(self.page_max[:, pages], k))
+
+    def _quest_index(self) -> torch.Tensor:
+        self.quest_idx_t = torch.tensor(self.quest_heads, device=self.device)
+        return self.quest_idx_t
+
+    def _quest_pages(self, query: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per Quest head with more valid pages than its budget: the pages to read (B, decode_pages)."""
+        picks = {}
+        group = query.shape[1] // len(self.plans)
+        page = self.page
+        for h in self.quest_heads:
+            budget = self.plans[h].decode_pages
+            n_pages = -(-self.valid[h] // page)
+            if n_pages <= budget:
+                continue
+            first = self.offsets[h] // page
+            kmin = self.page_min[:, first : first + n_pages].float()  # (B, P, D)
+            kmax = self.page_max[:, first : first + n_pages].float()
+            q = query[:, h * group : (h + 1) * group].float()  # (B, G, D)
+            bound = torch.maximum(q[:, :, None] * kmin[:, None], q[:, :, None] * kmax[:, None]).sum(-1)  # (B, G, P)
+            bound = bound.amax(1)
+            bound[:, 0] = float("inf")  # the attention sink
+            bound[:, n_pages - 1] = float("inf")  # the newest tokens
+            picks[h] = bound.topk(budget, dim=-1).indices.to(torch.int32) + first
+        return picks
+
+    # ---- decode attention ----------------------------------------------------------------------------
+    def page_lists(self, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page_ids (B, Hkv, W) int32, page_counts (B, Hkv) int32, limits (B, Hkv)) for one decode step."""
+        batch = self.keys.shape[0]
+        page = self.page
+        widths = [-(-self.valid[h] // page) for h in range(len(self.plans))]
+        picks = self._quest_pages(query) if (self.quest_heads and query is not None) else {}
+        for h, chosen in picks.items():
+            widths[h] = chosen.shape[-1]
+        width = max(widths)
+        counts = (self.valid_t + page - 1) // page
+        limits = (self.offsets_t + self.valid_t).expand(batch, -1)
+        ids = self.page_table[:, :width].expand(batch, -1, -1)
+        if picks:
+            ids = ids.clone()
+            counts = counts.clone()
+            for h, chosen in picks.items():
+                ids[:, h, : chosen.shape[-1]] = chosen
+                counts[h] = chosen.shape[-1]
+        return ids, counts.to(torch.int32).expand(batch, -1), limits
+
+    def pool_views(self, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pools as (B, Hkv, C, D) views with a zero head stride (what the decode kernel reads)."""
+        batch, total, dim = self.keys.shape
+        return self.keys[:, None].expand(batch, n_kv_heads, total, dim), self.values[:, None].expand(batch, n_kv_heads, total, dim)
+
+    def kept_positions(self, h: int) -> torch.Tensor:
+        """Token indices head ``h`` holds now (B, valid), in slot order (for tests and inspection)."""
+        return self.positions[:, self.offsets[h] : self.offsets[h] + self.valid[h]]
+
+    # ---- accounting ----------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes this layer holds on its device: pools, page bounds and pending prompt."""
+        tensors = [self.keys, self.values, getattr(self, "page_min", None), getattr(self, "page_max", None)]
+        tensors += list(self.pending or ())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def dense_kv_bytes(self) -> int:
+        """What a full cache of the same tokens would hold."""
+        ref = self.keys if self.keys is not None else (self.pending[0] if self.pending else None)
+        if ref is None:
+            return 0
+        dim = ref.shape[-1]
+        return 2 * ref.shape[0] * len(self.plans) * self.seen * dim * ref.element_size()
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the model's own sliding attention window (None for full-attention layers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return [None] * n_layers
+    types = getattr(text, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n_layers
+
+
+def respect_sliding_window(plans: list[KVPlan], window: int | None) -> list[KVPlan]:
+    """A layer whose model attends only the last ``window`` tokens needs no more: its heads keep that window
+    (or their own smaller sink + window)."""
+    if window is None:
+        return plans
+    return [
+        p if p.policy == "window" and p.sink_tokens + p.window_tokens <= window else KVPlan("window", window_tokens=window)
+        for p in plans
+    ]
+
+
+class HeadBudgetCache(Cache):
+    """A transformers ``Cache`` of :class:`BudgetLayer` s, one per layer, from a recipe's KV plans."""
+
+    def __init__(self, kv_plans: list[list[KVPlan]], page_tokens: int = PAGE_TOKENS):
+        super().__init__(layers=[BudgetLayer(plans, page_tokens) for plans in kv_plans])
+
+    @classmethod
+    def from_recipe(cls, recipe, config=None, page_tokens: int = PAGE_TOKENS) -> "HeadBudgetCache":
+        """The recipe's KV plans, capped by the model's own sliding windows when ``config`` is given."""
+        plans = recipe.kv_plans()
+        if config is not None:
+            plans = [respect_sliding_window(p, w) for p, w in zip(plans, sliding_windows(config))]
+        return cls(plans, page_tokens)
+
+    def kv_bytes(self) -> int:
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def dense_kv_bytes(self) -> int:
+        return sum(layer.dense_kv_bytes() for layer in self.layers)
