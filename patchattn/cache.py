@@ -98,7 +98,7 @@ class BudgetLayer(DynamicLayer):
             ids, counts, limits = self.page_lists(q)
             k_view, v_view = self.pool_views(n_kv)
             outs.append(sparse_decode(q, k_view, v_view, ids, counts, limits, self.page, scale=scale, backend=backend))
-        return torch.stack(outs, dim=1)
+        return outs[0][:, None] if len(outs) == 1 else torch.stack(outs, dim=1)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -219,13 +219,14 @@ class BudgetLayer(DynamicLayer):
         self.caps, self.offsets = list(caps), offsets
         self.dtype, self.device = dtype, device
         page = self.page
-        self.offsets_t = torch.tensor(offsets, device=device)
+        self.offsets_t = torch.tensor(offsets, device=device, dtype=torch.int32)
         width = max(c // page for c in caps)
         table = torch.zeros(len(caps), width, dtype=torch.int32)
         for h, (off, cap) in enumerate(zip(offsets, caps)):
             table[h, : cap // page] = torch.arange(off // page, (off + cap) // page, dtype=torch.int32)
         self.page_table = table.to(device)
         window = [p.policy == "window" for p in self.plans]
+        self.has_window = any(window)
         self.is_window_t = torch.tensor(window, device=device)
         self.sink_t = torch.tensor([p.sink_tokens for p in self.plans], device=device)
         self.ring_t = torch.tensor([max(1, p.window_tokens) for p in self.plans], device=device)
@@ -235,9 +236,9 @@ class BudgetLayer(DynamicLayer):
 
     def _sync_limits(self) -> None:
         """Device copies of the per-head valid runs (after prefill or a reallocation; a host->device copy)."""
-        self.valid_t = torch.tensor(self.valid, device=self.device, dtype=torch.int64)
+        self.valid_t = torch.tensor(self.valid, device=self.device, dtype=torch.int32)
         grows = [p.policy != "window" or self.valid[h] < self.caps_used(h) for h, p in enumerate(self.plans)]
-        self.grows_t = torch.tensor(grows, device=self.device, dtype=torch.int64)
+        self.grows_t = torch.tensor(grows, device=self.device, dtype=torch.int32)
 
     def caps_used(self, h: int) -> int:
         """Slots a window head holds when full (sinks + window); a growing head's capacity."""
@@ -263,11 +264,13 @@ class BudgetLayer(DynamicLayer):
     def _append_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write token ``self.written`` (key/value (B, Hkv, D)) into every head's region; device-side slots."""
         t = self.written
-        ring_slot = torch.where(
-            t < self.sink_t + self.ring_t, t, self.sink_t + (t - self.sink_t).remainder(self.ring_t)
-        )
-        local = torch.where(self.is_window_t, ring_slot, self.valid_t)
-        slots = self.offsets_t + local
+        ring = self._ring_slot(t)
+        if ring is None:  # window heads of different shapes: every head's ring slot on the device
+            ring_t = torch.where(t < self.sink_t + self.ring_t, t, self.sink_t + (t - self.sink_t).remainder(self.ring_t))
+            local = torch.where(self.is_window_t, ring_t, self.valid_t)
+        else:  # one ring shape (or none): a host integer
+            local = torch.where(self.is_window_t, ring, self.valid_t) if self.has_window else self.valid_t
+        slots = (self.offsets_t + local).long()
         self.keys[:, slots] = key
         self.values[:, slots] = value
         self.positions[:, slots] = t
@@ -283,6 +286,16 @@ class BudgetLayer(DynamicLayer):
             self._sync_limits()
         self.written += 1
 
+    def _ring_slot(self, t: int) -> int | None:
+        """The local slot of token ``t`` in the ring of every window head, when they all share one shape."""
+        shapes = {(p.sink_tokens, p.window_tokens) for p in self.plans if p.policy == "window"}
+        if len(shapes) > 1:
+            return None
+        if not shapes:
+            return 0
+        sink, window = shapes.pop()
+        return t if t < sink + window else sink + (t - sink) % window
+
     # ---- Quest page bounds ---------------------------------------------------------------------------
     def _rebuild_bounds(self) -> None:
         """Per-page key minima and maxima of every Quest head's valid pages (after prefill or reallocation)."""
@@ -290,15 +303,15 @@ class BudgetLayer(DynamicLayer):
         for h in self.quest_heads:
             n = self.valid[h]
             n_pages = -(-n // page)
-            region = self.keys[:, self.offsets[h] : self.offsets[h] + n_pages * page].float()
+            region = self.keys[:, self.offsets[h] : self.offsets[h] + n_pages * page]  # min/max: exact in any dtype
             region = region.view(region.shape[0], n_pages, page, -1)
             filled = (torch.arange(n_pages * page, device=region.device) < n).view(1, n_pages, page, 1)
             first = self.offsets[h] // page
-            self.page_min[:, first : first + n_pages] = region.masked_fill(~filled, float("inf")).amin(2).to(self.dtype)
-            self.page_max[:, first : first + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2).to(self.dtype)
+            self.page_min[:, first : first + n_pages] = region.masked_fill(~filled, float("inf")).amin(2)
+            self.page_max[:, first : first + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2)
 
     def _update_bounds(self, slots: torch.Tensor, key: torch.Tensor) -> None:
-        heads = self.quest_idx_t if hasattr(self, "quest_idx_t") else self._quest_index()
+        heads = self._quest_index()
         qslots = slots[heads]
         pages = qslots // self.page
         first = (qslots % self.page == 0)[None, :, None]
@@ -307,50 +320,57 @@ class BudgetLayer(DynamicLayer):
         self.page_max[:, pages] = torch.where(first, k, torch.maximum(self.page_max[:, pages], k))
 
     def _quest_index(self) -> torch.Tensor:
-        self.quest_idx_t = torch.tensor(self.quest_heads, device=self.device)
+        if getattr(self, "quest_idx_t", None) is None or self.quest_idx_t.device != self.keys.device:
+            self.quest_idx_t = torch.tensor(self.quest_heads, device=self.keys.device)
         return self.quest_idx_t
 
-    def _quest_pages(self, query: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per Quest head with more valid pages than its budget: the pages to read (B, decode_pages)."""
-        picks = {}
-        group = query.shape[1] // len(self.plans)
+    def _quest_pages(self, query: torch.Tensor) -> dict[tuple[int, ...], torch.Tensor]:
+        """The pages to read for Quest heads with more valid pages than their budget, batched over heads that
+        share a page count and a budget: {heads: (B, len(heads), decode_pages) int32 pool pages}."""
         page = self.page
+        group = query.shape[1] // len(self.plans)
+        batches: dict[tuple[int, int], list[int]] = {}
         for h in self.quest_heads:
-            budget = self.plans[h].decode_pages
             n_pages = -(-self.valid[h] // page)
-            if n_pages <= budget:
-                continue
-            first = self.offsets[h] // page
-            kmin = self.page_min[:, first : first + n_pages].float()  # (B, P, D)
-            kmax = self.page_max[:, first : first + n_pages].float()
-            q = query[:, h * group : (h + 1) * group].float()  # (B, G, D)
-            bound = torch.maximum(q[:, :, None] * kmin[:, None], q[:, :, None] * kmax[:, None]).sum(-1)  # (B, G, P)
-            bound = bound.amax(1)
-            bound[:, 0] = float("inf")  # the attention sink
-            bound[:, n_pages - 1] = float("inf")  # the newest tokens
-            picks[h] = bound.topk(budget, dim=-1).indices.to(torch.int32) + first
+            if n_pages > self.plans[h].decode_pages:
+                batches.setdefault((n_pages, self.plans[h].decode_pages), []).append(h)
+        picks = {}
+        for (n_pages, budget), heads in batches.items():
+            firsts = torch.tensor([self.offsets[h] // page for h in heads], device=query.device, dtype=torch.int32)
+            index = (firsts[:, None] + torch.arange(n_pages, device=query.device, dtype=torch.int32)).long()  # (h, P)
+            kmin = self.page_min[:, index].float()  # (B, h, P, D)
+            kmax = self.page_max[:, index].float()
+            heads_t = torch.tensor(heads, device=query.device)
+            q = query.view(query.shape[0], len(self.plans), group, -1)[:, heads_t].float()  # (B, h, G, D)
+            q = q[:, :, :, None]  # (B, h, G, 1, D)
+            bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, h, P)
+            bound[..., 0] = float("inf")  # the attention sink
+            bound[..., n_pages - 1] = float("inf")  # the newest tokens
+            picks[tuple(heads)] = bound.topk(budget, dim=-1).indices.to(torch.int32) + firsts[:, None]
         return picks
 
     # ---- decode attention ----------------------------------------------------------------------------
     def page_lists(self, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(page_ids (B, Hkv, W) int32, page_counts (B, Hkv) int32, limits (B, Hkv)) for one decode step."""
+        """(page_ids (B, Hkv, W) int32, page_counts (B, Hkv) int32, limits (B, Hkv) int32) for one decode step."""
         batch = self.keys.shape[0]
         page = self.page
         widths = [-(-self.valid[h] // page) for h in range(len(self.plans))]
         picks = self._quest_pages(query) if (self.quest_heads and query is not None) else {}
-        for h, chosen in picks.items():
-            widths[h] = chosen.shape[-1]
+        for heads, chosen in picks.items():
+            for h in heads:
+                widths[h] = chosen.shape[-1]
         width = max(widths)
-        counts = (self.valid_t + page - 1) // page
+        counts = (self.valid_t + (page - 1)) // page
         limits = (self.offsets_t + self.valid_t).expand(batch, -1)
         ids = self.page_table[:, :width].expand(batch, -1, -1)
         if picks:
             ids = ids.clone()
             counts = counts.clone()
-            for h, chosen in picks.items():
-                ids[:, h, : chosen.shape[-1]] = chosen
-                counts[h] = chosen.shape[-1]
-        return ids, counts.to(torch.int32).expand(batch, -1), limits
+            for heads, chosen in picks.items():
+                heads_t = torch.tensor(heads, device=ids.device)
+                ids[:, heads_t, : chosen.shape[-1]] = chosen
+                counts[heads_t] = chosen.shape[-1]
+        return ids, counts.expand(batch, -1), limits
 
     def pool_views(self, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pools as (B, Hkv, C, D) views with a zero head stride (what the decode kernel reads)."""
