@@ -172,6 +172,10 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
             assert row["sparsity"] == 0.0
         else:
             assert 0.0 < row["sparsity"] < 1.0  # a 64-token window skips blocks at 256+ tokens
+        if task == "ppl":
+            assert row["kv_bytes"] is None
+        elif variant == "streaming":  # streaming KV heads keep sink + window only: the budgeted cache holds less
+            assert 0 < row["kv_bytes"] < other["kv_bytes"]
     # the patched model was restored after the eval
     assert tiny_model.config._attn_implementation == "sdpa"
     json.dumps(results)
@@ -182,6 +186,7 @@ def test_write_report(tiny_results, tmp_path):
     results = tiny_results[0]
     out = tmp_path / "new" / "report"
     paths = write_report(results, out)
+    assert "KV cache at end of generation" in paths["md"].read_text()
     assert set(paths) == {"json", "md", "png"}
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files
     assert json.loads(paths["json"].read_text()) == results

@@ -68,6 +68,20 @@ def _mean_sparsity(rows: list[dict]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _mean_kv(rows: list[dict]) -> float | None:
+    values = [r["kv_bytes"] for r in rows if r.get("kv_bytes") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt_kv(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "–"
+    text = f"{value / 2**20:.1f} MiB"
+    if base and value != base:
+        text += f" ({100 * (value - base) / base:+.0f}%)"
+    return text
+
+
 def _describe_variant(info: dict | None) -> str:
     if not info or info.get("recipe") is None and not info.get("strategy_counts"):
         return "the unpatched model (dense attention)"
@@ -114,6 +128,9 @@ def render_markdown(results: dict) -> str:
             lines.append(f"| {TASK_TITLES.get(task, task)} | " + " | ".join(cells) + " |")
         sparsity = [_mean_sparsity([rows[k] for k in rows if k[0] == length and k[2] == v]) for v in variants]
         lines.append("| *sparsity* | " + " | ".join(_fmt_sparsity(s) for s in sparsity) + " |")
+        kv = [_mean_kv([rows[k] for k in rows if k[0] == length and k[2] == v]) for v in variants]
+        if any(x is not None for x in kv):
+            lines.append("| *KV cache at end of generation* | " + " | ".join(_fmt_kv(x, kv[variants.index(BASELINE)] if has_base else None) for x in kv) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,10 +5,11 @@ The results dict is versioned and JSON-serialisable::
     {"schema_version": 1, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
      "environment": {...}, "variants": {name: {...}},
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
-                  "replies", "prompt_tokens", "seconds"}]}
+                  "replies", "prompt_tokens", "seconds", "kv_bytes"}]}
 
 ``metric`` is ``"perplexity"`` for ``ppl`` and ``"accuracy"`` (mean score over trials) otherwise.
-``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
+``kv_bytes`` is the mean size of the KV cache at the end of each generation (None for perplexity), the
+patched variants' through the head-budgeted cache. ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
 """
 
@@ -129,7 +130,7 @@ def run_eval(
                 description = f"{length} tokens · {task} · {name}"
                 report(0, description)
                 started = time.perf_counter()
-                scores, replies = [], []
+                scores, replies, kv_bytes = [], [], []
                 with patched(model, recipe, backend), record_sparsity() as record:
                     for item in inputs:
                         if task == "ppl":
@@ -138,6 +139,8 @@ def run_eval(
                             result = answer(model, tokenizer, item)
                             scores.append(result.score)
                             replies.append(result.reply)
+                            if result.kv_bytes is not None:
+                                kv_bytes.append(result.kv_bytes)
                         report(1, description)
                 sparsity = 0.0 if recipe is None else record.sparsity
                 row = {
@@ -152,6 +155,7 @@ def run_eval(
                     "replies": replies,
                     "prompt_tokens": [len(item) if task == "ppl" else item.length_tokens for item in inputs],
                     "seconds": round(time.perf_counter() - started, 3),
+                    "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
                 }
                 logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
                 results.append(row)

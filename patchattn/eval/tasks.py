@@ -97,6 +97,17 @@ def perplexity(model, input_ids: list[int] | torch.Tensor) -> float:
 class NeedleResult:
     score: float
     reply: str
+    kv_bytes: int | None = None  # what the KV cache held at the end of generation
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes a transformers cache holds (the budgeted cache counts its pools and page bounds)."""
+    if cache is None:
+        return None
+    if hasattr(cache, "kv_bytes"):
+        return int(cache.kv_bytes())
+    layers = getattr(cache, "layers", [])
+    return sum(t.numel() * t.element_size() for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 @torch.no_grad()
@@ -109,8 +120,8 @@ def answer(model, tokenizer, prompt: Prompt) -> NeedleResult:
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(max_new_tokens=prompt.max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    result = NeedleResult(score(prompt, reply), reply)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, return_dict_in_generate=True)
+    reply = tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
+    result = NeedleResult(score(prompt, reply), reply, cache_bytes(getattr(out, "past_key_values", None)))
     logger.debug("%s %d tokens: expected %s, reply %r -> %s", prompt.task, prompt.length_tokens, prompt.answers, reply, result.score)
     return result
