@@ -96,6 +96,10 @@ def calibrate(
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
+    kv_budget: Optional[float] = typer.Option(
+        None, "--kv-budget", help="Also calibrate decode: fraction of the prompt's KV cache to keep, averaged over KV heads (window / SnapKV / full per head). Default: KV plans follow the prefill plans."
+    ),
+    decode_pages: int = typer.Option(0, "--decode-pages", help="With --kv-budget: heads kept in full or by SnapKV read only this many Quest-selected 16-token pages per decode step (0: all)."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
@@ -138,6 +142,8 @@ def calibrate(
                 text_name=text_name,
                 objective=objective,
                 on_layer=lambda layer, scores: progress.advance(task),
+                kv_budget=kv_budget,
+                decode_pages=decode_pages,
             )
         recipe.name = output.stem
         recipe.save(output)
@@ -176,6 +182,12 @@ def _print_recipe(recipe) -> None:
         f"target sparsity {cal.get('target_sparsity')}, achieved {cal.get('achieved_sparsity')}, "
         f"mean kept mass {cal.get('mean_kept_mass')}, heads {recipe.strategy_counts()}"
     )
+    kv = cal.get("kv")
+    if kv:
+        console.print(
+            f"KV cache: budget {kv['budget']}, achieved {kv['achieved']}, mean kept mass {kv['mean_kept_mass']}, "
+            f"output error {kv['mean_output_error']}, KV heads {kv['policies']}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -42,10 +42,13 @@ def calibration_text(tmp_path):
 def test_calibrate_then_export_then_load(tiny_model_dir, calibration_text, tmp_path):
     recipe_path = tmp_path / "out" / "my.json"
     result = invoke("calibrate", tiny_model_dir, "--target-sparsity", 0.7, "--seq-len", 1024, "--block-size", 32,
-                    "--text", calibration_text, "-o", recipe_path, "--baseline-output", tmp_path / "out" / "uniform.json")
+                    "--text", calibration_text, "-o", recipe_path, "--baseline-output", tmp_path / "out" / "uniform.json",
+                    "--kv-budget", 0.5)
     assert result.exit_code == 0, result.output
     recipe = Recipe.load(recipe_path)
     assert abs(recipe.calibration["achieved_sparsity"] - 0.7) <= 0.02
+    assert recipe.kv_layers is not None and recipe.calibration["kv"]["achieved"] <= 0.5 + 1e-6
+    assert "KV cache: budget 0.5" in result.output
     assert (tmp_path / "out" / "my.png").stat().st_size > 1000
     assert Recipe.load(tmp_path / "out" / "uniform.json").name == "uniform"
     assert "achieved" in result.output
@@ -109,6 +112,12 @@ def test_corrupt_or_old_recipe(tiny_model_dir, tmp_path, content, fragment):
 def test_prompt_longer_than_context(tiny_model_dir, calibration_text, tmp_path):
     result = invoke("calibrate", tiny_model_dir, "--seq-len", 4096, "--text", calibration_text, "-o", tmp_path / "r.json")
     assert_clean_error(result, "4096", "context of 2048")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_kv_budget(tiny_model_dir, calibration_text, tmp_path):
+    result = invoke("calibrate", tiny_model_dir, "--seq-len", 512, "--text", calibration_text, "--kv-budget", 2, "-o", tmp_path / "r.json")
+    assert_clean_error(result, "--kv-budget must be in (0, 1]")
     assert not (tmp_path / "r.json").exists()
 
 

@@ -91,3 +91,55 @@ def test_calibrate_meets_target(target):
 def test_calibrate_rejects_bad_target():
     with pytest.raises(PatchattnError, match="target-sparsity"):
         calibrate(tiny_model("llama"), torch.zeros(1, 512, dtype=torch.long), target_sparsity=1.5)
+
+
+# ---- decode (KV) budgets ---------------------------------------------------------------------------
+def test_calibrate_kv_budget_meets_target_and_records_plans():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    recipe = calibrate(model, ids, target_sparsity=0.5, block_size=32, kv_budget=0.4, decode_pages=8)
+    stats = recipe.calibration["kv"]
+    assert stats["achieved"] <= 0.4 + 1e-6 and stats["achieved"] > 0.3
+    assert len(recipe.kv_layers) == 2 and all(len(layer) == 2 for layer in recipe.kv_layers)
+    for plan in (p for layer in recipe.kv_layers for p in layer):
+        assert plan.decode_pages == (8 if plan.policy in ("full", "snapkv") else 0)
+    assert Recipe.from_dict(recipe.to_dict()).kv_layers == recipe.kv_layers
+    with pytest.raises(PatchattnError, match="kv-budget"):
+        calibrate(model, ids, kv_budget=1.5)
+
+
+def test_kv_scores_match_brute_force():
+    """Kept mass and output error of each KV plan, against a per-row computation in float64."""
+    import math
+
+    from patchattn.calibrate.kv import kv_candidates, score_kv_layer
+
+    gen = torch.Generator().manual_seed(4)
+    n, dim, rows = 400, 16, 64
+    q = torch.randn(1, 4, n, dim, generator=gen) * 2
+    k = torch.randn(1, 2, n, dim, generator=gen)
+    v = torch.randn(1, 2, n, dim, generator=gen)
+    cands = kv_candidates(n, eval_rows=rows, obs=16)
+    scores = score_kv_layer(q, k, v, cands, eval_rows=rows)
+    prompt = n - rows
+    for ci, plan in enumerate(cands):
+        if plan.policy == "snapkv":
+            continue  # its selection is checked through the cache in tests/test_cache.py
+        for h in range(2):
+            masses, errors = [], []
+            for qh in (2 * h, 2 * h + 1):
+                for t in range(prompt, n):
+                    p = torch.softmax(q[0, qh, t].double() @ k[0, h, : t + 1].double().T / math.sqrt(dim), -1)
+                    pos = torch.arange(t + 1)
+                    keep = (pos < plan.sink_tokens) | (pos > t - plan.window_tokens) if plan.policy == "window" else torch.ones(t + 1, dtype=torch.bool)
+                    dense = p @ v[0, h, : t + 1].double()
+                    kept = p[keep].sum()
+                    sparse = (p * keep) @ v[0, h, : t + 1].double() / kept
+                    masses.append(kept)
+                    errors.append((sparse - dense).norm() / dense.norm())
+            assert abs(scores.kept_mass[h, ci].item() - torch.stack(masses).mean().item()) < 1e-4
+            assert abs(scores.output_error[h, ci].item() - torch.stack(errors).mean().item()) < 1e-3
+        if plan.policy == "full":
+            assert torch.allclose(scores.cost[:, ci], torch.ones(2)) and torch.allclose(scores.kept_mass[:, ci], torch.ones(2))
+        else:
+            assert torch.allclose(scores.cost[:, ci], torch.full((2,), (plan.sink_tokens + plan.window_tokens) / prompt), atol=2 / prompt)

@@ -16,6 +16,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
+from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer
 from .scoring import LayerScores, sample_rows, score_layer
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,23 @@ def calibrate(
     text_name: str = "",
     objective: str = "output",
     on_layer: Callable[[int, LayerScores], None] | None = None,
+    kv_budget: float | None = None,
+    decode_pages: int = 0,
 ) -> Recipe:
-    """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``."""
+    """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
+
+    With ``kv_budget`` (fraction of the prompt's KV cache kept, averaged over KV heads) the same pass also scores
+    KV plans per KV head (:mod:`patchattn.calibrate.kv`) and allocates them to that budget; ``decode_pages`` > 0
+    then makes every kept-in-full or SnapKV head read only that many Quest-selected pages per decode step.
+    Without it the recipe's KV plans follow from its prefill plans (streaming KV heads keep their window)."""
     if objective not in OBJECTIVES:
         raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if not 0.0 <= target_sparsity < 1.0:
         raise PatchattnError(f"--target-sparsity must be in [0, 1), not {target_sparsity}")
+    if kv_budget is not None and not 0.0 < kv_budget <= 1.0:
+        raise PatchattnError(f"--kv-budget must be in (0, 1], not {kv_budget}")
+    if decode_pages < 0:
+        raise PatchattnError(f"--decode-pages must be >= 0, not {decode_pages}")
     check_supported(model)
     n_tokens = input_ids.shape[1]
     if n_tokens < 4 * block_size:
@@ -74,6 +86,10 @@ def calibrate(
     rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
     n_layers = _num_layers(model.config)
     scores: dict[int, LayerScores] = {}
+    kv_scores: dict[int, KVScores] = {}
+    kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
+    if kv_budget is not None and n_tokens < 4 * EVAL_ROWS:
+        raise PatchattnError(f"KV calibration needs at least {4 * EVAL_ROWS} tokens; raise --seq-len")
 
     def hook(module, query, key, value):
         layer = getattr(module, "layer_idx", len(scores))
@@ -81,6 +97,8 @@ def calibrate(
             return
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
         scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale)
+        if kv_cands:
+            kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
         if on_layer is not None:
             on_layer(layer, scores[layer])
 
@@ -141,7 +159,48 @@ def calibrate(
             for ci, cand in enumerate(candidates)
         ],
     }
-    return Recipe(model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated")
+    kv_layers = None
+    if kv_cands:
+        kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages)
+    return Recipe(
+        model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated", kv_layers=kv_layers
+    )
+
+
+def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int):
+    """Choose one KV plan per KV head for ``kv_budget``; returns (plans per layer, calibration stats)."""
+    import dataclasses
+
+    cost = torch.stack([kv_scores[i].cost for i in range(n_layers)])  # (L, Hkv, C)
+    mass = torch.stack([kv_scores[i].kept_mass for i in range(n_layers)])
+    error = torch.stack([kv_scores[i].output_error for i in range(n_layers)])
+    n_kv, n_cand = cost.shape[1], cost.shape[2]
+    utility = mass if objective == "mass" else 1.0 - error
+    choice = allocate(cost.view(-1, n_cand), utility.reshape(-1, n_cand), kv_budget).view(n_layers, n_kv)
+    plans = []
+    for li in range(n_layers):
+        layer = []
+        for h in range(n_kv):
+            plan = candidates[int(choice[li, h])]
+            if decode_pages and plan.policy in ("full", "snapkv"):
+                plan = dataclasses.replace(plan, decode_pages=decode_pages)
+            layer.append(plan)
+        plans.append(layer)
+    pick = lambda t: torch.gather(t, -1, choice[..., None]).squeeze(-1)  # noqa: E731
+    policies: dict[str, int] = {}
+    for layer in plans:
+        for p in layer:
+            policies[p.policy] = policies.get(p.policy, 0) + 1
+    stats = {
+        "budget": kv_budget,
+        "achieved": round(float(pick(cost).mean()), 6),
+        "mean_kept_mass": round(float(pick(mass).mean()), 6),
+        "mean_output_error": round(float(pick(error).mean()), 6),
+        "eval_rows": EVAL_ROWS,
+        "policies": policies,
+        "decode_pages": decode_pages,
+    }
+    return plans, stats
 
 
 def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:

@@ -1,0 +1,118 @@
+"""Score KV-cache plans per KV head from the calibration pass (decode budgets, as in TCA-Attention and AdaKV).
+
+The last ``eval_rows`` positions of the calibration text stand in for generated tokens: the prompt ends at
+``P = N - eval_rows``, each plan keeps some of the prompt's keys (a window keeps sinks and the latest tokens,
+SnapKV the tokens the prompt's last ``obs`` queries attend most, full everything), and every "generated" row
+attends what its plan kept plus the rows after the prompt (within the window for window plans). Against the
+exact causal attention of those rows, per KV head (averaged over its query heads and the rows): the
+attention mass the plan keeps and the relative error of the attention output. Cost is the share of the prompt's
+tokens the head holds. Nothing here materialises more than (rows x N) scores per head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import SNAPKV_POOL
+from ..recipe import KVPlan
+
+EVAL_ROWS = 64
+OBS_TOKENS = 32
+SINK_TOKENS = 64
+
+
+@dataclass
+class KVScores:
+    cost: torch.Tensor  # (Hkv, C) float32: kept prompt tokens / prompt tokens
+    kept_mass: torch.Tensor  # (Hkv, C) float32
+    output_error: torch.Tensor  # (Hkv, C) float32
+
+
+def kv_candidates(n_tokens: int, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> list[KVPlan]:
+    """Windows and SnapKV budgets from 1/64 of the prompt up to a half, then full (last)."""
+    prompt = n_tokens - eval_rows
+    sizes, size = [], max(64, prompt // 64)
+    while size <= prompt // 2:
+        sizes.append(size)
+        size *= 2
+    windows = [KVPlan("window", sink_tokens=SINK_TOKENS, window_tokens=s) for s in sizes if SINK_TOKENS + s < prompt]
+    snaps = [KVPlan("snapkv", budget_tokens=s, window_tokens=obs) for s in sizes if obs < s < prompt]
+    return windows + snaps + [KVPlan("full")]
+
+
+def score_kv_layer(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    candidates: list[KVPlan],
+    scale: float | None = None,
+    eval_rows: int = EVAL_ROWS,
+) -> KVScores:
+    """``query`` (B, Hq, N, D), ``key``/``value`` (B, Hkv, N, D) post-RoPE, one layer."""
+    batch, n_q_heads, n, dim = query.shape
+    n_kv = key.shape[1]
+    group = n_q_heads // n_kv
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    prompt = n - eval_rows
+    rows = torch.arange(prompt, n, device=query.device)
+    positions = torch.arange(n, device=query.device)
+    k = key.float().repeat_interleave(group, 1)
+    v = value.float().repeat_interleave(group, 1)
+    scores = torch.matmul(query[:, :, prompt:].float(), k.transpose(-1, -2)) * scale  # (B, Hq, R, N)
+    causal = positions[None, :] <= rows[:, None]  # (R, N)
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    dense_out = torch.matmul(probs, v)  # (B, Hq, R, D)
+    dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
+
+    votes = _snapkv_votes(query, key, prompt, candidates, scale)  # (B, Hkv, prompt - obs) or None
+    costs, masses, errors = [], [], []
+    for plan in candidates:
+        keep = _kept(plan, votes, rows, prompt, n, batch, n_kv, query.device)  # (B, Hkv, R, N) bool
+        keep_q = keep.repeat_interleave(group, 1)
+        kept_probs = probs * keep_q
+        kept = kept_probs.sum(-1)  # (B, Hq, R)
+        sparse_out = torch.matmul(kept_probs, v) / kept.clamp(min=1e-12)[..., None]
+        error = (sparse_out - dense_out).norm(dim=-1) / dense_norm
+        masses.append(kept.view(batch, n_kv, group, -1).mean((0, 2, 3)))
+        errors.append(error.view(batch, n_kv, group, -1).mean((0, 2, 3)))
+        held = keep[:, :, 0, :prompt].float().sum(-1).mean(0) / prompt  # (Hkv,): prompt tokens held
+        costs.append(held)
+    stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
+    return KVScores(stack(costs), stack(masses), stack(errors))
+
+
+def _snapkv_votes(query, key, prompt: int, candidates: list[KVPlan], scale: float) -> torch.Tensor | None:
+    """SnapKV's pooled votes of the prompt's last ``obs`` queries for the tokens before them (as the cache does)."""
+    obs = next((p.window_tokens for p in candidates if p.policy == "snapkv"), None)
+    if obs is None:
+        return None
+    n_kv = key.shape[1]
+    group = query.shape[1] // n_kv
+    q_obs = query[:, :, prompt - obs : prompt].float().view(query.shape[0], n_kv, group, obs, -1)
+    k_pre = key[:, :, None, : prompt - obs].float()  # (B, Hkv, 1, T, D)
+    attn = torch.softmax(torch.matmul(q_obs, k_pre.transpose(-1, -2)) * scale, -1)  # (B, Hkv, G, obs, T)
+    votes = attn.sum((2, 3))  # (B, Hkv, T)
+    flat = votes.reshape(-1, 1, votes.shape[-1])
+    pooled = torch.nn.functional.max_pool1d(flat, SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)
+    return pooled.view_as(votes)
+
+
+def _kept(plan: KVPlan, votes, rows, prompt: int, n: int, batch: int, n_kv: int, device) -> torch.Tensor:
+    """Which keys each evaluated row reads under ``plan``: (B, Hkv, R, N) bool (causal included)."""
+    positions = torch.arange(n, device=device)
+    causal = positions[None, :] <= rows[:, None]  # (R, N)
+    if plan.policy == "window":
+        near = positions[None, :] > rows[:, None] - plan.window_tokens
+        keep = causal & ((positions[None, :] < plan.sink_tokens) | near)
+        return keep.expand(batch, n_kv, -1, -1)
+    if plan.policy == "snapkv":
+        obs = plan.window_tokens
+        chosen = votes.topk(plan.budget_tokens - obs, dim=-1).indices  # (B, Hkv, budget - obs)
+        prompt_keep = torch.zeros(batch, n_kv, n, dtype=torch.bool, device=device)
+        prompt_keep.scatter_(-1, chosen, True)
+        prompt_keep[..., prompt - obs :] = True  # the observation window and everything after the prompt
+        return prompt_keep[:, :, None, :] & causal
+    return causal.expand(batch, n_kv, -1, -1)
