@@ -29,7 +29,26 @@ logger = logging.getLogger(__name__)
 
 PAGE_TOKENS = 16  # cache page: the unit of the decode kernel's lists and of Quest's key bounds
 GROWTH_TOKENS = 1024  # the most headroom a growing head gets when its region is (re)allocated
-SNAPKV_POOL = 7  # SnapKV's 1-D max-pool width over token scores (keeps neighbours of strong tokens)
+SNAPKV_POOL = 5  # SnapKV's 1-D average-pool width over token votes (keeps neighbours of strong tokens together)
+
+
+def snapkv_votes(q_obs: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """SnapKV's importance of each key before the observation window.
+
+    ``q_obs`` (B, Hkv, G, obs, D): the prompt's last ``obs`` queries of each KV head's query group; ``key``
+    (B, Hkv, N, D), the window being its last ``obs`` keys. Each observation query's softmax runs over every key
+    it can see (the window causally), so a query that looks mostly at its neighbours casts little weight on the
+    rest; the weights on the keys before the window are summed over queries and group, then average-pooled.
+    Returns (B, Hkv, N - obs) float32.
+    """
+    obs, n = q_obs.shape[-2], key.shape[2]
+    scores = torch.matmul(q_obs.float(), key[:, :, None].float().transpose(-1, -2)) * scale  # (B, Hkv, G, obs, N)
+    future = torch.arange(n, device=key.device)[None, :] > torch.arange(n - obs, n, device=key.device)[:, None]
+    attn = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)[..., : n - obs]
+    votes = attn.sum((2, 3))
+    flat = votes.reshape(-1, 1, votes.shape[-1])
+    pooled = torch.nn.functional.avg_pool1d(flat, SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2, count_include_pad=False)
+    return pooled.view_as(votes)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -150,10 +169,8 @@ class BudgetLayer(DynamicLayer):
             if query is None:  # no queries reached us: keep the most recent tokens
                 return torch.arange(n - plan.budget_tokens, n, device=device)
             group = query.shape[1] // key.shape[1]
-            q_obs = query[:, h * group : (h + 1) * group, -obs:].float()  # (B, G, obs, D): the last queries
-            scores = torch.matmul(q_obs, key[:, h, None, : n - obs].float().transpose(-1, -2)) * scale  # (B, G, obs, n-obs)
-            votes = torch.softmax(scores, dim=-1).sum((1, 2))  # (B, n - obs)
-            votes = torch.nn.functional.max_pool1d(votes[:, None], SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)[:, 0]
+            q_obs = query[:, h * group : (h + 1) * group, -obs:]  # (B, G, obs, D): the prompt's last queries
+            votes = snapkv_votes(q_obs[:, None], key[:, h : h + 1], scale)[:, 0]  # (B, n - obs)
             chosen = votes.topk(plan.budget_tokens - obs, dim=-1).indices.sort(-1).values
             recent = torch.arange(n - obs, n, device=device).expand(chosen.shape[0], -1)
             return torch.cat([chosen, recent], dim=-1)

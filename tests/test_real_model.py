@@ -33,3 +33,38 @@ def test_passkey_dense_and_patched(recipe_2k, smollm):
     assert rows["dense"]["value"] == 1.0
     assert rows["patched"]["value"] == 1.0
     assert rows["patched"]["sparsity"] > 0.5
+
+
+def test_long_generation_through_the_window_wrap(smollm):
+    """Generation with the head-budgeted cache on the real model: with every token kept and read it gives the same
+    tokens as dense; with sink + window heads it runs far past the window (the ring wraps many times) with memory
+    that stays at sink + window, each head holding exactly the sinks and the latest tokens."""
+    import torch
+
+    import patchattn
+    from patchattn.eval.tasks import ppl_input_ids
+    from patchattn.recipe import KVPlan, Recipe
+
+    model, tokenizer = smollm
+    n_prompt = 1024
+    ids = torch.tensor([ppl_input_ids(tokenizer, n_prompt, seed=3)])
+    greedy = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
+    dense = model.generate(ids, max_new_tokens=24, **greedy).sequences
+
+    keep_all = Recipe.uniform(model.config, "dense")
+    keep_all.kv_layers = [[KVPlan("full", decode_pages=10**6) for _ in range(3)] for _ in range(30)]
+    with patchattn.patched(model, keep_all):
+        same = model.generate(ids, max_new_tokens=24, **greedy).sequences
+    assert torch.equal(same, dense)
+
+    window = Recipe.uniform(model.config, "dense")
+    window.kv_layers = [[KVPlan("window", sink_tokens=32, window_tokens=128) for _ in range(3)] for _ in range(30)]
+    with patchattn.patched(model, window):
+        out = model.generate(ids, max_new_tokens=300, min_new_tokens=300, **greedy)
+    cache = out.past_key_values
+    total = n_prompt + 299  # the last generated token was never fed back
+    assert out.sequences.shape[1] == n_prompt + 300 and cache.get_seq_length() == total
+    assert cache.kv_bytes() < 0.15 * cache.dense_kv_bytes()
+    expected = list(range(32)) + list(range(total - 128, total))
+    for layer in (cache.layers[0], cache.layers[29]):
+        assert sorted(layer.kept_positions(1)[0].tolist()) == expected

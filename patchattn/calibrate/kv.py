@@ -7,6 +7,12 @@ attends what its plan kept plus the rows after the prompt (within the window for
 exact causal attention of those rows, per KV head (averaged over its query heads and the rows): the
 attention mass the plan keeps and the relative error of the attention output. Cost is the share of the prompt's
 tokens the head holds. Nothing here materialises more than (rows x N) scores per head.
+
+Plain prose is a poor stand-in for generation that retrieves: its last rows mostly look nearby, so every head
+seems compressible. :func:`with_copy_tail` therefore ends the calibration text with a passage repeated from its
+middle (a cue the prompt ends on, then the rows that continue it), as a reader quoting the text would: heads that
+copy (induction and duplicate-token heads, often in early layers) then show what they lose when the original
+passage is dropped, as DuoAttention's retrieval calibration makes them.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import SNAPKV_POOL
+from ..cache import snapkv_votes
 from ..recipe import KVPlan
 
 EVAL_ROWS = 64
-OBS_TOKENS = 32
+OBS_TOKENS = 32  # SnapKV's observation window
 SINK_TOKENS = 64
 
 
@@ -29,6 +35,21 @@ class KVScores:
     cost: torch.Tensor  # (Hkv, C) float32: kept prompt tokens / prompt tokens
     kept_mass: torch.Tensor  # (Hkv, C) float32
     output_error: torch.Tensor  # (Hkv, C) float32
+
+
+def with_copy_tail(input_ids: torch.Tensor, generator: torch.Generator, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> torch.Tensor:
+    """``input_ids`` (1, N) whose last ``obs + eval_rows`` tokens are replaced by a copy of a passage from the
+    middle half of the text: the prompt then ends on the passage's first ``obs`` tokens (what SnapKV observes) and
+    the evaluated rows continue it."""
+    n = input_ids.shape[1]
+    span = obs + eval_rows
+    lo, hi = n // 4, 3 * n // 4 - span
+    if hi <= lo:
+        return input_ids
+    start = int(torch.randint(lo, hi, (1,), generator=generator))
+    out = input_ids.clone()
+    out[:, n - span :] = input_ids[:, start : start + span]
+    return out
 
 
 def kv_candidates(n_tokens: int, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> list[KVPlan]:
@@ -85,19 +106,14 @@ def score_kv_layer(
 
 
 def _snapkv_votes(query, key, prompt: int, candidates: list[KVPlan], scale: float) -> torch.Tensor | None:
-    """SnapKV's pooled votes of the prompt's last ``obs`` queries for the tokens before them (as the cache does)."""
+    """SnapKV's votes of the prompt's last ``obs`` queries for the prompt tokens before them (as the cache does)."""
     obs = next((p.window_tokens for p in candidates if p.policy == "snapkv"), None)
     if obs is None:
         return None
     n_kv = key.shape[1]
     group = query.shape[1] // n_kv
-    q_obs = query[:, :, prompt - obs : prompt].float().view(query.shape[0], n_kv, group, obs, -1)
-    k_pre = key[:, :, None, : prompt - obs].float()  # (B, Hkv, 1, T, D)
-    attn = torch.softmax(torch.matmul(q_obs, k_pre.transpose(-1, -2)) * scale, -1)  # (B, Hkv, G, obs, T)
-    votes = attn.sum((2, 3))  # (B, Hkv, T)
-    flat = votes.reshape(-1, 1, votes.shape[-1])
-    pooled = torch.nn.functional.max_pool1d(flat, SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)
-    return pooled.view_as(votes)
+    q_obs = query[:, :, prompt - obs : prompt].reshape(query.shape[0], n_kv, group, obs, -1)
+    return snapkv_votes(q_obs, key[:, :, :prompt], scale)
 
 
 def _kept(plan: KVPlan, votes, rows, prompt: int, n: int, batch: int, n_kv: int, device) -> torch.Tensor:

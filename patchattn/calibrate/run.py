@@ -16,7 +16,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
-from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer
+from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,10 @@ def calibrate(
     scores: dict[int, LayerScores] = {}
     kv_scores: dict[int, KVScores] = {}
     kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
-    if kv_budget is not None and n_tokens < 4 * EVAL_ROWS:
-        raise PatchattnError(f"KV calibration needs at least {4 * EVAL_ROWS} tokens; raise --seq-len")
+    if kv_budget is not None and n_tokens < 8 * EVAL_ROWS:
+        raise PatchattnError(f"KV calibration needs at least {8 * EVAL_ROWS} tokens; raise --seq-len")
+    if kv_budget is not None:  # end on a passage repeated from the middle, so copying heads show themselves
+        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(seed))
 
     def hook(module, query, key, value):
         layer = getattr(module, "layer_idx", len(scores))
@@ -197,6 +199,7 @@ def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: fl
         "mean_kept_mass": round(float(pick(mass).mean()), 6),
         "mean_output_error": round(float(pick(error).mean()), 6),
         "eval_rows": EVAL_ROWS,
+        "eval_text": "calibration text ending on a passage repeated from its middle",
         "policies": policies,
         "decode_pages": decode_pages,
     }

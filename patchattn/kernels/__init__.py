@@ -1,4 +1,4 @@
-"""Sparse attention kernels and their dispatch.
+"""Sparse attention kernels and their dispatch: block-sparse prefill and page-sparse decode.
 
 ``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64 or 128,
 block size 64 or 128, no ``attn_mask``) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from . import sparse_decode as _sparse_decode_pkg
+from .sparse_decode import sparse_decode_naive, sparse_decode_triton
 from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
 
 BACKENDS = ("auto", "torch", "triton")
@@ -58,13 +60,7 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
 
 
-__all__ = ["available_backends", "sparse_prefill", "sparse_prefill_naive", "sparse_prefill_triton"]
-
-
 # ------------------------------------------------------------------------------------ decode (one query token)
-from . import sparse_decode as _sparse_decode_pkg  # noqa: E402
-from .sparse_decode import sparse_decode_naive, sparse_decode_triton  # noqa: E402
-
 
 def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
     """Why the Triton decode kernel cannot take this call, or None (CPU tensors only under TRITON_INTERPRET=1)."""
@@ -98,4 +94,12 @@ def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_siz
     return sparse_decode_naive(*args, scale=scale)
 
 
-__all__ += ["sparse_decode", "sparse_decode_naive", "sparse_decode_triton"]
+__all__ = [
+    "available_backends",
+    "sparse_decode",
+    "sparse_decode_naive",
+    "sparse_decode_triton",
+    "sparse_prefill",
+    "sparse_prefill_naive",
+    "sparse_prefill_triton",
+]
