@@ -105,8 +105,6 @@ class BudgetLayer(DynamicLayer):
     def attend(self, query: torch.Tensor, scale: float | None, backend: str = "auto") -> torch.Tensor:
         """Attention of the ``incoming`` tokens' queries (B, Hq, n, D) over what each head keeps, each new token
         written before its own query reads. Returns (B, n, Hq, D)."""
-        from .kernels import sparse_decode
-
         key_states, value_states = self.incoming
         self.incoming = None
         outs = []
@@ -116,8 +114,18 @@ class BudgetLayer(DynamicLayer):
             q = query[:, :, i]
             ids, counts, limits = self.page_lists(q)
             k_view, v_view = self.pool_views(n_kv)
-            outs.append(sparse_decode(q, k_view, v_view, ids, counts, limits, self.page, scale=scale, backend=backend))
+            decode = self._decode_function(q, k_view, v_view, backend)
+            outs.append(decode(q, k_view, v_view, ids, counts, limits, self.page, scale=scale))
         return outs[0][:, None] if len(outs) == 1 else torch.stack(outs, dim=1)
+
+    def _decode_function(self, q, k_view, v_view, backend: str):
+        """The decode kernel for this layer's inputs, chosen (and checked) once per backend, dtype and device."""
+        from .kernels import decode_function
+
+        key = (backend, q.dtype, q.device, q.shape[1:], k_view.shape[1], k_view.shape[-1])
+        if getattr(self, "_decode_key", None) != key:
+            self._decode_key, self._decode = key, decode_function(q, k_view, v_view, self.page, backend)
+        return self._decode
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -244,6 +252,8 @@ class BudgetLayer(DynamicLayer):
         self.page_table = table.to(device)
         window = [p.policy == "window" for p in self.plans]
         self.has_window = any(window)
+        shapes = {(p.sink_tokens, p.window_tokens) for p in self.plans if p.policy == "window"}
+        self.ring_shape = shapes.pop() if len(shapes) == 1 else None  # one ring shape: its slot is a host integer
         self.is_window_t = torch.tensor(window, device=device)
         self.sink_t = torch.tensor([p.sink_tokens for p in self.plans], device=device)
         self.ring_t = torch.tensor([max(1, p.window_tokens) for p in self.plans], device=device)
@@ -252,10 +262,12 @@ class BudgetLayer(DynamicLayer):
             self.page_max = torch.empty_like(self.page_min)
 
     def _sync_limits(self) -> None:
-        """Device copies of the per-head valid runs (after prefill or a reallocation; a host->device copy)."""
-        self.valid_t = torch.tensor(self.valid, device=self.device, dtype=torch.int32)
+        """Device copies of each head's limit (the end of its valid run in the pool) and of which heads still grow
+        (after prefill, a reallocation, or a ring filling up: a host->device copy)."""
+        self.limits_t = torch.tensor([o + v for o, v in zip(self.offsets, self.valid)], device=self.device, dtype=torch.int32)
         grows = [p.policy != "window" or self.valid[h] < self.caps_used(h) for h, p in enumerate(self.plans)]
         self.grows_t = torch.tensor(grows, device=self.device, dtype=torch.int32)
+        self.counts_t = None  # page counts, recomputed when a head starts a new page
 
     def caps_used(self, h: int) -> int:
         """Slots a window head holds when full (sinks + window); a growing head's capacity."""
@@ -273,45 +285,42 @@ class BudgetLayer(DynamicLayer):
             ]
             logger.debug("growing cache pool to %d slots", sum(caps))
             self._allocate(caps, self.keys.shape[0], self.keys.shape[-1], self.keys.dtype, self.keys.device)
+            self._sync_limits()
             if self.quest_heads:
                 self._rebuild_bounds()
         for i in range(n_new):
             self._append_one(key_states[:, :, i], value_states[:, :, i])
 
     def _append_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write token ``self.written`` (key/value (B, Hkv, D)) into every head's region; device-side slots."""
+        """Write token ``self.written`` (key/value (B, Hkv, D)) into every head's region: a growing head at its
+        limit, a window head at its ring slot. Device-side slots; no host-device sync."""
         t = self.written
-        ring = self._ring_slot(t)
-        if ring is None:  # window heads of different shapes: every head's ring slot on the device
+        if not self.has_window:
+            slots = self.limits_t
+        elif self.ring_shape is not None:
+            sink, window = self.ring_shape
+            ring = t if t < sink + window else sink + (t - sink) % window
+            slots = torch.where(self.is_window_t, self.offsets_t + ring, self.limits_t)
+        else:  # window heads of different shapes: every head's ring slot on the device
             ring_t = torch.where(t < self.sink_t + self.ring_t, t, self.sink_t + (t - self.sink_t).remainder(self.ring_t))
-            local = torch.where(self.is_window_t, ring_t, self.valid_t)
-        else:  # one ring shape (or none): a host integer
-            local = torch.where(self.is_window_t, ring, self.valid_t) if self.has_window else self.valid_t
-        slots = (self.offsets_t + local).long()
+            slots = torch.where(self.is_window_t, self.offsets_t + ring_t, self.limits_t)
+        slots = slots.long()
         self.keys[:, slots] = key
         self.values[:, slots] = value
         self.positions[:, slots] = t
         if self.quest_heads:
             self._update_bounds(slots, key)
-        self.valid_t += self.grows_t
+        self.limits_t += self.grows_t
         crossed = False
         for h, plan in enumerate(self.plans):
             if plan.policy != "window" or self.valid[h] < self.caps_used(h):
                 self.valid[h] += 1
+                if self.valid[h] % self.page == 1:
+                    self.counts_t = None
                 crossed |= plan.policy == "window" and self.valid[h] == self.caps_used(h)
         if crossed:  # a window head just filled its ring: it stops growing
             self._sync_limits()
         self.written += 1
-
-    def _ring_slot(self, t: int) -> int | None:
-        """The local slot of token ``t`` in the ring of every window head, when they all share one shape."""
-        shapes = {(p.sink_tokens, p.window_tokens) for p in self.plans if p.policy == "window"}
-        if len(shapes) > 1:
-            return None
-        if not shapes:
-            return 0
-        sink, window = shapes.pop()
-        return t if t < sink + window else sink + (t - sink) % window
 
     # ---- Quest page bounds ---------------------------------------------------------------------------
     def _rebuild_bounds(self) -> None:
@@ -377,8 +386,10 @@ class BudgetLayer(DynamicLayer):
             for h in heads:
                 widths[h] = chosen.shape[-1]
         width = max(widths)
-        counts = (self.valid_t + (page - 1)) // page
-        limits = (self.offsets_t + self.valid_t).expand(batch, -1)
+        if self.counts_t is None:
+            self.counts_t = (self.limits_t - self.offsets_t + (page - 1)) // page
+        counts = self.counts_t
+        limits = self.limits_t.expand(batch, -1)
         ids = self.page_table[:, :width].expand(batch, -1, -1)
         if picks:
             ids = ids.clone()

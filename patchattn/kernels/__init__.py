@@ -74,6 +74,23 @@ def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
     return mod.unsupported_reason(q, k_cache, v_cache, page_size)
 
 
+def decode_function(q, k_cache, v_cache, page_size, backend="auto"):
+    """The decode implementation :func:`sparse_decode` would pick for inputs like these, as a function of
+    ``(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size, scale=None)``: callers that decode the
+    same shapes step after step choose once and skip the per-call checks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
+        return sparse_decode_naive
+    reason = _decode_triton_unsupported(q, k_cache, v_cache, page_size)
+    if reason is None:
+        kernel = _sparse_decode_pkg.load_triton_kernel()
+        return lambda *args, **kwargs: kernel.sparse_decode_triton(*args, validate=False, **kwargs)
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this input: {reason}")
+    return sparse_decode_naive
+
+
 def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size, scale=None, backend="auto"):
     """Page-sparse attention of one new token; same contract as :func:`sparse_decode_naive`.
 
@@ -96,6 +113,7 @@ def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_siz
 
 __all__ = [
     "available_backends",
+    "decode_function",
     "sparse_decode",
     "sparse_decode_naive",
     "sparse_decode_triton",

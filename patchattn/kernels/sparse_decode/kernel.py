@@ -224,24 +224,26 @@ def sparse_decode_triton(
     num_stages: int | None = None,
     combine: str = "triton",
     out: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Page-sparse decode attention (see the module docstring for the contract).
 
     Tuning overrides (for benchmarking and tests): ``num_splits`` (programs per KV head; default from
     :func:`choose_splits`), ``programs_per_sm`` (the target it uses), ``block_n``, ``num_warps``,
     ``num_stages`` (default :data:`CONFIGS`), ``combine`` ("triton": one small kernel; "torch": torch ops).
-    ``out`` (optional, q's shape and dtype, unit stride on the head dim) receives the result.
+    ``out`` (optional, q's shape and dtype, unit stride on the head dim) receives the result. ``validate=False``
+    skips the input checks (for callers that checked the same shapes once already).
     The split count depends on ``page_ids.shape[-1]`` (not on the counts, which stay on the device), so
     trim ``page_ids`` to the longest list for sparse budgets.
     """
-    reason = unsupported_reason(q, k_cache, v_cache, page_size)
+    reason = unsupported_reason(q, k_cache, v_cache, page_size) if validate else None
     if reason is not None:
         raise ValueError(f"sparse_decode_triton: unsupported input: {reason}")
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_q_heads // n_kv_heads
     lens_ok = tuple(seq_lens.shape) in ((batch,), (batch, n_kv_heads))
-    if page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or not lens_ok:
+    if validate and (page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or not lens_ok):
         raise ValueError(
             f"page_ids {tuple(page_ids.shape)}, page_counts {tuple(page_counts.shape)}, seq_lens {tuple(seq_lens.shape)} "
             f"do not match (B, Hkv, max_pages), (B, Hkv), (B,) or (B, Hkv) with B={batch}, Hkv={n_kv_heads}"
