@@ -100,6 +100,9 @@ def calibrate(
         None, "--kv-budget", help="Also calibrate decode: fraction of the prompt's KV cache to keep, averaged over KV heads (window / SnapKV / full per head). Default: KV plans follow the prefill plans."
     ),
     decode_pages: int = typer.Option(0, "--decode-pages", help="With --kv-budget: heads kept in full or by SnapKV read only this many Quest-selected 16-token pages per decode step (0: all)."),
+    decode_recall: Optional[float] = typer.Option(
+        None, "--decode-recall", help="With --kv-budget: each head kept in full reads the fewest Quest-selected pages that keep this share of the attention (e.g. 0.95), measured in the same pass."
+    ),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
@@ -144,6 +147,7 @@ def calibrate(
                 on_layer=lambda layer, scores: progress.advance(task),
                 kv_budget=kv_budget,
                 decode_pages=decode_pages,
+                decode_recall=decode_recall,
             )
         recipe.name = output.stem
         recipe.save(output)

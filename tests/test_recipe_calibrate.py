@@ -143,3 +143,49 @@ def test_kv_scores_match_brute_force():
             assert torch.allclose(scores.cost[:, ci], torch.ones(2)) and torch.allclose(scores.kept_mass[:, ci], torch.ones(2))
         else:
             assert torch.allclose(scores.cost[:, ci], torch.full((2,), (plan.sink_tokens + plan.window_tokens) / prompt), atol=2 / prompt)
+
+
+def test_quest_recall_matches_brute_force_and_sets_pages():
+    import math
+
+    from patchattn.calibrate.kv import QUEST_PAGE_BUDGETS, pages_for_recall, quest_recall
+
+    gen = torch.Generator().manual_seed(6)
+    n, rows, dim, page = 16 * 40 + 8, 8, 16, 16
+    prompt = n - rows
+    q = torch.randn(1, 4, rows, dim, generator=gen) * 3
+    k = torch.randn(1, 2, n, dim, generator=gen)
+    positions = torch.arange(n)
+    scores = torch.einsum("bhrd,bhnd->bhrn", q, k.repeat_interleave(2, 1)) / math.sqrt(dim)
+    causal = positions[None, :] <= torch.arange(prompt, n)[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    recall = quest_recall(q, k, probs, prompt)
+    n_pages = prompt // page
+    for h in range(2):
+        for bi, budget in enumerate(QUEST_PAGE_BUDGETS):
+            if budget >= n_pages:
+                assert recall[h, bi] == 1.0
+                continue
+            total = 0.0
+            for r in range(rows):
+                bounds = []
+                for p in range(n_pages):
+                    keys = k[0, h, p * page : (p + 1) * page].double()
+                    lo, hi = keys.amin(0), keys.amax(0)
+                    bounds.append(max(torch.maximum(q[0, qh, r].double() * lo, q[0, qh, r].double() * hi).sum().item() for qh in (2 * h, 2 * h + 1)))
+                bounds[0] = float("inf")
+                chosen = sorted(range(n_pages), key=lambda p: -bounds[p])[:budget]
+                for qh in (2 * h, 2 * h + 1):
+                    read = sum(probs[0, qh, r, p * page : (p + 1) * page].sum().item() for p in chosen)
+                    total += read + probs[0, qh, r, n_pages * page :].sum().item()
+            assert abs(recall[h, bi].item() - total / (2 * rows)) < 1e-4
+    assert pages_for_recall(torch.tensor([[0.5, 0.9, 0.97, 1.0, 1.0, 1.0, 1.0, 1.0]]), 0.95) == [32]
+    assert pages_for_recall(torch.tensor([[0.1] * 7 + [0.96]]), 0.95) == [0]  # only the largest budget: read all
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    recipe = calibrate(model, ids, target_sparsity=0.0, block_size=32, kv_budget=1.0, decode_recall=0.9)
+    plans = [p for layer in recipe.kv_layers for p in layer]
+    assert all(p.policy == "full" and p.decode_pages in (0, *QUEST_PAGE_BUDGETS) for p in plans)
+    with pytest.raises(PatchattnError, match="need --kv-budget"):
+        calibrate(model, ids, decode_recall=0.9)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import snapkv_votes
+from ..cache import PAGE_TOKENS, snapkv_votes
 from ..recipe import KVPlan
 
 EVAL_ROWS = 64
@@ -30,11 +30,15 @@ OBS_TOKENS = 32  # SnapKV's observation window
 SINK_TOKENS = 64
 
 
+QUEST_PAGE_BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024)  # pages of PAGE_TOKENS read per decode step
+
+
 @dataclass
 class KVScores:
     cost: torch.Tensor  # (Hkv, C) float32: kept prompt tokens / prompt tokens
     kept_mass: torch.Tensor  # (Hkv, C) float32
     output_error: torch.Tensor  # (Hkv, C) float32
+    quest_recall: torch.Tensor | None = None  # (Hkv, len(QUEST_PAGE_BUDGETS)): mass on the pages Quest reads
 
 
 def with_copy_tail(input_ids: torch.Tensor, generator: torch.Generator, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> torch.Tensor:
@@ -102,7 +106,48 @@ def score_kv_layer(
         held = keep[:, :, 0, :prompt].float().sum(-1).mean(0) / prompt  # (Hkv,): prompt tokens held
         costs.append(held)
     stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
-    return KVScores(stack(costs), stack(masses), stack(errors))
+    recall = quest_recall(query[:, :, prompt:], key, probs, prompt)
+    return KVScores(stack(costs), stack(masses), stack(errors), recall)
+
+
+def quest_recall(q_rows: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Attention mass on the pages Quest would read, per KV head and page budget (Hkv, len(QUEST_PAGE_BUDGETS)).
+
+    ``q_rows`` (B, Hq, R, D) the evaluated rows' queries, ``probs`` (B, Hq, R, N) their exact attention. Pages are
+    the prompt's full pages (``PAGE_TOKENS`` each); a page's bound for a row is the largest, over the KV head's
+    query group, of sum_d max(q_d min_d, q_d max_d); the first page and every token after the last full prompt
+    page (the newest, which the cache always reads) count as read, as in :meth:`BudgetLayer._quest_pages`.
+    """
+    batch, n_q_heads, n_rows, dim = q_rows.shape
+    n_kv = key.shape[1]
+    group = n_q_heads // n_kv
+    n_pages = prompt // PAGE_TOKENS
+    pages = key[:, :, : n_pages * PAGE_TOKENS].float().view(batch, n_kv, n_pages, PAGE_TOKENS, dim)
+    kmin, kmax = pages.amin(3), pages.amax(3)  # (B, Hkv, P, D)
+    q = q_rows.float().view(batch, n_kv, group, n_rows, 1, dim)
+    bound = torch.maximum(q * kmin[:, :, None, None], q * kmax[:, :, None, None]).sum(-1).amax(2)  # (B, Hkv, R, P)
+    bound[..., 0] = float("inf")
+    page_mass = probs[..., : n_pages * PAGE_TOKENS].view(batch, n_q_heads, n_rows, n_pages, PAGE_TOKENS).sum(-1)
+    page_mass = page_mass.view(batch, n_kv, group, n_rows, n_pages)
+    always = probs[..., n_pages * PAGE_TOKENS :].sum(-1).view(batch, n_kv, group, n_rows)  # the newest tokens
+    recalls = []
+    for budget in QUEST_PAGE_BUDGETS:
+        if budget >= n_pages:
+            recalls.append(torch.ones(n_kv))
+            continue
+        chosen = bound.topk(budget, dim=-1).indices  # (B, Hkv, R, budget)
+        mass = torch.gather(page_mass, -1, chosen[:, :, None].expand(-1, -1, group, -1, -1)).sum(-1) + always
+        recalls.append(mass.mean((0, 2, 3)).cpu())
+    return torch.stack(recalls, -1)
+
+
+def pages_for_recall(recall: torch.Tensor, target: float) -> list[int]:
+    """Per KV head, the smallest Quest page budget whose recall reaches ``target`` (0: read every page)."""
+    chosen = []
+    for row in recall.tolist():
+        hits = [b for b, r in zip(QUEST_PAGE_BUDGETS, row) if r >= target]
+        chosen.append(hits[0] if hits and hits[0] < QUEST_PAGE_BUDGETS[-1] else 0)
+    return chosen
 
 
 def _snapkv_votes(query, key, prompt: int, candidates: list[KVPlan], scale: float) -> torch.Tensor | None:

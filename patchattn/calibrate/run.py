@@ -16,7 +16,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
-from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer, with_copy_tail
+from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,15 @@ def calibrate(
     on_layer: Callable[[int, LayerScores], None] | None = None,
     kv_budget: float | None = None,
     decode_pages: int = 0,
+    decode_recall: float | None = None,
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
 
     With ``kv_budget`` (fraction of the prompt's KV cache kept, averaged over KV heads) the same pass also scores
     KV plans per KV head (:mod:`patchattn.calibrate.kv`) and allocates them to that budget; ``decode_pages`` > 0
-    then makes every kept-in-full or SnapKV head read only that many Quest-selected pages per decode step.
+    then makes every kept-in-full or SnapKV head read only that many Quest-selected pages per decode step;
+    ``decode_recall`` instead gives each head kept in full the fewest pages whose Quest selection keeps that share
+    of the last rows' attention (measured in the same pass).
     Without it the recipe's KV plans follow from its prefill plans (streaming KV heads keep their window)."""
     if objective not in OBJECTIVES:
         raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -78,6 +81,10 @@ def calibrate(
         raise PatchattnError(f"--kv-budget must be in (0, 1], not {kv_budget}")
     if decode_pages < 0:
         raise PatchattnError(f"--decode-pages must be >= 0, not {decode_pages}")
+    if decode_recall is not None and not 0.0 < decode_recall <= 1.0:
+        raise PatchattnError(f"--decode-recall must be in (0, 1], not {decode_recall}")
+    if (decode_pages or decode_recall is not None) and kv_budget is None:
+        raise PatchattnError("--decode-pages and --decode-recall need --kv-budget (decode plans are calibrated with it)")
     check_supported(model)
     n_tokens = input_ids.shape[1]
     if n_tokens < 4 * block_size:
@@ -163,13 +170,13 @@ def calibrate(
     }
     kv_layers = None
     if kv_cands:
-        kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages)
+        kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages, decode_recall)
     return Recipe(
         model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated", kv_layers=kv_layers
     )
 
 
-def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int):
+def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):
     """Choose one KV plan per KV head for ``kv_budget``; returns (plans per layer, calibration stats)."""
     import dataclasses
 
@@ -182,10 +189,13 @@ def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: fl
     plans = []
     for li in range(n_layers):
         layer = []
+        auto_pages = pages_for_recall(kv_scores[li].quest_recall, decode_recall) if decode_recall is not None else None
         for h in range(n_kv):
             plan = candidates[int(choice[li, h])]
             if decode_pages and plan.policy in ("full", "snapkv"):
                 plan = dataclasses.replace(plan, decode_pages=decode_pages)
+            elif auto_pages is not None and plan.policy == "full":
+                plan = dataclasses.replace(plan, decode_pages=auto_pages[h])
             layer.append(plan)
         plans.append(layer)
     pick = lambda t: torch.gather(t, -1, choice[..., None]).squeeze(-1)  # noqa: E731
@@ -202,6 +212,8 @@ def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: fl
         "eval_text": "calibration text ending on a passage repeated from its middle",
         "policies": policies,
         "decode_pages": decode_pages,
+        "decode_recall": decode_recall,
+        "quest_pages": [p.decode_pages for layer in plans for p in layer if p.policy == "full"],
     }
     return plans, stats
 
