@@ -284,9 +284,26 @@ def evaluate(
             def on_progress(advance: int, description: str) -> None:
                 progress.update(task, advance=advance, description=description)
 
-            results = run_eval(
-                lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, progress=on_progress, backend=backend
-            )
+            saved: list[dict] = []
+
+            def save_partial(partial: dict) -> None:  # every finished row is on disk at once
+                write_report(partial, output)
+                saved[:] = [partial]
+
+            try:
+                results = run_eval(
+                    lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed,
+                    progress=on_progress, backend=backend, on_row=save_partial,
+                )
+            except KeyboardInterrupt:
+                from .errors import RunInterrupted
+
+                if not saved:
+                    raise RunInterrupted("interrupted before the first result; nothing was written") from None
+                done = len(saved[0]["results"])
+                raise RunInterrupted(
+                    f"interrupted: the {done} result row(s) finished so far are in {output}/results.json and results.md"
+                ) from None
         paths = write_report(results, output)
         _print_results(results)
         console.print("written: " + ", ".join(str(p) for p in paths.values()))

@@ -25,3 +25,9 @@ class InputTooLongError(PatchattnError):
 
 class OutputPathError(PatchattnError):
     """An output path cannot be written."""
+
+
+class RunInterrupted(PatchattnError):
+    """The user interrupted a long run; what was finished is saved (the message says where)."""
+
+    exit_code = 130

@@ -162,6 +162,32 @@ def test_eval_end_to_end_and_too_long(tiny_model_dir, tmp_path):
     assert not (tmp_path / "r2" / "results.json").exists()
 
 
+def test_eval_interrupted_keeps_finished_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C mid-run: the rows finished so far are on disk, readable, and the message says where."""
+    import patchattn.eval.runner as runner_mod
+
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.save(tmp_path / "r.json")
+    calls = []
+    real_answer = runner_mod.answer
+
+    def answer_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # dense's passkey row is done, the patched one is under way
+            raise KeyboardInterrupt
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "answer", answer_then_interrupt)
+    out = tmp_path / "results"
+    result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 300, "--tasks", "ppl,passkey",
+                    "--trials", 2, "-o", out)
+    assert result.exit_code == 130
+    assert_clean_error(result, "interrupted", "3 result row(s)", str(out))
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is False and len(data["results"]) == 3
+    assert "Partial results" in (out / "results.md").read_text()
+
+
 def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
     recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
     recipe.save(tmp_path / "r.json")

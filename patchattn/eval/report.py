@@ -113,6 +113,9 @@ def render_markdown(results: dict) -> str:
         "variant skipped in prefill attention."
         + (f" Brackets: difference from `{BASELINE}` on the same prompts." if has_base else ""),
     ]
+    if results.get("complete") is False:
+        lines += ["", f"**Partial results**: the run was interrupted after {len(results['results'])} result rows; "
+                  "missing cells were not measured."]
     lines += ["", "## Variants", ""]
     for name, info in results["variants"].items():
         lines.append(f"- `{name}`: {_describe_variant(info)}")

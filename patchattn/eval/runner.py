@@ -3,7 +3,7 @@
 The results dict is versioned and JSON-serialisable::
 
     {"schema_version": 1, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
-     "environment": {...}, "variants": {name: {...}},
+     "environment": {...}, "variants": {name: {...}}, "complete": bool,
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
                   "replies", "prompt_tokens", "seconds", "kv_bytes"}]}
 
@@ -105,11 +105,13 @@ def run_eval(
     *,
     model_name: str | None = None,
     backend: str = "auto",
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Evaluate each variant on the same prompts. ``variants`` maps a display name to a Recipe, or to
     None for the unpatched model; name the baseline ``"dense"`` for the report's deltas.
     ``progress(advance, description)`` is called before each block (advance 0) and after each trial
-    (advance 1); ``eval_steps`` gives the total."""
+    (advance 1); ``eval_steps`` gives the total. ``on_row(results)`` is called after each finished row with the
+    results so far (``"complete": False`` until the last row), so a caller can save them as they come."""
     _check_tasks(tasks)
     if trials < 1:
         raise ValueError("trials must be at least 1")
@@ -119,7 +121,18 @@ def run_eval(
     check_lengths(model, lengths)
     limit = context_length(model.config)
     report = progress or (lambda advance, description: None)
-    results = []
+    results: list[dict] = []
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model_name or _model_name(model),
+        "lengths": lengths,
+        "tasks": list(tasks),
+        "trials": trials,
+        "seed": seed,
+        "environment": _environment(model),
+        "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
+    }
+    n_rows = len(lengths) * len(tasks) * len(variants)
     for length in lengths:
         for task in tasks:
             if task == "ppl":
@@ -159,17 +172,9 @@ def run_eval(
                 }
                 logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
                 results.append(row)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": model_name or _model_name(model),
-        "lengths": lengths,
-        "tasks": list(tasks),
-        "trials": trials,
-        "seed": seed,
-        "environment": _environment(model),
-        "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
-        "results": results,
-    }
+                if on_row is not None:
+                    on_row({**header, "results": list(results), "complete": len(results) == n_rows})
+    return {**header, "results": results, "complete": True}
 
 
 def _model_name(model) -> str:
