@@ -231,7 +231,7 @@ def evaluate(
     recipe: List[Path] = typer.Option([], "--recipe", "-r", help="Recipe JSON (repeatable)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'uniform': add the uniform-budget recipe of equal sparsity for each recipe."),
     lengths: str = typer.Option("2048,4096", "--lengths", "-l", help="Comma-separated prompt lengths in tokens."),
-    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue", "--tasks", help="Comma-separated tasks."),
+    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, speed (time to first token, ms per generated token, peak memory, KV bytes)."),
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md and plots."),
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),

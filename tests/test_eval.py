@@ -148,7 +148,7 @@ def tiny_results(tiny_model, plain_tokenizer):
     variants = {"dense": None, "streaming": recipe}
     steps = []
     results = run_eval(
-        tiny_model, plain_tokenizer, variants, [512, 256], trials=2, seed=0, progress=lambda n, d: steps.append((n, d))
+        tiny_model, plain_tokenizer, variants, [512, 256], tasks=TASKS, trials=2, seed=0, progress=lambda n, d: steps.append((n, d))
     )
     return results, steps, eval_steps(variants, [512, 256], TASKS, 2)
 
@@ -157,7 +157,8 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
     results, steps, total = tiny_results
     assert results["schema_version"] == 1 and results["lengths"] == [256, 512]
     assert list(results["variants"]) == ["dense", "streaming"]
-    assert sum(n for n, _ in steps) == total == len(results["lengths"]) * 2 * (1 + 4 * 2)
+    assert sum(n for n, _ in steps) == total == len(results["lengths"]) * 2 * (2 + 4 * 2)
+    assert results["complete"] is True
     assert len(results["results"]) == 2 * len(TASKS) * 2
     by_key = {(r["length"], r["task"], r["variant"]): r for r in results["results"]}
     for (length, task, variant), row in by_key.items():
@@ -166,6 +167,9 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
         assert all(length - haystack.LENGTH_SLACK_TOKENS <= n <= length for n in row["prompt_tokens"])
         if task == "ppl":
             assert row["metric"] == "perplexity" and math.isfinite(row["value"])
+        elif task == "speed":  # time to first token and per generated token, on this CPU
+            assert row["metric"] == "ttft_ms" and row["value"] > 0 and row["ms_per_token"] >= 0
+            assert row["device"] == "cpu" and row["peak_bytes"] is None
         else:
             assert row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0 and len(row["replies"]) == 2
         if variant == "dense":
@@ -187,6 +191,7 @@ def test_write_report(tiny_results, tmp_path):
     out = tmp_path / "new" / "report"
     paths = write_report(results, out)
     assert "KV cache at end of generation" in paths["md"].read_text()
+    assert "time to first token (ms)" in paths["md"].read_text() and "ms per generated token (cpu)" in paths["md"].read_text()
     assert set(paths) == {"json", "md", "png"}
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files
     assert json.loads(paths["json"].read_text()) == results

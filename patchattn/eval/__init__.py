@@ -7,6 +7,6 @@ the tasks themselves in tasks.py.
 
 from .haystack import Prompt, build_prompt
 from .report import ensure_writable_dir, write_report
-from .runner import TASKS, check_lengths, eval_steps, run_eval
+from .runner import DEFAULT_TASKS, TASKS, check_lengths, eval_steps, run_eval
 
-__all__ = ["TASKS", "Prompt", "build_prompt", "check_lengths", "ensure_writable_dir", "eval_steps", "run_eval", "write_report"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "Prompt", "build_prompt", "check_lengths", "ensure_writable_dir", "eval_steps", "run_eval", "write_report"]

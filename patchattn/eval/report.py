@@ -21,6 +21,7 @@ TASK_TITLES = {
     "single": "single needle",
     "multikey": "multi-key needle",
     "multivalue": "multi-value needle",
+    "speed": "time to first token (ms)",
 }
 
 __all__ = ["ensure_writable_dir", "render_markdown", "render_png", "write_report"]
@@ -52,6 +53,8 @@ def _fmt_value(row: dict | None) -> str:
 def _fmt_delta(row: dict | None, base: dict | None) -> str:
     if row is None or base is None:
         return ""
+    if row.get("metric") == "ttft_ms":
+        return f" ({base['value'] / row['value']:.2f}x)" if row["value"] else ""
     delta = row["value"] - base["value"]
     text = f"{'+' if delta >= 0 else '−'}{abs(delta):.2f}"
     if row.get("metric") == "perplexity" and base["value"]:
@@ -80,6 +83,23 @@ def _fmt_kv(value: float | None, base: float | None) -> str:
     if base and value != base:
         text += f" ({100 * (value - base) / base:+.0f}%)"
     return text
+
+
+def _speed_lines(speed_rows: list[dict | None], base: dict | None) -> list[str]:
+    """Extra table rows under the time to first token: ms per generated token and peak device memory."""
+    def per_token(row):
+        if row is None or row.get("ms_per_token") is None:
+            return "–"
+        text = f"{row['ms_per_token']:.2f}"
+        if base is not None and row is not base and row["ms_per_token"] and base.get("ms_per_token"):
+            text += f" ({base['ms_per_token'] / row['ms_per_token']:.2f}x)"
+        return text
+
+    device = next((r.get("device") for r in speed_rows if r and r.get("device")), "?")
+    lines = [f"| ms per generated token ({device}) | " + " | ".join(per_token(r) for r in speed_rows) + " |"]
+    if any(r and r.get("peak_bytes") for r in speed_rows):
+        lines.append("| peak device memory | " + " | ".join(_fmt_kv(r.get("peak_bytes") if r else None, None) for r in speed_rows) + " |")
+    return lines
 
 
 def _describe_variant(info: dict | None) -> str:
@@ -129,6 +149,8 @@ def render_markdown(results: dict) -> str:
                 row = rows.get((length, task, v))
                 cells.append(_fmt_value(row) + ("" if v == BASELINE else _fmt_delta(row, base)))
             lines.append(f"| {TASK_TITLES.get(task, task)} | " + " | ".join(cells) + " |")
+            if task == "speed":
+                lines += _speed_lines([rows.get((length, task, v)) for v in variants], base)
         sparsity = [_mean_sparsity([rows[k] for k in rows if k[0] == length and k[2] == v]) for v in variants]
         lines.append("| *sparsity* | " + " | ".join(_fmt_sparsity(s) for s in sparsity) + " |")
         kv = [_mean_kv([rows[k] for k in rows if k[0] == length and k[2] == v]) for v in variants]

@@ -7,7 +7,8 @@ The results dict is versioned and JSON-serialisable::
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
                   "replies", "prompt_tokens", "seconds", "kv_bytes"}]}
 
-``metric`` is ``"perplexity"`` for ``ppl`` and ``"accuracy"`` (mean score over trials) otherwise.
+``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` (time to first token; the row also has
+``ms_per_token``, ``peak_bytes`` (CUDA only) and ``device``) and ``"accuracy"`` (mean score over trials) otherwise.
 ``kv_bytes`` is the mean size of the KV cache at the end of each generation (None for perplexity), the
 patched variants' through the head-budgeted cache. ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
@@ -27,12 +28,13 @@ from ..patch import patched
 from ..recipe import Recipe
 from ..stats import record_sparsity
 from .haystack import Prompt, build_prompt
-from .tasks import answer, perplexity, ppl_input_ids
+from .tasks import answer, measure_speed, perplexity, ppl_input_ids
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TASKS = ("ppl", "passkey", "single", "multikey", "multivalue")
+TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")
+DEFAULT_TASKS = ("ppl", "passkey", "single", "multikey", "multivalue")  # "speed" on request: it re-runs prefills
 Progress = Callable[[int, str], None]
 
 
@@ -55,9 +57,9 @@ def _check_tasks(tasks: Sequence[str]) -> None:
         raise ValueError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
 
 
-def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = TASKS, trials: int = 5) -> int:
+def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = DEFAULT_TASKS, trials: int = 5) -> int:
     """How many progress steps ``run_eval`` reports in all (for a progress bar's total)."""
-    per_length = sum(1 if t == "ppl" else trials for t in tasks)
+    per_length = sum(1 if t in ("ppl", "speed") else trials for t in tasks)
     return per_length * len(lengths) * len(variants)
 
 
@@ -98,7 +100,7 @@ def run_eval(
     tokenizer,
     variants: Mapping[str, Recipe | None],
     lengths: Sequence[int],
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = DEFAULT_TASKS,
     trials: int = 5,
     seed: int = 0,
     progress: Progress | None = None,
@@ -135,7 +137,7 @@ def run_eval(
     n_rows = len(lengths) * len(tasks) * len(variants)
     for length in lengths:
         for task in tasks:
-            if task == "ppl":
+            if task in ("ppl", "speed"):
                 inputs: list = [ppl_input_ids(tokenizer, length, seed)]
             else:
                 inputs = _prompts(task, tokenizer, length, limit, trials, seed)
@@ -143,11 +145,16 @@ def run_eval(
                 description = f"{length} tokens · {task} · {name}"
                 report(0, description)
                 started = time.perf_counter()
-                scores, replies, kv_bytes = [], [], []
+                scores, replies, kv_bytes, speed = [], [], [], None
                 with patched(model, recipe, backend), record_sparsity() as record:
                     for item in inputs:
                         if task == "ppl":
                             scores.append(perplexity(model, item))
+                        elif task == "speed":
+                            speed = measure_speed(model, item)
+                            scores.append(speed.ttft_ms)
+                            if speed.kv_bytes is not None:
+                                kv_bytes.append(speed.kv_bytes)
                         else:
                             result = answer(model, tokenizer, item)
                             scores.append(result.score)
@@ -160,16 +167,18 @@ def run_eval(
                     "length": length,
                     "task": task,
                     "variant": name,
-                    "metric": "perplexity" if task == "ppl" else "accuracy",
-                    "value": scores[0] if task == "ppl" else sum(scores) / len(scores),
+                    "metric": {"ppl": "perplexity", "speed": "ttft_ms"}.get(task, "accuracy"),
+                    "value": scores[0] if task in ("ppl", "speed") else sum(scores) / len(scores),
                     "sparsity": None if sparsity is None else float(sparsity),
                     "trials": len(inputs),
                     "scores": scores,
                     "replies": replies,
-                    "prompt_tokens": [len(item) if task == "ppl" else item.length_tokens for item in inputs],
+                    "prompt_tokens": [len(item) if task in ("ppl", "speed") else item.length_tokens for item in inputs],
                     "seconds": round(time.perf_counter() - started, 3),
                     "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
                 }
+                if speed is not None:
+                    row.update(ms_per_token=speed.ms_per_token, peak_bytes=speed.peak_bytes, device=speed.device)
                 logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
                 results.append(row)
                 if on_row is not None:

@@ -125,3 +125,52 @@ def answer(model, tokenizer, prompt: Prompt) -> NeedleResult:
     result = NeedleResult(score(prompt, reply), reply, cache_bytes(getattr(out, "past_key_values", None)))
     logger.debug("%s %d tokens: expected %s, reply %r -> %s", prompt.task, prompt.length_tokens, prompt.answers, reply, result.score)
     return result
+
+
+@dataclass
+class SpeedResult:
+    ttft_ms: float  # median time of a prefill that produces the first token (logits of the last position only)
+    ms_per_token: float  # median time per generated token after it (greedy, through the model's cache)
+    peak_bytes: int | None  # peak device memory of one generation (CUDA only; None on CPU)
+    kv_bytes: int | None  # the KV cache at the end of that generation
+    device: str
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3) -> SpeedResult:
+    """Time to first token and ms per generated token of one prompt, warm-up excluded, medians of ``repeats``.
+
+    ms per token = (time of a generation of ``1 + decode_tokens`` tokens - its own prefill's share, the TTFT
+    median) / ``decode_tokens``."""
+    import statistics
+    import time
+
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([input_ids], device=device)
+    greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0)
+
+    def timed(fn):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        return (time.perf_counter() - start) * 1e3, out
+
+    timed(lambda: model(ids, use_cache=False, logits_to_keep=1))  # warm-up
+    ttft = statistics.median(timed(lambda: model(ids, use_cache=False, logits_to_keep=1))[0] for _ in range(repeats))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    totals, kv = [], None
+    n_new = decode_tokens + 1
+    for _ in range(repeats):
+        ms, out = timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **greedy))
+        totals.append(ms)
+        kv = cache_bytes(getattr(out, "past_key_values", None))
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    per_token = max(0.0, (statistics.median(totals) - ttft) / decode_tokens)
+    return SpeedResult(round(ttft, 3), round(per_token, 3), peak, kv, str(device))
