@@ -62,7 +62,7 @@ def test_calibrate_then_export_then_load(tiny_model_dir, calibration_text, tmp_p
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(0))
-    model, _ = patchattn.load(out_dir)
+    model, _ = patchattn.load(out_dir, device="cpu")  # the reference runs on the CPU
     plain = AutoModelForCausalLM.from_pretrained(out_dir)
     reference = tiny_model("llama")
     with torch.no_grad(), patchattn.patched(reference, recipe):
