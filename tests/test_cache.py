@@ -214,3 +214,16 @@ def test_recipe_kv_plans_round_trip_and_validate(tmp_path):
     for layer in v1["layers"]:
         layer.pop("kv_heads")
     assert Recipe.from_dict(v1).kv_layers is None and not Recipe.from_dict(v1).compresses_kv
+
+
+def test_beam_search_through_the_budgeted_cache_matches_dense():
+    """Beam search reorders the pools between steps (reorder_cache): with everything kept, dense's beams."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(0))
+    dense = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
+    recipe = Recipe.uniform(model.config, "dense")
+    recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(2)] for _ in recipe.layers]
+    with patchattn.patched(model, recipe, backend="torch"):
+        out = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, HeadBudgetCache)
+    assert torch.equal(out.sequences, dense)
