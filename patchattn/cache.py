@@ -159,10 +159,6 @@ class BudgetLayer(DynamicLayer):
         raise NotImplementedError("the head-budgeted cache does not support batch selection")
 
     # ---- prefill: choose what each head keeps --------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self.keys is not None
-
     def _keep_indices(self, h: int, plan: KVPlan, query: torch.Tensor | None, key: torch.Tensor, scale: float) -> torch.Tensor:
         """Prompt token indices head ``h`` keeps, ascending (B, T) or (T,) long."""
         n = key.shape[2]
@@ -257,6 +253,7 @@ class BudgetLayer(DynamicLayer):
         self.is_window_t = torch.tensor(window, device=device)
         self.sink_t = torch.tensor([p.sink_tokens for p in self.plans], device=device)
         self.ring_t = torch.tensor([max(1, p.window_tokens) for p in self.plans], device=device)
+        self._head_index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # see _index
         if self.quest_heads:
             self.page_min = torch.empty(batch, total // page, dim, dtype=dtype, device=device)
             self.page_max = torch.empty_like(self.page_min)
@@ -337,7 +334,7 @@ class BudgetLayer(DynamicLayer):
             self.page_max[:, first : first + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2)
 
     def _update_bounds(self, slots: torch.Tensor, key: torch.Tensor) -> None:
-        heads = self._quest_index()
+        heads, _ = self._index(tuple(self.quest_heads))
         qslots = slots[heads]
         pages = qslots // self.page
         first = (qslots % self.page == 0)[None, :, None]
@@ -345,10 +342,17 @@ class BudgetLayer(DynamicLayer):
         self.page_min[:, pages] = torch.where(first, k, torch.minimum(self.page_min[:, pages], k))
         self.page_max[:, pages] = torch.where(first, k, torch.maximum(self.page_max[:, pages], k))
 
-    def _quest_index(self) -> torch.Tensor:
-        if getattr(self, "quest_idx_t", None) is None or self.quest_idx_t.device != self.keys.device:
-            self.quest_idx_t = torch.tensor(self.quest_heads, device=self.keys.device)
-        return self.quest_idx_t
+    def _index(self, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device tensors of ``heads`` and of their regions' first pages, made once per pool layout (decode steps
+        then copy nothing from the host)."""
+        hit = self._head_index.get(heads)
+        if hit is None:
+            firsts = [self.offsets[h] // self.page for h in heads]
+            hit = self._head_index[heads] = (
+                torch.tensor(heads, device=self.device),
+                torch.tensor(firsts, device=self.device, dtype=torch.int32),
+            )
+        return hit
 
     def _quest_pages(self, query: torch.Tensor) -> dict[tuple[int, ...], torch.Tensor]:
         """The pages to read for Quest heads with more valid pages than their budget, batched over heads that
@@ -362,11 +366,10 @@ class BudgetLayer(DynamicLayer):
                 batches.setdefault((n_pages, self.plans[h].decode_pages), []).append(h)
         picks = {}
         for (n_pages, budget), heads in batches.items():
-            firsts = torch.tensor([self.offsets[h] // page for h in heads], device=query.device, dtype=torch.int32)
+            heads_t, firsts = self._index(tuple(heads))
             index = (firsts[:, None] + torch.arange(n_pages, device=query.device, dtype=torch.int32)).long()  # (h, P)
             kmin = self.page_min[:, index].float()  # (B, h, P, D)
             kmax = self.page_max[:, index].float()
-            heads_t = torch.tensor(heads, device=query.device)
             q = query.view(query.shape[0], len(self.plans), group, -1)[:, heads_t].float()  # (B, h, G, D)
             q = q[:, :, :, None]  # (B, h, G, 1, D)
             bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, h, P)
@@ -395,7 +398,7 @@ class BudgetLayer(DynamicLayer):
             ids = ids.clone()
             counts = counts.clone()
             for heads, chosen in picks.items():
-                heads_t = torch.tensor(heads, device=ids.device)
+                heads_t, _ = self._index(heads)
                 ids[:, heads_t, : chosen.shape[-1]] = chosen
                 counts[heads_t] = chosen.shape[-1]
         return ids, counts.expand(batch, -1), limits

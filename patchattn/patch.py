@@ -155,20 +155,23 @@ def _is_padded(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
 
 
-def _cache_pre_hook(model, args, kwargs):
-    """Give a cached forward of a patched model the head-budgeted cache in place of an empty DynamicCache."""
-    compiled = _compiled_for(model.config)
+def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
+    """The head-budgeted cache this forward of a patched model runs with: the one it was given, or a new one in
+    place of an empty ``DynamicCache`` (written into ``kwargs``) when its recipe compresses the KV cache."""
     cache = kwargs.get("past_key_values")
+    if isinstance(cache, HeadBudgetCache):
+        return cache
+    compiled = _compiled_for(model.config)
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
     fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
-    if compiled is not None and use_cache and fresh and compiled.recipe.compresses_kv:
-        if _is_padded(kwargs.get("attention_mask")):
-            logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")
-        else:
-            cache = kwargs["past_key_values"] = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
-    kwargs["_patchattn_token"] = _ACTIVE_CACHE.set(cache if isinstance(cache, HeadBudgetCache) else None)
-    return args, kwargs
+    if compiled is None or not use_cache or not fresh or not compiled.recipe.compresses_kv:
+        return None
+    if _is_padded(kwargs.get("attention_mask")):
+        logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")
+        return None
+    cache = kwargs["past_key_values"] = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
+    return cache
 
 
 def _install_cache_hooks(model) -> None:
@@ -177,8 +180,7 @@ def _install_cache_hooks(model) -> None:
     tokens: list = []
 
     def pre(module, args, kwargs):
-        args, kwargs = _cache_pre_hook(module, args, kwargs)
-        tokens.append(kwargs.pop("_patchattn_token"))
+        tokens.append(_ACTIVE_CACHE.set(_budget_cache_for(module, kwargs)))
         return args, kwargs
 
     def post(module, args, kwargs, output):

@@ -8,6 +8,7 @@ dependency: without it the package imports fine and only the torch backend exist
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -74,18 +75,17 @@ def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
     return mod.unsupported_reason(q, k_cache, v_cache, page_size)
 
 
-def decode_function(q, k_cache, v_cache, page_size, backend="auto"):
-    """The decode implementation :func:`sparse_decode` would pick for inputs like these, as a function of
-    ``(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size, scale=None)``: callers that decode the
-    same shapes step after step choose once and skip the per-call checks."""
+def decode_function(q, k_cache, v_cache, page_size, backend="auto", validate=False):
+    """The decode implementation for inputs like these, as a function of ``(q, k_cache, v_cache, page_ids,
+    page_counts, seq_lens, page_size, scale=None)``: callers that decode the same shapes step after step choose
+    once and (``validate=False``) skip the kernel's per-call checks. Backends as in :func:`sparse_decode`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
         return sparse_decode_naive
     reason = _decode_triton_unsupported(q, k_cache, v_cache, page_size)
     if reason is None:
-        kernel = _sparse_decode_pkg.load_triton_kernel()
-        return lambda *args, **kwargs: kernel.sparse_decode_triton(*args, validate=False, **kwargs)
+        return functools.partial(_sparse_decode_pkg.load_triton_kernel().sparse_decode_triton, validate=validate)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run this input: {reason}")
     return sparse_decode_naive
@@ -98,17 +98,8 @@ def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_siz
     size are supported; the torch reference otherwise), "torch" or "triton" (raises ValueError saying why when
     the input is unsupported).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    args = (q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size)
-    if backend == "torch":
-        return sparse_decode_naive(*args, scale=scale)
-    reason = _decode_triton_unsupported(q, k_cache, v_cache, page_size)
-    if reason is None:
-        return sparse_decode_triton(*args, scale=scale)
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this input: {reason}")
-    return sparse_decode_naive(*args, scale=scale)
+    decode = decode_function(q, k_cache, v_cache, page_size, backend, validate=True)
+    return decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_size, scale=scale)
 
 
 __all__ = [
