@@ -231,9 +231,10 @@ def evaluate(
     recipe: List[Path] = typer.Option([], "--recipe", "-r", help="Recipe JSON (repeatable)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'uniform': add the uniform-budget recipe of equal sparsity for each recipe."),
     lengths: str = typer.Option("2048,4096", "--lengths", "-l", help="Comma-separated prompt lengths in tokens."),
-    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, speed (time to first token, ms per generated token, peak memory, KV bytes)."),
+    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue,speed", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, speed (time to first token, ms per generated token, peak memory, KV bytes; always run unless --speed-runs 0)."),
+    speed_runs: int = typer.Option(3, "--speed-runs", help="Timed runs per speed figure, after a warm-up run (medians are reported); 0 leaves speed out."),
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
-    output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md and plots."),
+    output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
@@ -251,7 +252,10 @@ def evaluate(
         from .recipe import Recipe
 
         length_list = _parse_lengths(lengths)
-        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        task_list = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "speed"]
+        if speed_runs < 0:
+            raise PatchattnError(f"--speed-runs must be 0 or more, not {speed_runs}")
+        task_list += ["speed"] if speed_runs else []  # speed and memory are part of every run
         if backend not in BACKENDS:
             raise PatchattnError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if baseline not in (None, "uniform"):
@@ -293,7 +297,7 @@ def evaluate(
             try:
                 results = run_eval(
                     lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed,
-                    progress=on_progress, backend=backend, on_row=save_partial,
+                    progress=on_progress, backend=backend, on_row=save_partial, speed_runs=max(1, speed_runs),
                 )
             except KeyboardInterrupt:
                 from .errors import RunInterrupted
@@ -306,7 +310,7 @@ def evaluate(
                 ) from None
         paths = write_report(results, output)
         _print_results(results)
-        console.print("written: " + ", ".join(str(p) for p in paths.values()))
+        console.print("written: " + ", ".join(str(p) for p in paths.values()), soft_wrap=True)
 
     _run(body)
 
@@ -319,32 +323,20 @@ def _unique(existing: dict, name: str) -> str:
 
 
 def _print_results(results: dict) -> None:
-    variants = list(results.get("variants", {}))
-    cells: dict[tuple[int, str], dict[str, dict]] = {}
-    for row in results.get("results", []):
-        cells.setdefault((row["length"], row["task"]), {})[row["variant"]] = row
-    table = Table(title="dense vs patched (perplexity: lower is better; tasks: accuracy)")
-    table.add_column("length", justify="right")
-    table.add_column("task")
-    for v in variants:
-        table.add_column(v, justify="right")
-    for (length, task), by_variant in cells.items():
-        table.add_row(str(length), task, *[_fmt(by_variant.get(v, {}).get("value")) for v in variants])
-    for length in sorted({length for length, _ in cells}):
-        sparsities = []
-        for v in variants:
-            values = [c[v]["sparsity"] for (n, _), c in cells.items() if n == length and v in c and c[v].get("sparsity") is not None]
-            sparsities.append(_fmt(sum(values) / len(values)) if values else "-")
-        table.add_row(str(length), "[dim]sparsity[/]", *sparsities)
-    console.print(table)
+    """The report's tables (eval/tables.py) as Rich tables."""
+    from rich.text import Text
 
+    from .eval.tables import all_tables, derived_label
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    for report_table in all_tables(results):
+        table = Table(title=report_table.title, caption=report_table.note or None, caption_justify="left")
+        for i, column in enumerate(report_table.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in report_table.rows:
+            label = derived_label(row[0])
+            first = Text(row[0]) if label is None else Text(label, style="dim italic")
+            table.add_row(first, *[Text(cell) for cell in row[1:]])
+        console.print(table)
 
 
 def run() -> None:  # pragma: no cover - console-script shim

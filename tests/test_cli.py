@@ -149,13 +149,16 @@ def test_eval_end_to_end_and_too_long(tiny_model_dir, tmp_path):
     recipe.save(tmp_path / "r.json")
     out = tmp_path / "results"
     result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 600, "--tasks", "ppl,passkey",
-                    "--trials", 1, "-o", out)
+                    "--trials", 1, "--speed-runs", 1, "-o", out)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     rows = {(r["task"], r["variant"]): r for r in data["results"]}
-    assert set(rows) == {("ppl", "dense"), ("ppl", "r"), ("passkey", "dense"), ("passkey", "r")}
+    assert set(rows) == {(task, v) for task in ("ppl", "passkey", "speed") for v in ("dense", "r")}  # speed in every run
     assert rows[("ppl", "r")]["sparsity"] > 0.3 and rows[("ppl", "dense")]["sparsity"] == 0.0
-    assert (out / "results.md").exists() and (out / "results.png").exists()
+    assert rows[("speed", "r")]["ms_per_token"] > 0 and data["speed_runs"] == 1
+    for name in ("results.md", "results.png", "accuracy_vs_sparsity.png", "speed_vs_length.png", "report.html"):
+        assert (out / name).exists()
+    assert "Speed and memory" in result.output and "results/report.html" in result.output  # Rich tables, where it is
 
     result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 4096, "-o", tmp_path / "r2")
     assert_clean_error(result, "4096", "2048")
@@ -192,7 +195,7 @@ def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
     recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
     recipe.save(tmp_path / "r.json")
     assert invoke("export", tiny_model_dir, "--recipe", tmp_path / "r.json", "-o", tmp_path / "exp").exit_code == 0
-    result = invoke("eval", tmp_path / "exp", "--lengths", 512, "--tasks", "ppl", "-o", tmp_path / "res")
+    result = invoke("eval", tmp_path / "exp", "--lengths", 512, "--tasks", "ppl", "--speed-runs", 0, "-o", tmp_path / "res")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "res" / "results.json").read_text())
     ppl = {r["variant"]: r for r in data["results"]}

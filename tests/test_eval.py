@@ -155,7 +155,7 @@ def tiny_results(tiny_model, plain_tokenizer):
 
 def test_run_eval_end_to_end(tiny_results, tiny_model):
     results, steps, total = tiny_results
-    assert results["schema_version"] == 1 and results["lengths"] == [256, 512]
+    assert results["schema_version"] == 2 and results["lengths"] == [256, 512] and results["speed_runs"] == 3
     assert list(results["variants"]) == ["dense", "streaming"]
     assert sum(n for n, _ in steps) == total == len(results["lengths"]) * 2 * (2 + 4 * 2)
     assert results["complete"] is True
@@ -169,7 +169,8 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
             assert row["metric"] == "perplexity" and math.isfinite(row["value"])
         elif task == "speed":  # time to first token and per generated token, on this CPU
             assert row["metric"] == "ttft_ms" and row["value"] > 0 and row["ms_per_token"] >= 0
-            assert row["device"] == "cpu" and row["peak_bytes"] is None
+            assert row["value"] == sorted(row["scores"])[1] and len(row["ms_per_token_runs"]) == 3  # medians of 3 runs
+            assert row["device"] == "cpu" and (row["peak_memory"] is None) == (row["peak_bytes"] is None)
         else:
             assert row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0 and len(row["replies"]) == 2
         if variant == "dense":
@@ -191,16 +192,17 @@ def test_write_report(tiny_results, tmp_path):
     out = tmp_path / "new" / "report"
     paths = write_report(results, out)
     assert "KV cache at end of generation" in paths["md"].read_text()
-    assert "time to first token (ms)" in paths["md"].read_text() and "ms per generated token (cpu)" in paths["md"].read_text()
-    assert set(paths) == {"json", "md", "png"}
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]  # no temp files
+    assert "time to first token (ms)" in paths["md"].read_text() and "Speed and memory — CPU figures" in paths["md"].read_text()
+    files = ["accuracy_vs_sparsity.png", "report.html", "results.json", "results.md", "results.png", "speed_vs_length.png"]
+    assert set(paths) == {"json", "md", "png", "accuracy_png", "speed_png", "html"}
+    assert sorted(p.name for p in out.iterdir()) == files  # no temp files
     assert json.loads(paths["json"].read_text()) == results
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["md"].read_text()
     assert "## 256 tokens" in md and "## 512 tokens" in md and "| task | dense | streaming |" in md
     assert md.count("*sparsity*") == 2 and "(−" in md or "(+" in md
     write_report(results, out)  # overwriting works and still leaves no temp files
-    assert len(list(out.iterdir())) == 3
+    assert sorted(p.name for p in out.iterdir()) == files
 
 
 def test_markdown_without_dense_baseline(tiny_results):

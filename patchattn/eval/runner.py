@@ -2,22 +2,30 @@
 
 The results dict is versioned and JSON-serialisable::
 
-    {"schema_version": 1, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
-     "environment": {...}, "variants": {name: {...}}, "complete": bool,
+    {"schema_version": 2, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
+     "speed_runs": int, "created": ISO-8601 UTC str, "environment": {...}, "variants": {name: {...}}, "complete": bool,
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
                   "replies", "prompt_tokens", "seconds", "kv_bytes"}]}
 
-``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` (time to first token; the row also has
-``ms_per_token``, ``peak_bytes`` (CUDA only) and ``device``) and ``"accuracy"`` (mean score over trials) otherwise.
+``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` and ``"accuracy"`` (mean score over
+trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` timed
+prefills after a warm-up (``scores`` holds each run); it also has ``ms_per_token`` (median) and
+``ms_per_token_runs``, ``decode_tokens``, ``peak_bytes`` (median peak memory of one generation),
+``peak_memory`` (what that measures: ``"cuda_allocated"``, ``"process_rss"`` on a CPU, or None) and
+``device``. ``environment`` has ``device`` and ``device_name`` (the GPU's or CPU's model) and ``threads``.
 ``kv_bytes`` is the mean size of the KV cache at the end of each generation (None for perplexity), the
 patched variants' through the head-budgeted cache. ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
+
+Schema 1 had no ``speed_runs``, ``created``, ``peak_memory``, ``*_runs``, ``decode_tokens`` or ``device_name``,
+and a speed row's ``scores`` held the one median.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -32,9 +40,10 @@ from .tasks import answer, measure_speed, perplexity, ppl_input_ids
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")
-DEFAULT_TASKS = ("ppl", "passkey", "single", "multikey", "multivalue")  # "speed" on request: it re-runs prefills
+DEFAULT_TASKS = TASKS
+SPEED_DECODE_TOKENS = 16
 Progress = Callable[[int, str], None]
 
 
@@ -108,15 +117,17 @@ def run_eval(
     model_name: str | None = None,
     backend: str = "auto",
     on_row: Callable[[dict], None] | None = None,
+    speed_runs: int = 3,
 ) -> dict:
     """Evaluate each variant on the same prompts. ``variants`` maps a display name to a Recipe, or to
     None for the unpatched model; name the baseline ``"dense"`` for the report's deltas.
     ``progress(advance, description)`` is called before each block (advance 0) and after each trial
     (advance 1); ``eval_steps`` gives the total. ``on_row(results)`` is called after each finished row with the
-    results so far (``"complete": False`` until the last row), so a caller can save them as they come."""
+    results so far (``"complete": False`` until the last row), so a caller can save them as they come.
+    ``speed_runs``: timed runs per speed measurement (after a warm-up); the medians are reported."""
     _check_tasks(tasks)
-    if trials < 1:
-        raise ValueError("trials must be at least 1")
+    if trials < 1 or speed_runs < 1:
+        raise ValueError("trials and speed_runs must be at least 1")
     if not variants:
         raise ValueError("no variants to evaluate")
     lengths = sorted(set(int(n) for n in lengths))
@@ -131,14 +142,19 @@ def run_eval(
         "tasks": list(tasks),
         "trials": trials,
         "seed": seed,
+        "speed_runs": speed_runs,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(model),
         "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
     }
     n_rows = len(lengths) * len(tasks) * len(variants)
     for length in lengths:
         for task in tasks:
-            if task in ("ppl", "speed"):
+            if task == "ppl":
                 inputs: list = [ppl_input_ids(tokenizer, length, seed)]
+            elif task == "speed":  # the generation must fit in the context too
+                fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
+                inputs = [ppl_input_ids(tokenizer, fits, seed)]
             else:
                 inputs = _prompts(task, tokenizer, length, limit, trials, seed)
             for name, recipe in variants.items():
@@ -151,8 +167,8 @@ def run_eval(
                         if task == "ppl":
                             scores.append(perplexity(model, item))
                         elif task == "speed":
-                            speed = measure_speed(model, item)
-                            scores.append(speed.ttft_ms)
+                            speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
+                            scores.extend(speed.ttft_runs_ms)
                             if speed.kv_bytes is not None:
                                 kv_bytes.append(speed.kv_bytes)
                         else:
@@ -168,7 +184,7 @@ def run_eval(
                     "task": task,
                     "variant": name,
                     "metric": {"ppl": "perplexity", "speed": "ttft_ms"}.get(task, "accuracy"),
-                    "value": scores[0] if task in ("ppl", "speed") else sum(scores) / len(scores),
+                    "value": scores[0] if task == "ppl" else speed.ttft_ms if speed else sum(scores) / len(scores),
                     "sparsity": None if sparsity is None else float(sparsity),
                     "trials": len(inputs),
                     "scores": scores,
@@ -178,7 +194,11 @@ def run_eval(
                     "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
                 }
                 if speed is not None:
-                    row.update(ms_per_token=speed.ms_per_token, peak_bytes=speed.peak_bytes, device=speed.device)
+                    row.update(
+                        ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
+                        decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
+                        device=speed.device,
+                    )
                 logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
                 results.append(row)
                 if on_row is not None:
@@ -199,10 +219,29 @@ def _environment(model) -> dict:
     import transformers
 
     parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "device": str(parameter.device) if parameter is not None else "cpu",
+        "device": str(device),
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
         "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
+
+
+def _device_name(device: torch.device) -> str | None:
+    """The GPU's name, or the CPU's model name (Linux: /proc/cpuinfo), for labelling speed figures."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None

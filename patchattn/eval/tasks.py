@@ -131,9 +131,12 @@ def answer(model, tokenizer, prompt: Prompt) -> NeedleResult:
 class SpeedResult:
     ttft_ms: float  # median time of a prefill that produces the first token (logits of the last position only)
     ms_per_token: float  # median time per generated token after it (greedy, through the model's cache)
-    peak_bytes: int | None  # peak device memory of one generation (CUDA only; None on CPU)
-    kv_bytes: int | None  # the KV cache at the end of that generation
+    peak_bytes: int | None  # median over runs of the peak memory of one generation (see ``peak_memory``)
+    peak_memory: str | None  # what peak_bytes measures: "cuda_allocated" or "process_rss"; None if unmeasured
+    kv_bytes: int | None  # the KV cache at the end of a generation
     device: str
+    ttft_runs_ms: list[float]  # each timed prefill, warm-up excluded
+    ms_per_token_runs: list[float]  # each timed generation's decode share, warm-up excluded
 
 
 def _sync(device) -> None:
@@ -141,18 +144,68 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _PeakMemory:
+    """Peak memory of one run on ``device``: CUDA's allocator peak (``"cuda_allocated"``), or on a CPU the
+    process's peak resident set size (``"process_rss"``, Linux: VmHWM, reset through /proc/self/clear_refs;
+    it counts the weights and whatever the allocator kept, not only this run's tensors). None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "process_rss" if self._rss_resettable() else None
+
+    @staticmethod
+    def _rss_resettable() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            return _vm_hwm_bytes() is not None
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.kind == "cuda_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "process_rss":
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM to the current RSS
+
+    def peak_bytes(self) -> int | None:
+        if self.kind == "cuda_allocated":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "process_rss":
+            return _vm_hwm_bytes()
+        return None
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3) -> SpeedResult:
-    """Time to first token and ms per generated token of one prompt, warm-up excluded, medians of ``repeats``.
+    """Time to first token, ms per generated token and peak memory of one prompt: one warm-up prefill and one
+    warm-up generation first (not counted), then medians of ``repeats`` timed runs of each.
 
-    ms per token = (time of a generation of ``1 + decode_tokens`` tokens - its own prefill's share, the TTFT
-    median) / ``decode_tokens``."""
+    ms per token of a run = (time of a generation of ``1 + decode_tokens`` tokens - the TTFT median) /
+    ``decode_tokens``."""
     import statistics
     import time
 
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([input_ids], device=device)
-    greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0)
+    n_new = decode_tokens + 1
+    greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0,
+                  max_new_tokens=n_new, min_new_tokens=n_new)
+    memory = _PeakMemory(device)
 
     def timed(fn):
         _sync(device)
@@ -161,16 +214,29 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
         _sync(device)
         return (time.perf_counter() - start) * 1e3, out
 
-    timed(lambda: model(ids, use_cache=False, logits_to_keep=1))  # warm-up
-    ttft = statistics.median(timed(lambda: model(ids, use_cache=False, logits_to_keep=1))[0] for _ in range(repeats))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    totals, kv = [], None
-    n_new = decode_tokens + 1
+    def prefill():
+        return model(ids, use_cache=False, logits_to_keep=1)
+
+    timed(prefill)  # warm-up
+    ttft_runs = [timed(prefill)[0] for _ in range(repeats)]
+    ttft = statistics.median(ttft_runs)
+    timed(lambda: model.generate(ids, **greedy))  # warm-up
+    totals, peaks, kv = [], [], None
     for _ in range(repeats):
-        ms, out = timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **greedy))
+        memory.reset()
+        ms, out = timed(lambda: model.generate(ids, **greedy))
         totals.append(ms)
+        peaks.append(memory.peak_bytes())
         kv = cache_bytes(getattr(out, "past_key_values", None))
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-    per_token = max(0.0, (statistics.median(totals) - ttft) / decode_tokens)
-    return SpeedResult(round(ttft, 3), round(per_token, 3), peak, kv, str(device))
+    per_token_runs = [max(0.0, (total - ttft) / decode_tokens) for total in totals]
+    peak = None if None in peaks else int(statistics.median(peaks))
+    return SpeedResult(
+        ttft_ms=round(ttft, 3),
+        ms_per_token=round(statistics.median(per_token_runs), 3),
+        peak_bytes=peak,
+        peak_memory=memory.kind if peak is not None else None,
+        kv_bytes=kv,
+        device=str(device),
+        ttft_runs_ms=[round(x, 3) for x in ttft_runs],
+        ms_per_token_runs=[round(x, 3) for x in per_token_runs],
+    )

@@ -1,0 +1,253 @@
+"""The report's tables as plain cells, computed once from a results dict and rendered by each front end:
+results.md (report.py), report.html (html.py) and the terminal (cli.py, through Rich).
+
+Every cell is already formatted text; a renderer only lays the cells out (and escapes them). A first cell in
+``*asterisks*`` names a derived row (sparsity, KV cache), which a renderer may set in italics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BASELINE = "dense"
+TASK_TITLES = {
+    "ppl": "perplexity",
+    "passkey": "passkey (filler)",
+    "single": "single needle",
+    "multikey": "multi-key needle",
+    "multivalue": "multi-value needle",
+    "speed": "time to first token (ms)",
+}
+SPEED_TASK = "speed"
+PEAK_MEMORY_TITLES = {"cuda_allocated": "peak CUDA memory allocated", "process_rss": "peak process RSS"}
+
+
+@dataclass
+class ReportTable:
+    """One table: ``columns`` headers, ``rows`` of formatted cells (first column left-aligned, the rest right)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+
+
+def derived_label(cell: str) -> str | None:
+    """The label of a derived row's first cell (``*sparsity*`` -> ``sparsity``), None for an ordinary cell."""
+    return cell[1:-1] if len(cell) > 2 and cell.startswith("*") and cell.endswith("*") else None
+
+
+# ---- lookups --------------------------------------------------------------------------------------
+def rows_by_key(results: dict) -> dict[tuple, dict]:
+    return {(r.get("length"), r["task"], r["variant"]): r for r in results["results"]}
+
+
+def known_tasks(results: dict) -> list[str]:
+    """The built-in tasks of this run (in run order), speed excluded; other rows belong to lm-eval."""
+    return [t for t in results["tasks"] if t in TASK_TITLES and t != SPEED_TASK]
+
+
+def other_rows(results: dict) -> list[dict]:
+    """Rows of tasks patchattn does not define itself (lm-eval's), in the order they came."""
+    return [r for r in results["results"] if r["task"] not in TASK_TITLES]
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def variant_sparsity(results: dict, variant: str, task: str | None = None) -> float | None:
+    """Mean prefill sparsity of a variant over its rows (of one task, if given)."""
+    return mean_of([r for r in results["results"] if r["variant"] == variant and (task is None or r["task"] == task)], "sparsity")
+
+
+def speed_rows(results: dict) -> list[dict]:
+    return [r for r in results["results"] if r["task"] == SPEED_TASK]
+
+
+def device_label(results: dict) -> str:
+    """'CPU figures (model, N threads)' or 'CUDA figures (GPU name)': which machine the times come from."""
+    env = results.get("environment") or {}
+    device = next((r.get("device") for r in speed_rows(results) if r.get("device")), None) or env.get("device") or "cpu"
+    kind = device.split(":")[0]
+    name = env.get("device_name")
+    detail = ", ".join(x for x in (name, f"{env['threads']} threads" if kind == "cpu" and env.get("threads") else None) if x)
+    return f"{kind.upper()} figures" + (f" ({detail})" if detail else "")
+
+
+# ---- cell formats ---------------------------------------------------------------------------------
+def fmt_value(row: dict | None) -> str:
+    return "–" if row is None or row.get("value") is None else f"{row['value']:.2f}"
+
+
+def fmt_delta(row: dict | None, base: dict | None) -> str:
+    """' (+0.20)' for accuracy, ' (+0.31, +1.4%)' for perplexity: the difference from the baseline row."""
+    if row is None or base is None or row.get("value") is None or base.get("value") is None:
+        return ""
+    delta = row["value"] - base["value"]
+    text = f"{'+' if delta >= 0 else '−'}{abs(delta):.2f}"
+    if row.get("metric") == "perplexity" and base["value"]:
+        text += f", {100 * delta / base['value']:+.1f}%"
+    return f" ({text})"
+
+
+def fmt_speedup(value: float | None, base: float | None) -> str:
+    """' (1.50x)': how many times faster than the baseline (a time: lower is better)."""
+    return f" ({base / value:.2f}x)" if value and base else ""
+
+
+def fmt_sparsity(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def fmt_bytes(value: float | None, base: float | None = None) -> str:
+    if value is None:
+        return "–"
+    unit, scale = next((u, x) for u, x in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if value >= x or u == "KiB")
+    text = f"{value / scale:.1f} {unit}"
+    if base and value != base:
+        text += f" ({100 * (value - base) / base:+.0f}%)"
+    return text
+
+
+def fmt_number(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+def summary_table(results: dict) -> ReportTable:
+    """One row per variant: sparsity, KV cache and speed at the longest length, each against dense."""
+    rows = rows_by_key(results)
+    variants = list(results["variants"])
+    longest = max(results["lengths"]) if results["lengths"] else None
+    has_base = BASELINE in variants
+
+    def at_longest(variant: str, task: str | None, key: str):
+        cells = [r for (n, t, v), r in rows.items() if n == longest and v == variant and (task is None or t == task)]
+        return mean_of(cells, key)
+
+    base_kv = at_longest(BASELINE, None, "kv_bytes") if has_base else None
+    base_ttft = at_longest(BASELINE, SPEED_TASK, "value") if has_base else None
+    base_tok = at_longest(BASELINE, SPEED_TASK, "ms_per_token") if has_base else None
+    table = ReportTable(
+        "Variants",
+        ["variant", "prefill sparsity", f"KV cache at {longest} tokens", f"time to first token at {longest} (ms)", f"ms per token at {longest}"],
+        note=f"Sparsity: mean over every row of the variant. Brackets: change from `{BASELINE}` (speed: times faster). "
+        f"Speed: {device_label(results)}." if has_base else f"Speed: {device_label(results)}.",
+    )
+    for v in variants:
+        ttft = at_longest(v, SPEED_TASK, "value")
+        per_token = at_longest(v, SPEED_TASK, "ms_per_token")
+        table.rows.append([
+            v,
+            fmt_sparsity(variant_sparsity(results, v)),
+            fmt_bytes(at_longest(v, None, "kv_bytes"), None if v == BASELINE else base_kv),
+            "–" if ttft is None else f"{ttft:.1f}" + ("" if v == BASELINE else fmt_speedup(ttft, base_ttft)),
+            "–" if per_token is None else f"{per_token:.2f}" + ("" if v == BASELINE else fmt_speedup(per_token, base_tok)),
+        ])
+    return table
+
+
+def accuracy_tables(results: dict) -> list[ReportTable]:
+    """Per length: each built-in task's score per variant (difference from dense), then sparsity and KV bytes."""
+    rows = rows_by_key(results)
+    variants = list(results["variants"])
+    has_base = BASELINE in variants
+    tables = []
+    for length in results["lengths"]:
+        table = ReportTable(f"{length} tokens", ["task", *variants])
+        for task in known_tasks(results):
+            if not any((length, task, v) in rows for v in variants):
+                continue
+            base = rows.get((length, task, BASELINE))
+            cells = [fmt_value(rows.get((length, task, v))) + ("" if v == BASELINE else fmt_delta(rows.get((length, task, v)), base)) for v in variants]
+            table.rows.append([TASK_TITLES[task], *cells])
+        at_length = lambda v: [r for (n, _, name), r in rows.items() if n == length and name == v]  # noqa: E731
+        table.rows.append(["*sparsity*", *[fmt_sparsity(mean_of(at_length(v), "sparsity")) for v in variants]])
+        kv = [mean_of(at_length(v), "kv_bytes") for v in variants]
+        if any(x is not None for x in kv):
+            base_kv = kv[variants.index(BASELINE)] if has_base else None
+            table.rows.append(["*KV cache at end of generation*", *[fmt_bytes(x, base_kv) for x in kv]])
+        tables.append(table)
+    return tables
+
+
+def speed_table(results: dict) -> ReportTable | None:
+    """Per length and variant: time to first token, ms per generated token, peak memory, KV cache; None without
+    speed rows."""
+    speed = speed_rows(results)
+    if not speed:
+        return None
+    base = {r["length"]: r for r in speed if r["variant"] == BASELINE}
+    kinds = {r.get("peak_memory") for r in speed if r.get("peak_memory")}
+    peak_title = " / ".join(PEAK_MEMORY_TITLES.get(k, k) for k in sorted(kinds)) or "peak memory"
+    runs = results.get("speed_runs")
+    decode = next((r.get("decode_tokens") for r in speed if r.get("decode_tokens")), None)
+    note = (
+        f"{device_label(results)}. Medians of {runs or 'several'} timed runs after a warm-up run"
+        + (f"; ms per token over {decode} generated tokens after the first" if decode else "")
+        + ". Brackets: times faster than dense, or KV cache change."
+    )
+    if "process_rss" in kinds:
+        note += " Peak process RSS is the whole process's resident memory during one generation (weights included)."
+    table = ReportTable(f"Speed and memory — {device_label(results)}", ["length", "variant", "time to first token (ms)", "ms per generated token", peak_title, "KV cache"], note=note)
+    for row in sorted(speed, key=lambda r: (r["length"], list(results["variants"]).index(r["variant"]) if r["variant"] in results["variants"] else 0)):
+        b = None if row["variant"] == BASELINE else base.get(row["length"])
+        table.rows.append([
+            str(row["length"]),
+            row["variant"],
+            f"{row['value']:.1f}" + fmt_speedup(row["value"], b and b["value"]),
+            "–" if row.get("ms_per_token") is None else f"{row['ms_per_token']:.2f}" + fmt_speedup(row["ms_per_token"], b and b.get("ms_per_token")),
+            fmt_bytes(row.get("peak_bytes")),
+            fmt_bytes(row.get("kv_bytes"), b and b.get("kv_bytes")),
+        ])
+    return table
+
+
+def other_table(results: dict) -> ReportTable | None:
+    """Rows of tasks patchattn does not define (lm-eval's), generically: task, metric, length, one column per
+    variant; None when there are none."""
+    extra = other_rows(results)
+    if not extra:
+        return None
+    variants = list(results["variants"])
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in extra:
+        cells.setdefault((r["task"], r.get("metric") or "", r.get("length")), {})[r["variant"]] = r
+    table = ReportTable("lm-eval tasks", ["task", "metric", "length", *variants], note="Scores as lm-eval reports them; ± its standard error where given.")
+    for (task, metric, length), by_variant in cells.items():
+        values = []
+        for v in variants:
+            row = by_variant.get(v)
+            text = "–" if row is None else fmt_number(row.get("value"))
+            if row is not None and row.get("stderr") is not None:
+                text += f" ± {fmt_number(row['stderr'])}"
+            values.append(text)
+        table.rows.append([str(task), str(metric), "–" if length is None else str(length), *values])
+    return table
+
+
+def describe_variant(info: dict | None) -> str:
+    if not info or info.get("recipe") is None and not info.get("strategy_counts"):
+        return "the unpatched model (dense attention)"
+    parts = []
+    counts = info.get("strategy_counts") or {}
+    if counts:
+        parts.append("heads: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for key, label in (("calibration_seq_len", "calibrated at"), ("calibrated_sparsity", "sparsity at calibration")):
+        if info.get(key) is not None:
+            parts.append(f"{label} {info[key]}")
+    if info.get("uniform"):
+        parts.append("uniform budget: " + info["uniform"])
+    return "; ".join(parts) or "patched"
+
+
+def all_tables(results: dict) -> list[ReportTable]:
+    """Summary, per-length accuracy, speed and lm-eval tables, in report order (absent ones left out)."""
+    return [t for t in (summary_table(results), *accuracy_tables(results), speed_table(results), other_table(results)) if t is not None]
+
