@@ -79,6 +79,9 @@ def test_tables_label_device_and_compare_with_dense():
     assert lm.rows == [["lmeval:hellaswag", "acc_norm", "–", "0.410 ± 0.020", "0.400 ± 0.020", "0.390 ± 0.020"]]
     assert other_table(synthetic_results(lm_eval=False)) is None
     assert len(all_tables(results)) == 1 + len(LENGTHS) + 2
+    results["results"] = [r for r in results["results"] if r["task"] != "speed"]  # unmeasured columns are left out
+    assert summary_table(results).columns == ["variant", "prefill sparsity", "KV cache at 2048 tokens"]
+    assert "Speed" not in summary_table(results).note and speed_table(results) is None
 
 
 def test_markdown_has_every_section():

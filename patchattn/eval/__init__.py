@@ -1,8 +1,9 @@
 """Dense vs patched on the same prompts: perplexity, passkey and RULER-style needles, achieved sparsity.
 
 ``run_eval`` (runner.py) produces a versioned, JSON-serialisable results dict; ``write_report``
-(report.py) turns it into results.json / results.md / results.png. Prompt builders live in haystack.py,
-the tasks themselves in tasks.py.
+(report.py) turns it into results.json / results.md / PNG plots (plots.py) / a self-contained report.html
+(html.py), all from the same tables (tables.py). Prompt builders live in haystack.py, the tasks themselves
+(speed included) in tasks.py.
 """
 
 from .haystack import Prompt, build_prompt

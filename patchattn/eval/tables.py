@@ -137,8 +137,11 @@ def summary_table(results: dict) -> ReportTable:
     table = ReportTable(
         "Variants",
         ["variant", "prefill sparsity", f"KV cache at {longest} tokens", f"time to first token at {longest} (ms)", f"ms per token at {longest}"],
-        note=f"Sparsity: mean over every row of the variant. Brackets: change from `{BASELINE}` (speed: times faster). "
-        f"Speed: {device_label(results)}." if has_base else f"Speed: {device_label(results)}.",
+        note=" ".join(
+            ["Sparsity: mean over every row of the variant."]
+            + ([f"Brackets: change from `{BASELINE}` (speed: times faster)."] if has_base else [])
+            + ([f"Speed: {device_label(results)}."] if speed_rows(results) else [])
+        ),
     )
     for v in variants:
         ttft = at_longest(v, SPEED_TASK, "value")
@@ -150,6 +153,9 @@ def summary_table(results: dict) -> ReportTable:
             "–" if ttft is None else f"{ttft:.1f}" + ("" if v == BASELINE else fmt_speedup(ttft, base_ttft)),
             "–" if per_token is None else f"{per_token:.2f}" + ("" if v == BASELINE else fmt_speedup(per_token, base_tok)),
         ])
+    keep = [i for i in range(len(table.columns)) if i < 2 or any(row[i] != "–" for row in table.rows)]  # drop unmeasured
+    table.columns = [table.columns[i] for i in keep]
+    table.rows = [[row[i] for i in keep] for row in table.rows]
     return table
 
 
