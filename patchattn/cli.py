@@ -231,7 +231,7 @@ def evaluate(
     recipe: List[Path] = typer.Option([], "--recipe", "-r", help="Recipe JSON (repeatable)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'uniform': add the uniform-budget recipe of equal sparsity for each recipe."),
     lengths: str = typer.Option("2048,4096", "--lengths", "-l", help="Comma-separated prompt lengths in tokens."),
-    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue,speed", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, speed (time to first token, ms per generated token, peak memory, KV bytes; always run unless --speed-runs 0)."),
+    tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue,speed", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, multiquery, vartrack (variable tracking), speed (time to first token, ms per generated token, peak memory, KV bytes; always run unless --speed-runs 0)."),
     speed_runs: int = typer.Option(3, "--speed-runs", help="Timed runs per speed figure, after a warm-up run (medians are reported); 0 leaves speed out."),
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
@@ -239,11 +239,16 @@ def evaluate(
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    lm_eval_tasks: str = typer.Option(
+        "", "--lm-eval-tasks", help="Comma-separated lm-eval tasks, run dense and patched through lm-eval's HFLM: any installed task, or patchattn's own (patchattn_passkey, patchattn_single, patchattn_multikey, patchattn_multivalue, patchattn_multiquery, patchattn_vartrack; 'patchattn' for all) at --lengths with --trials and --seed."
+    ),
+    lm_eval_args: str = typer.Option("", "--lm-eval-args", help="lm-eval's own options as key=value pairs separated by commas (limit=5,num_fewshot=0,batch_size=1) or a JSON object (for values with commas, e.g. gen_kwargs)."),
 ):
     """Dense vs patched on the same prompts: perplexity, passkey and needle accuracy, achieved sparsity."""
 
     def body():
         from .calibrate import uniform_baseline
+        from .eval import lmeval
         from .eval.report import write_report
         from .eval.runner import check_lengths, eval_steps, run_eval
         from .io import ensure_writable_dir
@@ -260,6 +265,12 @@ def evaluate(
             raise PatchattnError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if baseline not in (None, "uniform"):
             raise PatchattnError(f"--baseline must be 'uniform', not {baseline!r}")
+        lm_eval_names = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
+        lm_eval_options = lmeval.parse_options(lm_eval_args)
+        task_manager = None
+        if lm_eval_names:  # lm-eval installed, its task names and options known, before the model loads
+            task_manager = lmeval.check_tasks(lm_eval_names)
+            lmeval.split_options(lm_eval_options)
         recipes = [Recipe.load(p) for p in recipe]
         for path, r in zip(recipe, recipes):
             r.name = path.stem  # variants are named after their files
@@ -283,7 +294,8 @@ def evaluate(
             if baseline == "uniform":
                 variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
         with _progress() as progress:
-            task = progress.add_task("evaluating", total=eval_steps(variants, length_list, task_list, trials))
+            total = eval_steps(variants, length_list, task_list, trials) + lmeval.lm_eval_steps(variants, length_list, lm_eval_names)
+            task = progress.add_task("evaluating", total=total)
 
             def on_progress(advance: int, description: str) -> None:
                 progress.update(task, advance=advance, description=description)
@@ -299,6 +311,18 @@ def evaluate(
                     lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed,
                     progress=on_progress, backend=backend, on_row=save_partial, speed_runs=max(1, speed_runs),
                 )
+                if lm_eval_names:  # lm-eval's rows join the same results, saved as they come
+                    results.update(complete=False, lm_eval={"version": lmeval.require_lm_eval(), "tasks": lm_eval_names, "options": lm_eval_options})
+
+                    def add_row(row: dict) -> None:
+                        results["results"].append(row)
+                        save_partial(results)
+
+                    lmeval.run_lm_eval(
+                        lm, tokenizer, variants, lm_eval_names, length_list, work_dir=output / "lm_eval_tasks", trials=trials,
+                        seed=seed, options=lm_eval_options, backend=backend, task_manager=task_manager, progress=on_progress, on_row=add_row,
+                    )
+                    results["complete"] = True
             except KeyboardInterrupt:
                 from .errors import RunInterrupted
 
@@ -311,6 +335,10 @@ def evaluate(
         paths = write_report(results, output)
         _print_results(results)
         console.print("written: " + ", ".join(str(p) for p in paths.values()), soft_wrap=True)
+        if lmeval.split_task_names(lm_eval_names)[0]:
+            model_args = "".join(f",{k}={v}" for k, v in lmeval.prompt_model_args(tokenizer).items())
+            console.print(f"patchattn's lm-eval tasks, per length, are in {output / 'lm_eval_tasks'}; on the dense model: "
+                          f"`lm_eval --model hf --model_args pretrained=MODEL{model_args} --include_path {output / 'lm_eval_tasks'}/LENGTH --tasks patchattn`", soft_wrap=True)
 
     _run(body)
 

@@ -97,6 +97,23 @@ def test_needle_structure(plain_tokenizer):
     assert len(passkey.answers[0]) == 5 and "The grass is green." in passkey.text
 
 
+def test_multiquery_and_variable_tracking(plain_tokenizer):
+    multiquery = build_prompt("multiquery", plain_tokenizer, 1500, 0)
+    needles = [p for p in multiquery.text.split("\n\n") if p.startswith("The special magic number for") and " is: " in p]
+    assert len(needles) == 4 and len(multiquery.answers) == 2 and multiquery.match == "all"
+    assert all(any(n.endswith(f" {a}.") for n in needles) for a in multiquery.answers)
+    assert score(multiquery, " " + " and ".join(reversed(multiquery.answers))) == 1.0
+    assert score(multiquery, " " + multiquery.answers[0]) == 0.0
+    track = build_prompt("vartrack", plain_tokenizer, 1500, 0)
+    first, *rest = track.answers
+    chain = [f"VAR {first} = {numbers_in(track.text.split(f'VAR {first} = ')[1])[0]}."]
+    chain += [f"VAR {name} = VAR {source}." for source, name in zip(track.answers, rest)]
+    positions = [track.text.index(line) for line in chain]
+    assert len(track.answers) == 3 and positions == sorted(positions)  # the chain reads in order
+    assert score(track, " " + ", ".join(track.answers) + ".") == 1.0 and score(track, f" {first} and {rest[0]}") == 0.0
+    assert score(track, " " + " ".join(a.lower() for a in track.answers)) == 0.0
+
+
 def test_prompt_too_short_for_its_fixed_parts(plain_tokenizer):
     with pytest.raises(PatchattnError, match="too short"):
         build_prompt("multivalue", plain_tokenizer, 40, 0)

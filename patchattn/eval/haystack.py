@@ -1,4 +1,4 @@
-"""Seeded long-context prompts: passkey in repeated filler, RULER-style needles in real prose.
+"""Seeded long-context prompts: passkey and variable tracking in repeated filler, RULER-style needles in real prose.
 
 Every builder is ``(tokenizer, length_tokens, seed) -> Prompt``. The same arguments give the same prompt
 in any process (``random.Random`` with a string seed). The prompt is ``length_tokens`` long, or at most
@@ -24,6 +24,9 @@ from typing import Callable
 
 from ..errors import PatchattnError
 from ..text import load_text
+from .scoring import numbers_in, score_reply
+
+__all__ = ["BUILDERS", "Prompt", "build_prompt", "numbers_in", "score"]
 
 LENGTH_SLACK_TOKENS = 8
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -54,14 +57,19 @@ NEEDLE_QUESTION = "What is the special magic number for {key}?"
 NEEDLE_ANSWER_PREFIX = "The special magic number for {key} is:"
 MULTIVALUE_QUESTION = "What are all the special magic numbers for {key}?"
 MULTIVALUE_ANSWER_PREFIX = "The special magic numbers for {key} are:"
+VARIABLE_INSTRUCTION = "Memorize and track the chain of variable assignments hidden in the following text."
+VARIABLE_VALUE = "VAR {name} = {value}."
+VARIABLE_COPY = "VAR {name} = VAR {source}."
+VARIABLE_QUESTION = "Find all variables that are assigned the value {value} in the text above."
+VARIABLE_ANSWER_PREFIX = "According to the chain of variable assignments in the text above, {count} variables are assigned the value {value}, they are:"
 NEEDLE_SEPARATOR = "\n\n"  # a needle stands as its own paragraph: SmolLM2 finds it far more reliably
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One eval prompt. ``answers``: what a correct reply contains; ``match`` says how they are scored:
-    ``"any"`` (the one answer appears), ``"first"`` (the first number in the reply is the answer, so that
-    reciting a distractor first fails), ``"all"`` (every answer appears)."""
+    """One eval prompt. ``answers``: what a correct reply contains; ``match`` says how they are scored
+    (scoring.py): ``"any"`` (the one answer appears), ``"first"`` (the first number in the reply is the
+    answer, so that reciting a distractor first fails), ``"all"`` (every answer appears)."""
 
     task: str
     input_ids: list[int]
@@ -128,13 +136,13 @@ def _haystack(stream: _Stream, start: int, n_tokens: int, depths: list[float], n
 
 
 # ---- assembling the prompt ------------------------------------------------------------------------
-def _uses_chat_template(tokenizer) -> bool:
+def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _render(tokenizer, instruction: str, haystack: str, question: str, answer_prefix: str) -> tuple[str, list[int]]:
     body = f"{instruction}\n\n{haystack}\n\n{question}"
-    if _uses_chat_template(tokenizer):
+    if uses_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
         )
@@ -232,15 +240,50 @@ def multivalue_prompt(tokenizer, length_tokens: int, seed: int, n_values: int = 
     return _needle_prompt(tokenizer, length_tokens, rng, "multivalue", key, [key] * n_values, values, depths, "all")
 
 
+def multiquery_prompt(tokenizer, length_tokens: int, seed: int, n_keys: int = 4, n_queries: int = 2) -> Prompt:
+    """``n_keys`` needles with different keys; ``n_queries`` of them are asked for at once, all must be
+    recovered (RULER's multi-query; the other needles are distractors)."""
+    rng = _rng("multiquery", length_tokens, seed)
+    keys, values = _keys(rng, n_keys), _numbers(rng, n_keys, 7)
+    depths = [rng.uniform(0.05, 0.95) for _ in keys]
+    asked = sorted(rng.sample(range(n_keys), n_queries))
+    asked_keys = " and ".join(keys[i] for i in asked)
+    return _needle_prompt(
+        tokenizer, length_tokens, rng, "multiquery", asked_keys, keys, values, depths, "all",
+        answers=[values[i] for i in asked],
+    )
+
+
+def variable_tracking_prompt(tokenizer, length_tokens: int, seed: int, n_hops: int = 2) -> Prompt:
+    """RULER's variable tracking: ``VAR A = 12345.`` then ``VAR B = VAR A.``, ``n_hops`` times, in order at
+    seeded depths of the repeated filler; every variable holding the value must be named."""
+    rng = _rng("vartrack", length_tokens, seed)
+    value = _numbers(rng, 1, 5)[0]
+    names: list[str] = []
+    while len(names) < n_hops + 1:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    needles = [VARIABLE_VALUE.format(name=names[0], value=value)]
+    needles += [VARIABLE_COPY.format(name=name, source=source) for source, name in zip(names, names[1:])]
+    depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)  # the chain reads in order
+    question = VARIABLE_QUESTION.format(value=value)
+    answer_prefix = VARIABLE_ANSWER_PREFIX.format(count=len(names), value=value)
+    text, ids = _fit(tokenizer, length_tokens, "filler", rng, depths, needles, VARIABLE_INSTRUCTION, question, answer_prefix)
+    return Prompt("vartrack", ids, text, tuple(names), "all", _answer_tokens(tokenizer, names), tuple(depths))
+
+
 def _needle_prompt(
     tokenizer, length_tokens: int, rng: random.Random, task: str, asked_key: str, keys: list[str], values: list[str],
-    depths: list[float], match: str, answer: str | None = None,
+    depths: list[float], match: str, answer: str | None = None, answers: list[str] | None = None,
 ) -> Prompt:
+    """Needles ``key -> value`` in held-out prose, asked about ``asked_key``: for one value (``answer``, by
+    default the first) unless ``match`` is ``"all"`` (``answers``, by default every value)."""
     needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
     if match == "all":
         question = MULTIVALUE_QUESTION.format(key=asked_key)
         answer_prefix = MULTIVALUE_ANSWER_PREFIX.format(key=asked_key)
-        answers = tuple(values)
+        answers = tuple(answers or values)
     else:
         question = NEEDLE_QUESTION.format(key=asked_key)
         answer_prefix = NEEDLE_ANSWER_PREFIX.format(key=asked_key)
@@ -254,6 +297,8 @@ BUILDERS: dict[str, Callable[..., Prompt]] = {
     "single": single_needle_prompt,
     "multikey": multikey_prompt,
     "multivalue": multivalue_prompt,
+    "multiquery": multiquery_prompt,
+    "vartrack": variable_tracking_prompt,
 }
 
 
@@ -263,19 +308,6 @@ def build_prompt(task: str, tokenizer, length_tokens: int, seed: int) -> Prompt:
     return BUILDERS[task](tokenizer, length_tokens, seed)
 
 
-_NUMBER = re.compile(r"\d+")
-
-
-def numbers_in(reply: str) -> list[str]:
-    """Digit runs in a reply, with thousands separators (``1,234,567``) joined."""
-    return _NUMBER.findall(re.sub(r"(?<=\d)[,\u202f](?=\d{3})", "", reply))
-
-
 def score(prompt: Prompt, reply: str) -> float:
     """1.0 when the reply answers the prompt (see :class:`Prompt` for the match modes), else 0.0."""
-    found = numbers_in(reply)
-    if prompt.match == "first":
-        return float(bool(found) and found[0] == prompt.answers[0])
-    if prompt.match == "all":
-        return float(all(a in found for a in prompt.answers))
-    return float(prompt.answers[0] in found)
+    return score_reply(reply, prompt.answers, prompt.match)

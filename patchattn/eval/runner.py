@@ -41,8 +41,8 @@ from .tasks import answer, measure_speed, perplexity, ppl_input_ids
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")
-DEFAULT_TASKS = TASKS
+TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "multiquery", "vartrack", "speed")
+DEFAULT_TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")  # multiquery, vartrack on request
 SPEED_DECODE_TOKENS = 16
 Progress = Callable[[int, str], None]
 
@@ -92,7 +92,7 @@ def _variant_info(recipe: Recipe | None) -> dict:
     return info
 
 
-def _prompts(task: str, tokenizer, length: int, limit: int | None, trials: int, seed: int) -> list[Prompt]:
+def task_prompts(task: str, tokenizer, length: int, limit: int | None, trials: int, seed: int) -> list[Prompt]:
     """``trials`` prompts; shortened by the reply length where prompt plus reply would overrun the context."""
     prompts = []
     for trial in range(trials):
@@ -156,7 +156,7 @@ def run_eval(
                 fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
                 inputs = [ppl_input_ids(tokenizer, fits, seed)]
             else:
-                inputs = _prompts(task, tokenizer, length, limit, trials, seed)
+                inputs = task_prompts(task, tokenizer, length, limit, trials, seed)
             for name, recipe in variants.items():
                 description = f"{length} tokens · {task} · {name}"
                 report(0, description)

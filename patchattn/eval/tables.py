@@ -16,6 +16,8 @@ TASK_TITLES = {
     "single": "single needle",
     "multikey": "multi-key needle",
     "multivalue": "multi-value needle",
+    "multiquery": "multi-query needle",
+    "vartrack": "variable tracking",
     "speed": "time to first token (ms)",
 }
 SPEED_TASK = "speed"
