@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from patchattn.errors import PatchattnError
 from patchattn.eval import lmeval
@@ -16,30 +15,10 @@ from patchattn.eval.runner import run_eval, task_prompts
 from patchattn.recipe import Recipe
 
 pytest.importorskip("lm_eval")
-from test_eval import _train_tokenizer  # noqa: E402  (a BPE tokenizer with a BOS and a chat template, built offline)
+# a tiny random Llama and BPE tokenizers with a BOS (and a chat template), built offline
+from test_eval import chat_tokenizer, plain_tokenizer, tiny_model  # noqa: E402,F401  (fixtures)
 
 LENGTH = 400
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return _train_tokenizer(chat=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(chat_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = chat_tokenizer
-    config = LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def _task(task_dir, name):
@@ -74,17 +53,17 @@ def test_task_dir_holds_patchattn_prompts_as_lm_eval_tasks(tmp_path, chat_tokeni
         lmeval.write_task_dir(chat_tokenizer, LENGTH, tmp_path / "x", tasks=["nope"])
 
 
-def test_lm_eval_matches_own_eval_dense_and_patched(tmp_path, tiny_lm, chat_tokenizer):
+def test_lm_eval_matches_own_eval_dense_and_patched(tmp_path, tiny_model, chat_tokenizer):
     """Through HFLM, dense and patched, every reply is the one patchattn's own eval gets on the same prompt."""
-    recipe = Recipe.uniform(tiny_lm.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64, name="stream")
+    recipe = Recipe.uniform(tiny_model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64, name="stream")
     variants = {"dense": None, "stream": recipe}
     steps = []
     rows = lmeval.run_lm_eval(
-        tiny_lm, chat_tokenizer, variants, ["patchattn_passkey"], [LENGTH], work_dir=tmp_path, trials=3,
+        tiny_model, chat_tokenizer, variants, ["patchattn_passkey"], [LENGTH], work_dir=tmp_path, trials=3,
         options={"limit": 2}, progress=lambda advance, description: steps.append(advance),
     )
     assert steps.count(1) == lmeval.lm_eval_steps(variants, [LENGTH], ["patchattn_passkey"]) == 2
-    own = run_eval(tiny_lm, chat_tokenizer, variants, [LENGTH], tasks=["passkey"], trials=2)["results"]
+    own = run_eval(tiny_model, chat_tokenizer, variants, [LENGTH], tasks=["passkey"], trials=2)["results"]
     by_variant = {row["variant"]: row for row in rows}
     assert set(by_variant) == {"dense", "stream"}
     for own_row in own:
@@ -126,11 +105,11 @@ def test_cli_lm_eval_tasks(tmp_path, tiny_model_dir):
     """`patchattn eval --lm-eval-tasks` adds lm-eval rows to the report; an unknown task fails in one line first."""
     from typer.testing import CliRunner
 
-    from conftest import tiny_model
+    from conftest import tiny_model as tiny_llama
     from patchattn.cli import app
 
     recipe = tmp_path / "stream.json"
-    Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64).save(recipe)
+    Recipe.uniform(tiny_llama("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64).save(recipe)
     common = [str(tiny_model_dir), "-r", str(recipe), "-l", "512", "--tasks", "passkey", "--trials", "1", "--speed-runs", "0"]
     result = CliRunner().invoke(app, ["eval", *common, "--lm-eval-tasks", "patchattn_vartrack", "--lm-eval-args", "limit=1", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
