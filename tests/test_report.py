@@ -179,9 +179,13 @@ def test_measure_speed_medians_and_memory():
 
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    calls = []
+    real_generate = model.generate
+    model.generate = lambda *args, **kwargs: calls.append(kwargs["max_new_tokens"]) or real_generate(*args, **kwargs)
     result = measure_speed(model, ids, decode_tokens=4, repeats=3)
-    assert len(result.ttft_runs_ms) == 3 and result.ttft_ms == sorted(result.ttft_runs_ms)[1]
-    assert len(result.ms_per_token_runs) == 3 and result.ms_per_token == sorted(result.ms_per_token_runs)[1]
+    assert calls == [5] * 4  # a warm-up, then three timed generations of 1 + 4 tokens
+    assert len(result.ttft_runs_ms) == 3 and result.ttft_ms == sorted(result.ttft_runs_ms)[1] > 0
+    assert len(result.ms_per_token_runs) == 3 and result.ms_per_token == sorted(result.ms_per_token_runs)[1] > 0
     assert result.device == "cpu" and result.kv_bytes > 0
     if Path("/proc/self/clear_refs").exists():  # Linux: the process's peak RSS of one generation
         assert result.peak_memory == "process_rss" and result.peak_bytes > 10 * 2**20

@@ -9,7 +9,7 @@ The results dict is versioned and JSON-serialisable::
 
 ``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` and ``"accuracy"`` (mean score over
 trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` timed
-prefills after a warm-up (``scores`` holds each run); it also has ``ms_per_token`` (median) and
+greedy generations after a warm-up (``scores`` holds each run); it also has ``ms_per_token`` (median) and
 ``ms_per_token_runs``, ``decode_tokens``, ``peak_bytes`` (median peak memory of one generation),
 ``peak_memory`` (what that measures: ``"cuda_allocated"``, ``"process_rss"`` on a CPU, or None) and
 ``device``. ``environment`` has ``device`` and ``device_name`` (the GPU's or CPU's model) and ``threads``.

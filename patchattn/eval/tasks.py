@@ -129,14 +129,14 @@ def answer(model, tokenizer, prompt: Prompt) -> NeedleResult:
 
 @dataclass
 class SpeedResult:
-    ttft_ms: float  # median time of a prefill that produces the first token (logits of the last position only)
-    ms_per_token: float  # median time per generated token after it (greedy, through the model's cache)
+    ttft_ms: float  # median time from the generate call to the first token (prefill, cache set-up, first token)
+    ms_per_token: float  # median of each run's mean time per generated token after it (greedy, model's own cache)
     peak_bytes: int | None  # median over runs of the peak memory of one generation (see ``peak_memory``)
     peak_memory: str | None  # what peak_bytes measures: "cuda_allocated" or "process_rss"; None if unmeasured
     kv_bytes: int | None  # the KV cache at the end of a generation
     device: str
-    ttft_runs_ms: list[float]  # each timed prefill, warm-up excluded
-    ms_per_token_runs: list[float]  # each timed generation's decode share, warm-up excluded
+    ttft_runs_ms: list[float]  # each timed run's, warm-up excluded
+    ms_per_token_runs: list[float]  # each timed run's, warm-up excluded
 
 
 def _sync(device) -> None:
@@ -188,50 +188,58 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
+class _TokenClock:
+    """A stopping criterion that never stops: it notes the time each generated token is ready (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        from transformers import StoppingCriteriaList
+
+        self.device, self.times = device, []
+        self.criteria = StoppingCriteriaList([self])
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import time
+
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3) -> SpeedResult:
-    """Time to first token, ms per generated token and peak memory of one prompt: one warm-up prefill and one
-    warm-up generation first (not counted), then medians of ``repeats`` timed runs of each.
+    """Time to first token, ms per generated token and peak memory of one prompt, each the median of ``repeats``
+    greedy generations of ``1 + decode_tokens`` tokens after one warm-up generation (not counted).
 
-    ms per token of a run = (time of a generation of ``1 + decode_tokens`` tokens - the TTFT median) /
-    ``decode_tokens``."""
+    Both times come from the same ``generate`` call, through the model's own cache: the time to first token runs
+    from the call to the first token (prefill, cache set-up, first token), ms per token is the mean gap between the
+    tokens after it."""
     import statistics
     import time
 
-    if repeats < 1:
-        raise ValueError("repeats must be at least 1")
+    if repeats < 1 or decode_tokens < 1:
+        raise ValueError("repeats and decode_tokens must be at least 1")
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([input_ids], device=device)
     n_new = decode_tokens + 1
     greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0,
                   max_new_tokens=n_new, min_new_tokens=n_new)
     memory = _PeakMemory(device)
-
-    def timed(fn):
+    ttft_runs, per_token_runs, peaks, kv = [], [], [], None
+    for run in range(repeats + 1):  # run 0 is the warm-up
+        clock = _TokenClock(device)
+        memory.reset()
         _sync(device)
         start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        return (time.perf_counter() - start) * 1e3, out
-
-    def prefill():
-        return model(ids, use_cache=False, logits_to_keep=1)
-
-    timed(prefill)  # warm-up
-    ttft_runs = [timed(prefill)[0] for _ in range(repeats)]
-    ttft = statistics.median(ttft_runs)
-    timed(lambda: model.generate(ids, **greedy))  # warm-up
-    totals, peaks, kv = [], [], None
-    for _ in range(repeats):
-        memory.reset()
-        ms, out = timed(lambda: model.generate(ids, **greedy))
-        totals.append(ms)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), stopping_criteria=clock.criteria, **greedy)
+        if run == 0:
+            continue
+        ttft_runs.append((clock.times[0] - start) * 1e3)
+        per_token_runs.append((clock.times[-1] - clock.times[0]) * 1e3 / (len(clock.times) - 1))
         peaks.append(memory.peak_bytes())
         kv = cache_bytes(getattr(out, "past_key_values", None))
-    per_token_runs = [max(0.0, (total - ttft) / decode_tokens) for total in totals]
     peak = None if None in peaks else int(statistics.median(peaks))
     return SpeedResult(
-        ttft_ms=round(ttft, 3),
+        ttft_ms=round(statistics.median(ttft_runs), 3),
         ms_per_token=round(statistics.median(per_token_runs), 3),
         peak_bytes=peak,
         peak_memory=memory.kind if peak is not None else None,
