@@ -88,6 +88,56 @@ def test_calibrate_meets_target(target):
     assert len({(h.strategy, tuple(sorted(h.params.items()))) for layer in baseline.layers for h in layer}) == 1
 
 
+def test_retrieval_rows_continue_a_copied_passage_outside_the_last_block():
+    from patchattn.calibrate.kv import EVAL_ROWS, with_copy_tail
+    from patchattn.calibrate.run import retrieval_rows
+
+    n, block = 1000, 32  # a short last block (1000 = 31 * 32 + 8)
+    ids = torch.randperm(5000, generator=torch.Generator().manual_seed(1))[:n][None]  # distinct tokens
+    copied = with_copy_tail(ids, torch.Generator().manual_seed(0), eval_rows=EVAL_ROWS + block)
+    rows = retrieval_rows(n, block)
+    assert rows.numel() == EVAL_ROWS and int(rows.max()) < (n // block) * block  # before the last query block
+    source = int((ids[0] == copied[0, rows[0]]).nonzero())  # where the first row's token came from
+    assert source < n // 2 + 1
+    assert torch.equal(copied[0, rows], ids[0, source : source + EVAL_ROWS])  # the rows continue one passage
+    assert retrieval_rows(256, 32) is None  # too short to hold a copy
+
+
+def test_row_weights_select_rows():
+    """Scoring with all weight on one row equals scoring that row alone."""
+    from patchattn.calibrate.scoring import score_layer
+    from patchattn.strategies import STRATEGIES
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    cands = STRATEGIES["streaming"].budget_grid(256, 32) + STRATEGIES["vertical_slash"].budget_grid(256, 32)
+    rows = torch.tensor([40, 100, 200])
+    weighted = score_layer(q, k, v, cands, 32, rows, row_weights=torch.tensor([0.0, 1.0, 0.0]))
+    alone = score_layer(q, k, v, cands, 32, rows[1:2])
+    assert torch.allclose(weighted.kept_mass, alone.kept_mass, atol=1e-6)
+    assert torch.allclose(weighted.output_error, alone.output_error, atol=1e-6)
+    assert torch.equal(weighted.density, alone.density)
+
+
+def test_residual_error_weighs_heads_by_what_they_add():
+    """A head the output projection zeroes costs nothing when sparsified; the others' errors are shares of the layer
+    output, and the residual objective gives the silent head the sparsest candidate."""
+    from patchattn.calibrate.scoring import score_layer
+    from patchattn.strategies import STRATEGIES
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    cands = STRATEGIES["streaming"].budget_grid(256, 32)
+    out_proj = torch.randn(24, 2 * 16, generator=g)
+    out_proj[:, 16:] = 0.0  # head 1 adds nothing to the residual stream
+    scores = score_layer(q, k, v, cands, 32, torch.tensor([100, 150, 200, 250]), out_proj=out_proj)
+    assert torch.all(scores.residual_error[1] == 0)
+    assert scores.residual_error[0].max() > 0 and scores.output_error[1].max() > 0
+    assert score_layer(q, k, v, cands, 32, torch.tensor([100]), out_proj=out_proj[:, :8]).residual_error is None
+    recipe = calibrate(tiny_model("llama"), torch.randint(0, 256, (1, 1024), generator=g), target_sparsity=0.6, block_size=32, objective="residual")
+    assert recipe.calibration["objective"] == "residual" and recipe.calibration["achieved_sparsity"] >= 0.6 - 1e-6
+
+
 def test_calibrate_rejects_bad_target():
     with pytest.raises(PatchattnError, match="target-sparsity"):
         calibrate(tiny_model("llama"), torch.zeros(1, 512, dtype=torch.long), target_sparsity=1.5)

@@ -43,11 +43,12 @@ class KVScores:
 
 def with_copy_tail(input_ids: torch.Tensor, generator: torch.Generator, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> torch.Tensor:
     """``input_ids`` (1, N) whose last ``obs + eval_rows`` tokens are replaced by a copy of a passage from the
-    middle half of the text: the prompt then ends on the passage's first ``obs`` tokens (what SnapKV observes) and
-    the evaluated rows continue it."""
+    second eighth to the middle of the text, more than N/2 back (beyond every window candidate, so only a head that
+    keeps or finds the passage continues it well): the prompt then ends on the passage's first ``obs`` tokens (what
+    SnapKV observes) and the evaluated rows continue it."""
     n = input_ids.shape[1]
     span = obs + eval_rows
-    lo, hi = n // 4, 3 * n // 4 - span
+    lo, hi = n // 8, n // 2 - span
     if hi <= lo:
         return input_ids
     start = int(torch.randint(lo, hi, (1,), generator=generator))

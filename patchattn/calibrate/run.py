@@ -22,9 +22,13 @@ from .scoring import LayerScores, sample_rows, score_layer
 logger = logging.getLogger(__name__)
 
 DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "block_topk")
-# What the allocation maximises per head: the attention mass kept, or 1 - the relative error of the
-# attention output (which also weighs what the dropped keys' values would have contributed).
-OBJECTIVES = ("mass", "output")
+# What the allocation maximises per head: the attention mass kept, 1 - the relative error of the attention
+# output (which also weighs what the dropped keys' values would have contributed), or 1 - that error after the
+# output projection as a share of the layer's attention output ("residual": heads weighed by what they add).
+OBJECTIVES = ("mass", "output", "residual")
+# Share of the scoring given to rows that copy a passage from far back (see ``retrieval_rows``); the rest goes to
+# rows sampled over the whole text.
+RETRIEVAL_WEIGHT = 0.25
 
 
 def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) -> list[Strategy]:
@@ -64,6 +68,7 @@ def calibrate(
     kv_budget: float | None = None,
     decode_pages: int = 0,
     decode_recall: float | None = None,
+    retrieval_weight: float = RETRIEVAL_WEIGHT,
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
 
@@ -72,7 +77,12 @@ def calibrate(
     then makes every kept-in-full or SnapKV head read only that many Quest-selected pages per decode step;
     ``decode_recall`` instead gives each head kept in full the fewest pages whose Quest selection keeps that share
     of the last rows' attention (measured in the same pass).
-    Without it the recipe's KV plans follow from its prefill plans (streaming KV heads keep their window)."""
+    Without it the recipe's KV plans follow from its prefill plans (streaming KV heads keep their window).
+
+    Prose alone makes every head look local: a head that retrieves (copies what the prompt asks for from far back)
+    rarely shows it on sampled rows, and would be given a window. With ``retrieval_weight`` > 0 the text ends on a
+    passage repeated from its middle (:func:`~patchattn.calibrate.kv.with_copy_tail`) and the rows continuing the
+    copy, just before the last query block (which every layout keeps dense), weigh that much of each head's score."""
     if objective not in OBJECTIVES:
         raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if not 0.0 <= target_sparsity < 1.0:
@@ -81,6 +91,8 @@ def calibrate(
         raise PatchattnError(f"--kv-budget must be in (0, 1], not {kv_budget}")
     if decode_pages < 0:
         raise PatchattnError(f"--decode-pages must be >= 0, not {decode_pages}")
+    if not 0.0 <= retrieval_weight <= 1.0:
+        raise PatchattnError(f"--retrieval-weight must be in [0, 1], not {retrieval_weight}")
     if decode_recall is not None and not 0.0 < decode_recall <= 1.0:
         raise PatchattnError(f"--decode-recall must be in (0, 1], not {decode_recall}")
     if (decode_pages or decode_recall is not None) and kv_budget is None:
@@ -91,21 +103,29 @@ def calibrate(
         raise PatchattnError(f"calibration needs at least {4 * block_size} tokens at block size {block_size}; raise --seq-len")
     candidates = candidate_grid(strategies, n_tokens, block_size)
     rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
+    row_weights = None
     n_layers = _num_layers(model.config)
     scores: dict[int, LayerScores] = {}
     kv_scores: dict[int, KVScores] = {}
     kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
     if kv_budget is not None and n_tokens < 8 * EVAL_ROWS:
         raise PatchattnError(f"KV calibration needs at least {8 * EVAL_ROWS} tokens; raise --seq-len")
-    if kv_budget is not None:  # end on a passage repeated from the middle, so copying heads show themselves
-        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(seed))
+    copy_rows = retrieval_rows(n_tokens, block_size) if retrieval_weight > 0 else None
+    if copy_rows is not None:
+        row_weights = torch.cat([
+            torch.full((rows.numel(),), (1.0 - retrieval_weight) / rows.numel()),
+            torch.full((copy_rows.numel(),), retrieval_weight / copy_rows.numel()),
+        ])
+        rows = torch.cat([rows, copy_rows])
+    if kv_budget is not None or copy_rows is not None:  # end on a passage repeated from the middle
+        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(seed), eval_rows=EVAL_ROWS + block_size)
 
     def hook(module, query, key, value):
         layer = getattr(module, "layer_idx", len(scores))
         if query.shape[2] != key.shape[2] or layer in scores:
             return
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
-        scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale)
+        scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module))
         if kv_cands:
             kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
         if on_layer is not None:
@@ -126,11 +146,15 @@ def calibrate(
     if len(scores) != n_layers:
         raise PatchattnError(f"captured {len(scores)} of {n_layers} layers; this model's attention is not fully routed through the registry")
 
+    if objective == "residual" and any(scores[i].residual_error is None for i in range(n_layers)):
+        raise PatchattnError("--objective residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
     density = torch.stack([scores[i].density for i in range(n_layers)])  # (L, H, C)
     mass = torch.stack([scores[i].kept_mass for i in range(n_layers)])
     error = torch.stack([scores[i].output_error for i in range(n_layers)])
     n_heads, n_cand = density.shape[1], density.shape[2]
-    utility = mass if objective == "mass" else 1.0 - error
+    utility = {"mass": lambda: mass, "output": lambda: 1.0 - error}.get(
+        objective, lambda: 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
+    )()
     choice = allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
 
     layers = []
@@ -154,7 +178,9 @@ def calibrate(
         "mean_kept_mass": round(float(chosen_mass.mean()), 6),
         "mean_output_error": round(float(chosen_error.mean()), 6),
         "objective": objective,
-        "sampled_rows": int(rows.numel()),
+        "sampled_rows": int(rows.numel()) - (0 if copy_rows is None else int(copy_rows.numel())),
+        "retrieval_rows": 0 if copy_rows is None else int(copy_rows.numel()),
+        "retrieval_weight": retrieval_weight if copy_rows is not None else 0.0,
         "strategies": list(strategies),
         "layer_density": [round(float(x), 6) for x in chosen_density.mean(-1)],
         "candidates": [
@@ -174,6 +200,25 @@ def calibrate(
     return Recipe(
         model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated", kv_layers=kv_layers
     )
+
+
+def _out_proj(module) -> torch.Tensor | None:
+    """The attention module's output projection weight (hidden, Hq * D), where it is a plain linear layer."""
+    for name in ("o_proj", "out_proj", "dense"):
+        layer = getattr(module, name, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer.weight
+    return None
+
+
+def retrieval_rows(n_tokens: int, block_size: int) -> torch.Tensor | None:
+    """The ``EVAL_ROWS`` positions just before the last query block (rows of the copied passage after
+    ``with_copy_tail(..., eval_rows=EVAL_ROWS + block_size)``), or None when the text is too short for a copy."""
+    last_block_start = (-(-n_tokens // block_size) - 1) * block_size
+    start = last_block_start - EVAL_ROWS
+    if start < n_tokens // 2 or n_tokens < 8 * EVAL_ROWS:
+        return None
+    return torch.arange(start, last_block_start)
 
 
 def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):

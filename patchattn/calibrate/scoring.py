@@ -21,6 +21,9 @@ class LayerScores:
     density: torch.Tensor  # (H, C) float32
     kept_mass: torch.Tensor  # (H, C) float32
     output_error: torch.Tensor  # (H, C) float32: ||O_sparse - O_dense|| / ||O_dense|| on sampled rows
+    # (H, C) float32: ||W_h (O_sparse - O_dense)|| / ||sum_h W_h O_dense||, the head's error after the output
+    # projection as a share of the layer's whole attention output (None without the projection's weight)
+    residual_error: torch.Tensor | None = None
 
 
 def sample_rows(n_tokens: int, n_rows: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -56,8 +59,13 @@ def score_layer(
     block_size: int,
     rows: torch.Tensor,
     scale: float | None = None,
+    row_weights: torch.Tensor | None = None,
+    out_proj: torch.Tensor | None = None,
 ) -> LayerScores:
-    """``query`` (B, Hq, N, D), ``key``/``value`` (B, Hkv, N, D) post-RoPE; candidates grouped by strategy class."""
+    """``query`` (B, Hq, N, D), ``key``/``value`` (B, Hkv, N, D) post-RoPE; candidates grouped by strategy class.
+    ``row_weights`` (R,), summing to 1, weighs the rows in the means (default: equal). ``out_proj``: the layer's
+    output projection weight (hidden, Hq * D), for ``residual_error``: a head whose output the projection shrinks,
+    or that the other heads outweigh, matters less to the model than its own relative error says."""
     n_q_heads, head_dim = query.shape[1], query.shape[-1]
     key = key.repeat_interleave(n_q_heads // key.shape[1], dim=1)
     value = value.repeat_interleave(n_q_heads // value.shape[1], dim=1)
@@ -66,8 +74,17 @@ def score_layer(
     dense_out = partial_out.sum(-2)  # (B, H, R, D)
     dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
     row_blocks = (rows // block_size).to(query.device)
+    if row_weights is None:
+        row_weights = torch.full((rows.numel(),), 1.0 / rows.numel())
+    weights = row_weights.to(query.device, torch.float32)[None, None, :]  # (1, 1, R)
+    row_mean = lambda x: (x * weights).sum(-1).mean(0)  # noqa: E731  (B, H, R) -> (H,)
 
-    densities, masses, errors = [], [], []
+    w_heads = None
+    if out_proj is not None and out_proj.shape[-1] == n_q_heads * head_dim:
+        w_heads = out_proj.detach().float().view(out_proj.shape[0], n_q_heads, head_dim)  # (hidden, H, D)
+        layer_out = torch.einsum("bhrd,ehd->bre", dense_out, w_heads).norm(dim=-1).clamp(min=1e-6)  # (B, R)
+
+    densities, masses, errors, residual = [], [], [], []
     estimates: dict[type, object] = {}
     for cand in candidates:
         est = estimates.get(type(cand))
@@ -77,8 +94,11 @@ def score_layer(
         densities.append(block_density(keep).mean(0))
         keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
-        masses.append(kept.mean((0, 2)))
+        masses.append(row_mean(kept))
         sparse_out = torch.einsum("bhrj,bhrjd->bhrd", keep_rows, partial_out) / kept.clamp(min=1e-12)[..., None]
-        errors.append(((sparse_out - dense_out).norm(dim=-1) / dense_norm).mean((0, 2)))
+        errors.append(row_mean((sparse_out - dense_out).norm(dim=-1) / dense_norm))
+        if w_heads is not None:
+            projected = torch.einsum("bhrd,ehd->bhre", sparse_out - dense_out, w_heads).norm(dim=-1)  # (B, H, R)
+            residual.append(row_mean(projected / layer_out[:, None]))
     stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
-    return LayerScores(stack(densities), stack(masses), stack(errors))
+    return LayerScores(stack(densities), stack(masses), stack(errors), stack(residual) if residual else None)
