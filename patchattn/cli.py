@@ -92,7 +92,7 @@ def calibrate(
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
     strategies: str = typer.Option("dense,streaming,vertical_slash,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
-    objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default) or attention 'mass'."),
+    objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default), attention 'mass', or 'residual' (output error after the output projection, as a share of the layer's attention output: heads weighed by what they contribute)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
@@ -102,6 +102,9 @@ def calibrate(
     decode_pages: int = typer.Option(0, "--decode-pages", help="With --kv-budget: heads kept in full or by SnapKV read only this many Quest-selected 16-token pages per decode step (0: all)."),
     decode_recall: Optional[float] = typer.Option(
         None, "--decode-recall", help="With --kv-budget: each head kept in full reads the fewest Quest-selected pages that keep this share of the attention (e.g. 0.95), measured in the same pass."
+    ),
+    retrieval_weight: float = typer.Option(
+        0.25, "--retrieval-weight", help="Share of each head's score from rows that copy a passage from far back (the text ends on a repeat), so retrieving heads are not given a window; 0: prose rows only."
     ),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -148,6 +151,7 @@ def calibrate(
                 kv_budget=kv_budget,
                 decode_pages=decode_pages,
                 decode_recall=decode_recall,
+                retrieval_weight=retrieval_weight,
             )
         recipe.name = output.stem
         recipe.save(output)
