@@ -17,6 +17,10 @@ greedy generations after a warm-up (``scores`` holds each run); it also has ``ms
 patched variants' through the head-budgeted cache. ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
 
+``patchattn eval --lm-eval-tasks`` adds lm-eval's rows (lmeval.py: ``task`` is ``"lmeval:" + its lm-eval name``,
+``length`` None but for patchattn's own tasks, a ``stderr`` beside the value) and a top-level ``lm_eval`` with lm-eval's
+``version``, the ``tasks`` asked for and the ``options`` passed.
+
 Schema 1 had no ``speed_runs``, ``created``, ``peak_memory``, ``*_runs``, ``decode_tokens`` or ``device_name``,
 and a speed row's ``scores`` held the one median.
 """
