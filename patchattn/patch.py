@@ -155,6 +155,20 @@ def _is_padded(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
 
 
+MIN_KV_SAVING = 0.9  # below this share of the prompt's KV saved (and no Quest heads), the full cache is the better deal
+
+
+def _worth_budgeting(kv_plans, n_tokens: int) -> bool:
+    """Whether the head-budgeted cache pays on a prompt of ``n_tokens``: it holds at most 90% of the prompt's keys
+    and values, or some head reads Quest-selected pages. Short prompts under long windows keep nearly everything,
+    and then the full cache decodes faster and, having no page headroom, holds less."""
+    plans = [p for layer in kv_plans for p in layer]
+    if any(p.decode_pages > 0 for p in plans) or not plans or n_tokens <= 0:
+        return bool(plans)
+    kept = sum(p.kept_tokens(n_tokens) for p in plans) / (n_tokens * len(plans))
+    return kept <= MIN_KV_SAVING
+
+
 def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
     """The head-budgeted cache this forward of a patched model runs with: the one it was given, or a new one in
     place of an empty ``DynamicCache`` (written into ``kwargs``) when its recipe compresses the KV cache."""
@@ -166,6 +180,10 @@ def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
     use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
     fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
     if compiled is None or not use_cache or not fresh or not compiled.recipe.compresses_kv:
+        return None
+    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if prompt is not None and not _worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
+        logger.debug("a %d-token prompt: the KV plans would keep over %.0f%% of it, using the full cache", prompt.shape[1], 100 * MIN_KV_SAVING)
         return None
     if _is_padded(kwargs.get("attention_mask")):
         logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")

@@ -100,6 +100,14 @@ class KVPlan:
         """Whether this head keeps or reads less than the full cache."""
         return self.policy != "full" or self.decode_pages > 0
 
+    def kept_tokens(self, n_tokens: int) -> int:
+        """Prompt tokens this head holds after a prefill of ``n_tokens``."""
+        if self.policy == "window":
+            return min(n_tokens, self.sink_tokens + self.window_tokens)
+        if self.policy == "snapkv":
+            return min(n_tokens, self.budget_tokens)
+        return n_tokens
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"policy": self.policy}
         for name in ("sink_tokens", "window_tokens", "budget_tokens", "decode_pages"):

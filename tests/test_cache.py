@@ -195,6 +195,21 @@ def test_generate_with_budgets_frees_memory_and_survives_wrap():
     assert not isinstance(plain.past_key_values, HeadBudgetCache)
 
 
+def test_prompts_the_plans_barely_shrink_keep_the_full_cache():
+    """Windows longer than most of the prompt would save under 10%: generate keeps transformers' cache (faster, and
+    no page headroom); a Quest head still gets the budgeted cache (it saves reads, not bytes)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(1))
+    recipe = Recipe.uniform(model.config, "streaming", sink_tokens=16, window_tokens=280)
+    with patchattn.patched(model, recipe, backend="torch"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert recipe.compresses_kv and not isinstance(out.past_key_values, HeadBudgetCache)
+    recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(2)] for _ in recipe.layers]
+    with patchattn.patched(model, recipe, backend="torch"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, HeadBudgetCache)
+
+
 def test_recipe_kv_plans_round_trip_and_validate(tmp_path):
     model = tiny_model("llama")
     recipe = Recipe.uniform(model.config, "dense")
