@@ -239,3 +239,18 @@ def test_quest_recall_matches_brute_force_and_sets_pages():
     assert all(p.policy == "full" and p.decode_pages in (0, *QUEST_PAGE_BUDGETS) for p in plans)
     with pytest.raises(PatchattnError, match="need --kv-budget"):
         calibrate(model, ids, decode_recall=0.9)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Files written through a temporary name get what open() would give them (umask applied), not mkstemp's 0600."""
+    import os
+
+    from patchattn.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644 and path.read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
