@@ -28,7 +28,7 @@ DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "block_topk")
 OBJECTIVES = ("mass", "output", "residual")
 # Share of the scoring given to rows that copy a passage from far back (see ``retrieval_rows``); the rest goes to
 # rows sampled over the whole text.
-RETRIEVAL_WEIGHT = 0.25
+RETRIEVAL_WEIGHT = 0.0
 
 
 def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) -> list[Strategy]:
