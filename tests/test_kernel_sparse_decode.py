@@ -10,18 +10,10 @@ error ||out - ref|| / ||ref|| against a float32 reference.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it (and each kernel) is first imported, so set it before any import; when
-# another module imported Triton first, test_kernel_in_interpreter_subprocess re-runs this file.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_harness import DEVICE, ON_GPU, gpu, needs_cuda, is_interpreted, rel_err, rerun_interpreted, runs_kernel_mark  # noqa: F401 (first: sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -29,19 +21,8 @@ from patchattn.kernels import sparse_decode  # noqa: E402
 from patchattn.kernels.sparse_decode.naive import sparse_decode_naive  # noqa: E402
 
 kernel = importlib.import_module("patchattn.kernels.sparse_decode.kernel")
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-INTERPRETED = all(
-    type(fn).__name__ == "InterpretedFunction" for fn in (kernel._sparse_decode_split, triton.language.standard.max)
-)
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-runs_kernel = pytest.mark.skipif(
-    not ON_GPU and not INTERPRETED,
-    reason="no CUDA, and Triton was imported before TRITON_INTERPRET=1 could be set: "
-    "test_kernel_in_interpreter_subprocess runs these",
-)
+INTERPRETED = is_interpreted(kernel._sparse_decode_split)
+runs_kernel = runs_kernel_mark(INTERPRETED)
 # Triton's interpreter computes bfloat16 wrongly on CPU (numpy has no bfloat16): fp16 there, bf16 on GPU.
 SMALL_DTYPE = torch.bfloat16 if ON_GPU else torch.float16
 
@@ -84,10 +65,6 @@ def make_inputs(batch, n_q_heads, n_kv_heads, s_max, d, dtype, seed, device=DEVI
     k = torch.randn(batch, n_kv_heads, s_max, d, generator=gen).to(device, dtype)
     v = torch.randn(batch, n_kv_heads, s_max, d, generator=gen).to(device, dtype)
     return q, k, v, gen
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def check_kernel(batch, hq, hkv, s_max, d, page_size, kind, dtype, seed, seq_lens=None, tol=1e-2, **overrides):
@@ -211,11 +188,7 @@ def test_kernel_pool_matches_reference(splits):
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not gpu", "-k", "kernel_matches_reference or splits_and_tiles or empty_list or kernel_pool"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    rerun_interpreted(__file__, "kernel_matches_reference or splits_and_tiles or empty_list or kernel_pool", timeout_s=600)
 
 
 # ------------------------------------------------------------------------------------------- dispatch

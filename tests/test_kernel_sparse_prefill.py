@@ -10,20 +10,10 @@ the relative error ||out - ref|| / ||ref|| against a float32 reference.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it (and each kernel) is first imported, so set it before any import.
-# Importing patchattn imports transformers, which imports Triton: when another test module did that first,
-# the interpreter can no longer be switched on here and the kernel tests re-run this file in a subprocess.
-_TRITON_PRELOADED = "triton" in sys.modules
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_harness import DEVICE, ON_GPU, gpu, needs_cuda, is_interpreted, rel_err, rerun_interpreted, runs_kernel_mark  # noqa: F401 (first: sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -32,20 +22,8 @@ from patchattn.kernels.sparse_prefill.naive import sparse_prefill_naive  # noqa:
 from patchattn.layout import causal_blocks, finalize, num_blocks, to_indices, token_mask  # noqa: E402
 
 kernel = importlib.import_module("patchattn.kernels.sparse_prefill.kernel")
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-# Triton's own jit'd helpers (tl.max, tl.sum...) must be interpreted too, not only our kernel.
-INTERPRETED = all(
-    type(fn).__name__ == "InterpretedFunction" for fn in (kernel._sparse_prefill_fwd, triton.language.standard.max)
-)
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-runs_kernel = pytest.mark.skipif(
-    not ON_GPU and not INTERPRETED,
-    reason="no CUDA, and Triton was imported before TRITON_INTERPRET=1 could be set: "
-    "test_kernel_in_interpreter_subprocess runs these",
-)
+INTERPRETED = is_interpreted(kernel._sparse_prefill_fwd)
+runs_kernel = runs_kernel_mark(INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -69,10 +47,6 @@ def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Gen
     else:
         raise ValueError(kind)
     return finalize(keep.contiguous()).to(device)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def check_kernel(
@@ -162,11 +136,7 @@ def test_kernel_queries_after_keys():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not gpu", "-k", "kernel_matches_reference or queries_after_keys or tile_shapes"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes", timeout_s=900)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
