@@ -242,3 +242,14 @@ def test_beam_search_through_the_budgeted_cache_matches_dense():
         out = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.past_key_values, HeadBudgetCache)
     assert torch.equal(out.sequences, dense)
+
+
+def test_report_describes_kv_plans_of_a_dense_prefill_recipe():
+    from patchattn.eval.runner import _variant_info
+    from patchattn.eval.tables import describe_variant
+
+    recipe = Recipe.uniform(tiny_model("llama").config, "dense")
+    recipe.kv_layers = [[KVPlan("snapkv", budget_tokens=64, window_tokens=8), KVPlan("full", decode_pages=4)] for _ in recipe.layers]
+    text = describe_variant(_variant_info(recipe))
+    assert "heads: dense 8" in text and "uniform budget" not in text
+    assert "KV heads: full + Quest pages 2, snapkv 2" in text

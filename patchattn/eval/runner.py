@@ -90,9 +90,16 @@ def _variant_info(recipe: Recipe | None) -> dict:
         "calibration_seq_len": calibration.get("seq_len"),
         "calibrated_sparsity": calibration.get("achieved_sparsity"),
     }
-    if len(heads) == 1:
+    if len(heads) == 1 and next(iter(heads))[0] != "dense":
         strategy, params = next(iter(heads))
         info["uniform"] = f"{strategy} {dict(params)}"
+    if recipe.compresses_kv:
+        kv_counts: dict[str, int] = {}
+        for layer in recipe.kv_plans():
+            for plan in layer:
+                name = plan.policy + (" + Quest pages" if plan.decode_pages else "")
+                kv_counts[name] = kv_counts.get(name, 0) + 1
+        info["kv_policy_counts"] = kv_counts
     return info
 
 

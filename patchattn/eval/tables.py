@@ -252,6 +252,8 @@ def describe_variant(info: dict | None) -> str:
             parts.append(f"{label} {info[key]}")
     if info.get("uniform"):
         parts.append("uniform budget: " + info["uniform"])
+    if info.get("kv_policy_counts"):
+        parts.append("KV heads: " + ", ".join(f"{k} {v}" for k, v in sorted(info["kv_policy_counts"].items())))
     return "; ".join(parts) or "patched"
 
 
