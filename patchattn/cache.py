@@ -161,26 +161,36 @@ class BudgetLayer(DynamicLayer):
         raise NotImplementedError("the head-budgeted cache does not support batch selection")
 
     # ---- prefill: choose what each head keeps --------------------------------------------------------
-    def _keep_indices(self, h: int, plan: KVPlan, query: torch.Tensor | None, key: torch.Tensor, scale: float) -> torch.Tensor:
-        """Prompt token indices head ``h`` keeps, ascending (B, T) or (T,) long."""
+    def _keep_indices(self, query: torch.Tensor | None, key: torch.Tensor, scale: float) -> list[torch.Tensor]:
+        """Per head, the prompt token indices it keeps, ascending ((B, T) or (T,) long). SnapKV heads that share an
+        observation window vote in one batch (one score matrix, softmax and pooling for all of them)."""
         n = key.shape[2]
         device = key.device
-        if plan.policy == "window":
-            sink, window = plan.sink_tokens, plan.window_tokens
-            if n <= sink + window:
-                return torch.arange(n, device=device)
-            return torch.cat([torch.arange(sink, device=device), torch.arange(n - window, n, device=device)])
-        if plan.policy == "snapkv" and n > plan.budget_tokens:
-            obs = plan.window_tokens
-            if query is None:  # no queries reached us: keep the most recent tokens
-                return torch.arange(n - plan.budget_tokens, n, device=device)
-            group = query.shape[1] // key.shape[1]
-            q_obs = query[:, h * group : (h + 1) * group, -obs:]  # (B, G, obs, D): the prompt's last queries
-            votes = snapkv_votes(q_obs[:, None], key[:, h : h + 1], scale)[:, 0]  # (B, n - obs)
-            chosen = votes.topk(plan.budget_tokens - obs, dim=-1).indices.sort(-1).values
-            recent = torch.arange(n - obs, n, device=device).expand(chosen.shape[0], -1)
-            return torch.cat([chosen, recent], dim=-1)
-        return torch.arange(n, device=device)
+        keep: list[torch.Tensor | None] = [None] * len(self.plans)
+        snap: dict[int, list[int]] = {}
+        for h, plan in enumerate(self.plans):
+            if plan.policy == "window":
+                sink, window = plan.sink_tokens, plan.window_tokens
+                full = n <= sink + window
+                keep[h] = torch.arange(n, device=device) if full else torch.cat([torch.arange(sink, device=device), torch.arange(n - window, n, device=device)])
+            elif plan.policy == "snapkv" and n > plan.budget_tokens:
+                if query is None:  # no queries reached us: keep the most recent tokens
+                    keep[h] = torch.arange(n - plan.budget_tokens, n, device=device)
+                else:
+                    snap.setdefault(plan.window_tokens, []).append(h)
+            else:
+                keep[h] = torch.arange(n, device=device)
+        group = query.shape[1] // key.shape[1] if query is not None else 1
+        for obs, heads in snap.items():
+            heads_t = torch.tensor(heads, device=device)
+            q_obs = query[:, :, -obs:].reshape(query.shape[0], key.shape[1], group, obs, -1)[:, heads_t]  # (B, h, G, obs, D)
+            votes = snapkv_votes(q_obs, key[:, heads_t], scale)  # (B, h, n - obs)
+            budgets = [self.plans[h].budget_tokens - obs for h in heads]
+            top = votes.topk(max(budgets), dim=-1).indices  # best first: each head's own top-k is a prefix
+            recent = torch.arange(n - obs, n, device=device).expand(top.shape[0], -1)
+            for i, (h, budget) in enumerate(zip(heads, budgets)):
+                keep[h] = torch.cat([top[:, i, :budget].sort(-1).values, recent], dim=-1)
+        return keep
 
     def finish_prefill(self, query: torch.Tensor | None = None, scale: float | None = None) -> None:
         """Compress the pending prompt into the pool (``query`` (B, Hq, N, D) post-RoPE, for SnapKV)."""
@@ -190,7 +200,7 @@ class BudgetLayer(DynamicLayer):
         self.pending = None
         batch, n_kv, n, dim = key.shape
         scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-        keep = [self._keep_indices(h, p, query, key, scale) for h, p in enumerate(self.plans)]
+        keep = self._keep_indices(query, key, scale)
         counts = [k.shape[-1] for k in keep]
         caps = []
         for h, plan in enumerate(self.plans):

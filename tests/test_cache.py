@@ -253,3 +253,25 @@ def test_report_describes_kv_plans_of_a_dense_prefill_recipe():
     text = describe_variant(_variant_info(recipe))
     assert "heads: dense 8" in text and "uniform budget" not in text
     assert "KV heads: full + Quest pages 2, snapkv 2" in text
+
+
+def test_snapkv_heads_vote_in_one_batch_each_with_its_budget():
+    """Heads sharing an observation window are scored together; each keeps its own budget's top tokens (the same
+    as scoring it alone) plus the window; a head with another window is scored apart."""
+    from patchattn.cache import snapkv_votes
+
+    gen = torch.Generator().manual_seed(7)
+    n, dim, group = 150, 32, 2
+    plans = [KVPlan("snapkv", budget_tokens=48, window_tokens=8), KVPlan("snapkv", budget_tokens=24, window_tokens=8),
+             KVPlan("snapkv", budget_tokens=40, window_tokens=16)]
+    key, value = torch.randn(2, 3, n, dim, generator=gen), torch.randn(2, 3, n, dim, generator=gen)
+    query = torch.randn(2, 3 * group, n, dim, generator=gen)
+    layer = BudgetLayer(plans)
+    layer.update(key, value)
+    layer.finish_prefill(query, scale=dim**-0.5)
+    for h, plan in enumerate(plans):
+        obs = plan.window_tokens
+        q_obs = query[:, h * group : (h + 1) * group, -obs:][:, None]
+        alone = snapkv_votes(q_obs, key[:, h : h + 1], dim**-0.5)[:, 0].topk(plan.budget_tokens - obs).indices.sort(-1).values
+        expected = torch.cat([alone, torch.arange(n - obs, n).expand(2, -1)], -1)
+        assert torch.equal(layer.kept_positions(h).long(), expected)
