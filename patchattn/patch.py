@@ -155,7 +155,7 @@ def _is_padded(attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
 
 
-MIN_KV_SAVING = 0.9  # below this share of the prompt's KV saved (and no Quest heads), the full cache is the better deal
+MAX_KV_KEPT = 0.9  # plans keeping more of a prompt than this (and no Quest heads): the full cache is the better deal
 
 
 def _worth_budgeting(kv_plans, n_tokens: int) -> bool:
@@ -163,10 +163,9 @@ def _worth_budgeting(kv_plans, n_tokens: int) -> bool:
     and values, or some head reads Quest-selected pages. Short prompts under long windows keep nearly everything,
     and then the full cache decodes faster and, having no page headroom, holds less."""
     plans = [p for layer in kv_plans for p in layer]
-    if any(p.decode_pages > 0 for p in plans) or not plans or n_tokens <= 0:
+    if not plans or n_tokens <= 0 or any(p.decode_pages > 0 for p in plans):
         return bool(plans)
-    kept = sum(p.kept_tokens(n_tokens) for p in plans) / (n_tokens * len(plans))
-    return kept <= MIN_KV_SAVING
+    return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
 
 
 def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
@@ -183,7 +182,7 @@ def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
         return None
     prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if prompt is not None and not _worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
-        logger.debug("a %d-token prompt: the KV plans would keep over %.0f%% of it, using the full cache", prompt.shape[1], 100 * MIN_KV_SAVING)
+        logger.debug("a %d-token prompt: the KV plans would keep over %.0f%% of it, using the full cache", prompt.shape[1], 100 * MAX_KV_KEPT)
         return None
     if _is_padded(kwargs.get("attention_mask")):
         logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")

@@ -152,9 +152,12 @@ def calibrate(
     mass = torch.stack([scores[i].kept_mass for i in range(n_layers)])
     error = torch.stack([scores[i].output_error for i in range(n_layers)])
     n_heads, n_cand = density.shape[1], density.shape[2]
-    utility = {"mass": lambda: mass, "output": lambda: 1.0 - error}.get(
-        objective, lambda: 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
-    )()
+    if objective == "mass":
+        utility = mass
+    elif objective == "output":
+        utility = 1.0 - error
+    else:
+        utility = 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
     choice = allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
 
     layers = []
