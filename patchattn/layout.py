@@ -43,16 +43,27 @@ def to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     int32: the first ``count`` ids of each row are the kept key blocks in ascending order; the rest are
     padding (0) that a consumer must not read.
     """
+    counts, ids, _ = to_ragged(keep)
+    return counts, ids
+
+
+def to_ragged(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`to_indices` plus the layout's mean row fill (kept blocks per row / key blocks), read in the same
+    device sync as the longest row: the kernels pick their tile shapes by it."""
     counts = keep.sum(-1, dtype=torch.int32)
-    max_count = max(int(counts.max().item()), 1) if keep.numel() else 1
     n_k = keep.shape[-1]
+    if keep.numel():
+        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        max_count, row_fill = max(int(longest), 1), total / (counts.numel() * n_k)
+    else:
+        max_count, row_fill = 1, 0.0
     # Kept blocks sort first (by id), dropped ones after them; keep the first max_count columns.
     block_id = torch.arange(n_k, device=keep.device, dtype=torch.int32)
     order_key = torch.where(keep, block_id, block_id + n_k)
-    ids = torch.sort(order_key, dim=-1).values[..., :max_count].to(torch.int32)
+    ids = torch.sort(order_key, dim=-1).values[..., :max_count]
     valid = torch.arange(max_count, device=keep.device) < counts[..., None]
     ids = torch.where(valid, ids, torch.zeros_like(ids))
-    return counts, ids.contiguous()
+    return counts, ids.contiguous(), row_fill
 
 
 def from_indices(counts: torch.Tensor, ids: torch.Tensor, n_k_blocks: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,7 +31,7 @@ from . import stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, sparse_prefill
-from .layout import block_density, causal_blocks, num_blocks, to_indices
+from .layout import block_density, causal_blocks, finalize, num_blocks, to_ragged
 from .recipe import Recipe
 from .strategies import Strategy
 
@@ -49,8 +49,22 @@ _ACTIVE_CACHE: contextvars.ContextVar[HeadBudgetCache | None] = contextvars.Cont
 
 @dataclass
 class HeadGroup:
-    strategy: Strategy
-    head_ids: torch.Tensor  # query heads using this strategy, ascending
+    """The heads of one layer whose strategies share a class: one estimate, one vectorized layout."""
+
+    strategies: list[Strategy]  # one per head, in head order
+    head_ids: torch.Tensor  # query heads of this group, ascending (CPU)
+    all_heads: bool  # the group is the whole layer (no head selection needed)
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> type[Strategy]:
+        return type(self.strategies[0])
+
+    def head_ids_on(self, device: torch.device) -> torch.Tensor:
+        ids = self._on_device.get(device)
+        if ids is None:
+            ids = self._on_device[device] = self.head_ids.to(device)
+        return ids
 
 
 @dataclass
@@ -60,18 +74,22 @@ class LayerPlan:
 
 
 class CompiledRecipe:
-    """A recipe turned into per-layer head groups, cached per recipe dict."""
+    """A recipe turned into per-layer head groups (one per strategy class), cached per recipe dict."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.block_size = recipe.block_size
         self.layers: list[LayerPlan] = []
         for heads in recipe.layers:
-            by_strategy: dict[Strategy, list[int]] = {}
+            by_kind: dict[type[Strategy], list[tuple[int, Strategy]]] = {}
             for h, plan in enumerate(heads):
-                by_strategy.setdefault(plan.build(), []).append(h)
-            groups = [HeadGroup(s, torch.tensor(ids)) for s, ids in by_strategy.items()]
-            self.layers.append(LayerPlan(groups, all(g.strategy.name == "dense" for g in groups)))
+                strategy = plan.build()
+                by_kind.setdefault(type(strategy), []).append((h, strategy))
+            groups = [
+                HeadGroup([s for _, s in members], torch.tensor([h for h, _ in members]), len(members) == len(heads))
+                for members in by_kind.values()
+            ]
+            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups)))
 
 
 _COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
@@ -99,17 +117,21 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The (B, Hq, nqb, nkb) layout of one layer: each head group's strategy on its own heads."""
+    """The finalized (B, Hq, nqb, nkb) layout of one layer: per strategy class, one estimate over its heads and
+    one vectorized layout of their per-head budgets."""
     batch, n_q_heads, n_tokens, _ = query.shape
     group_size = n_q_heads // key.shape[1]
+    if len(plan.groups) == 1 and plan.groups[0].all_heads:
+        group = plan.groups[0]
+        est = group.strategies[0].estimate(query, key, block_size)
+        return finalize(group.kind.layout_heads(est, group.strategies))
     n_blk = num_blocks(n_tokens, block_size)
     keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
     for group in plan.groups:
-        head_ids = group.head_ids.to(query.device)
-        keep[:, head_ids] = group.strategy.block_layout(
-            query[:, head_ids], key[:, head_ids // group_size], block_size
-        )
-    return keep
+        head_ids = group.head_ids_on(query.device)
+        est = group.strategies[0].estimate(query[:, head_ids], key[:, head_ids // group_size], block_size)
+        keep[:, head_ids] = group.kind.layout_heads(est, group.strategies)
+    return finalize(keep)
 
 
 def patchattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -143,11 +165,11 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
 
     block_size = compiled.block_size
     keep = layer_layout(plan, query, key, block_size)
-    counts, ids = to_indices(keep)
+    counts, ids, row_fill = to_ragged(keep)
     if stats.is_recording():
         n_causal = causal_blocks(keep.shape[-1], keep.device).sum().item()
         stats.report(layer_idx, block_density(keep).sum().item() * n_causal, n_causal * keep.shape[0] * keep.shape[1])
-    out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend)
+    out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend, row_fill=row_fill)
     return out.transpose(1, 2).contiguous()
 
 

@@ -87,3 +87,37 @@ def test_unknown_strategy_and_bad_params():
         get_strategy("streaming", width=3)
     with pytest.raises(ValueError):
         get_strategy("block_topk", threshold=1.5)
+
+
+def _mixed_budgets(name, n_tokens, block_size, heads):
+    """One budget per head from the strategy's grid (repeats included), densest and sparsest among them."""
+    grid = STRATEGIES[name].budget_grid(n_tokens, block_size)
+    return [grid[(i * 5) % len(grid)] for i in range(heads)]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_per_head_budgets_in_one_pass_equal_each_head_alone(name):
+    """layout_heads (one estimate, per-head budgets as tensors) keeps exactly what each head's own strategy
+    keeps when run alone; the keys may come unexpanded (GQA) or expanded to the query heads."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, n, bs = 6, 2, 400, 32
+    q = torch.randn(2, heads, n, 16, generator=g)
+    k = torch.randn(2, kv_heads, n, 16, generator=g)
+    k_full = k.repeat_interleave(heads // kv_heads, dim=1)
+    budgets = _mixed_budgets(name, n, bs, heads)
+    cls = STRATEGIES[name]
+    grouped = cls.layout_heads(budgets[0].estimate(q, k, bs), budgets)
+    expanded = cls.layout_heads(budgets[0].estimate(q, k_full, bs), budgets)
+    assert torch.equal(finalize(grouped), finalize(expanded))
+    for h, strat in enumerate(budgets):
+        alone = strat.block_layout(q[:, h : h + 1], k_full[:, h : h + 1], bs)
+        assert torch.equal(finalize(grouped)[:, h : h + 1], alone), f"head {h} ({strat})"
+
+
+def test_to_ragged_reports_mean_row_fill():
+    from patchattn.layout import to_ragged
+
+    keep = finalize(torch.zeros(1, 2, 8, 8, dtype=torch.bool))
+    counts, ids, fill = to_ragged(keep)
+    assert torch.equal(counts, keep.sum(-1, dtype=torch.int32)) and ids.shape[-1] == 8
+    assert fill == pytest.approx(keep.sum().item() / (2 * 8 * 8))

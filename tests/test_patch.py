@@ -105,3 +105,34 @@ def test_padded_batch_matches_dense():
             out = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(out[1], ref[1], atol=2e-4, rtol=2e-4)
+
+
+def test_layer_of_mixed_strategies_and_budgets_equals_each_head_alone():
+    """A layer mixing strategy classes and per-head budgets builds one estimate per class; the finalized layout
+    equals every head's own strategy run on that head (GQA keys indexed per head)."""
+    from patchattn.patch import CompiledRecipe, layer_layout
+
+    model = tiny_model("llama")
+    cfg = model.config
+    recipe = Recipe.uniform(cfg, "dense", block_size=32)
+    plans = [
+        HeadPlan("streaming", {"sink_tokens": 32, "window_tokens": 64}),
+        HeadPlan("vertical_slash", {"vertical_tokens": 64, "slash_tokens": 96}),
+        HeadPlan("block_topk", {"threshold": 0.5}),
+        HeadPlan("vertical_slash", {"vertical_tokens": 32, "slash_tokens": 32}),
+        HeadPlan("dense"),
+        HeadPlan("streaming", {"sink_tokens": 0, "window_tokens": 128}),
+        HeadPlan("block_topk", {"threshold": 0.9}),
+    ]
+    heads, kv_heads = 8, 2  # the compiled plan only reads the recipe's heads; the tiny model has fewer
+    recipe.layers[0] = [plans[h % len(plans)] for h in range(heads)]
+    compiled = CompiledRecipe(recipe)
+    assert len(compiled.layers[0].groups) == len({p.strategy for p in recipe.layers[0]})
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, heads, 300, 16, generator=g)
+    k = torch.randn(1, kv_heads, 300, 16, generator=g)
+    keep = layer_layout(compiled.layers[0], q, k, 32)
+    for h, plan in enumerate(recipe.layers[0]):
+        kv = h // (heads // kv_heads)
+        alone = plan.build().block_layout(q[:, h : h + 1], k[:, kv : kv + 1], 32)
+        assert torch.equal(keep[:, h : h + 1], alone), f"head {h}: {plan}"

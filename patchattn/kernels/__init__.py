@@ -42,12 +42,13 @@ def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
     return mod.unsupported_reason(q, k, v, block_size)
 
 
-def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto"):
+def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", row_fill=None):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
 
     ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16, head dim and block
     size are supported and there is no ``attn_mask``; the torch reference otherwise), "torch" or "triton"
-    (raises ValueError saying why when the input is unsupported).
+    (raises ValueError saying why when the input is unsupported). ``row_fill``: the layout's mean kept share
+    of a row (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -55,7 +56,7 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
         return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
     reason = _triton_unsupported(q, k, v, block_size, attn_mask)
     if reason is None:
-        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale)
+        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, row_fill=row_fill)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run this input: {reason}")
     return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)

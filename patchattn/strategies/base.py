@@ -8,7 +8,9 @@ them into a layout for this instance's budget. ``block_layout`` does both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,7 +53,8 @@ class Strategy:
         return dataclasses.asdict(self)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
-        """``q``, ``k``: (B, h, N, D) post-RoPE, k already expanded to the query heads (GQA)."""
+        """``q`` (B, h, N, D) and ``k`` (B, h_kv, N, D), post-RoPE; h a multiple of h_kv: query head ``i`` reads key
+        head ``i // (h // h_kv)`` (GQA, never expanded here; a caller may also pass keys expanded to h heads)."""
         batch, heads, n_tokens, _ = q.shape
         return Estimate(batch, heads, n_tokens, block_size, q.device)
 
@@ -64,9 +67,45 @@ class Strategy:
         return finalize(self.layout(est))
 
     @classmethod
+    def layout_heads(cls, est: Estimate, strategies: Sequence["Strategy"]) -> torch.Tensor:
+        """The layout of ``est``'s heads when head ``i`` runs ``strategies[i]`` (all of this class, one shared
+        estimate): what a layer with per-head budgets needs. This default runs :meth:`layout` once per distinct
+        budget; strategies override it with one vectorized pass whose budgets are per-head tensors."""
+        if len(strategies) != est.heads:
+            raise ValueError(f"{len(strategies)} strategies for {est.heads} heads")
+        distinct = list(dict.fromkeys(strategies))
+        if len(distinct) == 1:
+            return distinct[0].layout(est)
+        keep = torch.empty(est.batch, est.heads, est.n_blocks, est.n_blocks, dtype=torch.bool, device=est.device)
+        for strategy in distinct:
+            heads = per_head([s == strategy for s in strategies], est.device, torch.bool)
+            keep[:, heads] = strategy.layout(est)[:, heads]
+        return keep
+
+    @classmethod
     def budget_grid(cls, n_tokens: int, block_size: int) -> list["Strategy"]:
         """Instances spanning this strategy's budgets at a calibration length, densest last."""
         return [cls()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _per_head(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def per_head(values: Sequence, device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small per-head parameter tensor on ``device``, built once per distinct value list (layouts are built
+    every prefill of every layer; the host-to-device copy is not)."""
+    return _per_head(tuple(values), torch.device(device), dtype)
+
+
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q @ k^T`` in float32 for (B, h, M, D) queries and (B, h_kv, N, D) keys (GQA by reshaping the
+    queries of a key head into one matrix, so keys are neither expanded nor copied per query head): (B, h, M, N)."""
+    batch, heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = (q.float() * scale).reshape(batch, kv_heads, (heads // kv_heads) * rows, dim)
+    return torch.matmul(grouped, k.float().transpose(-1, -2)).view(batch, heads, rows, k.shape[2])
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy
+from .base import Estimate, Strategy, grouped_scores, per_head
 from .registry import register
 
 
@@ -41,16 +41,25 @@ class BlockTopK(Strategy):
         est = super().estimate(q, k, block_size)
         n = est.n_blocks
         q_pool, k_pool = _mean_pool(q, block_size, n), _mean_pool(k, block_size, n)
-        scores = torch.matmul(q_pool, k_pool.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = grouped_scores(q_pool, k_pool, 1.0 / math.sqrt(q.shape[-1]))
         q_blk, k_blk = est.block_grid()
-        probs = torch.softmax(scores.masked_fill(k_blk > q_blk, float("-inf")), dim=-1)
+        probs = torch.softmax(scores.masked_fill_(k_blk > q_blk, float("-inf")), dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         est.scores["order"] = order
         est.scores["mass_before"] = sorted_probs.cumsum(-1) - sorted_probs  # mass of the blocks ranked above
         return est
 
     def layout(self, est: Estimate) -> torch.Tensor:
-        keep_sorted = est.scores["mass_before"] < self.threshold
+        return self._keep(est, self.threshold)
+
+    @classmethod
+    def layout_heads(cls, est: Estimate, strategies) -> torch.Tensor:
+        thresholds = per_head([s.threshold for s in strategies], est.device, est.scores["mass_before"].dtype)
+        return cls._keep(est, thresholds[:, None, None])
+
+    @staticmethod
+    def _keep(est: Estimate, threshold) -> torch.Tensor:
+        keep_sorted = est.scores["mass_before"] < threshold
         keep = torch.zeros_like(keep_sorted)
         keep.scatter_(-1, est.scores["order"], keep_sorted)
         keep[..., 0] = True  # the sink block

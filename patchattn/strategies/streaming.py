@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, blocks_for, geometric_tokens
+from .base import Estimate, Strategy, blocks_for, geometric_tokens, per_head
 from .registry import register
 
 
@@ -33,6 +33,14 @@ class Streaming(Strategy):
         window_blocks = blocks_for(self.window_tokens, est.block_size)
         keep = (k_blk < sink_blocks) | (q_blk - k_blk <= window_blocks)
         return est.expand(keep)
+
+    @classmethod
+    def layout_heads(cls, est: Estimate, strategies) -> torch.Tensor:
+        q_blk, k_blk = est.block_grid()
+        sinks = per_head([blocks_for(s.sink_tokens, est.block_size) if s.sink_tokens else 0 for s in strategies], est.device)
+        windows = per_head([blocks_for(s.window_tokens, est.block_size) for s in strategies], est.device)
+        keep = (k_blk < sinks[:, None, None]) | (q_blk - k_blk <= windows[:, None, None])
+        return keep.expand(est.batch, -1, -1, -1)
 
     @classmethod
     def budget_grid(cls, n_tokens: int, block_size: int) -> list[Strategy]:

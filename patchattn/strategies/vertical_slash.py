@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, blocks_for
+from .base import Estimate, Strategy, blocks_for, grouped_scores, per_head
 from .registry import register
 
 LAST_Q = 64
@@ -25,6 +25,17 @@ def _block_sums(values: torch.Tensor, block_size: int, n_blocks: int) -> torch.T
     pad = n_blocks * block_size - values.shape[-1]
     values = torch.nn.functional.pad(values, (0, pad))
     return values.view(*values.shape[:-1], n_blocks, block_size).sum(-1)
+
+
+def _top_ranks(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(B, h, n) bool: True on each head's ``counts[h]`` highest scores."""
+    top = scores.topk(max(counts), dim=-1).indices
+    if min(counts) == max(counts):
+        ranks_kept = torch.ones_like(top, dtype=torch.bool)
+    else:
+        limit = per_head(counts, scores.device)
+        ranks_kept = (torch.arange(top.shape[-1], device=scores.device) < limit[:, None]).expand_as(top)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, ranks_kept)
 
 
 @register
@@ -40,29 +51,37 @@ class VerticalSlash(Strategy):
         q_pos = torch.arange(n - last, n, device=q.device)
         k_pos = torch.arange(n, device=q.device)
         offset = q_pos[:, None] - k_pos[None, :]  # (last, n): query position minus key position
-        scores = torch.matmul(q[:, :, -last:].float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        probs = torch.softmax(scores.masked_fill(offset < 0, float("-inf")), dim=-1)
+        scores = grouped_scores(q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]))
+        probs = torch.softmax(scores.masked_fill_(offset < 0, float("-inf")), dim=-1)
         est.scores["vertical"] = _block_sums(probs.sum(-2), block_size, est.n_blocks)
         # Slash: probability mass per diagonal offset o = q_pos - k_pos, gathered (no atomics) as
         # sum_i P[i, q_pos_i - o], then summed per block of offsets.
         key_of = q_pos[:, None] - torch.arange(n, device=q.device)[None, :]  # (last, n): key position at offset o
-        on_diag = torch.gather(probs, -1, key_of.clamp(min=0).expand_as(probs)) * (key_of >= 0)
+        on_diag = torch.gather(probs, -1, key_of.clamp(min=0).expand_as(probs)).masked_fill_(key_of < 0, 0.0)
         slash = _block_sums(on_diag.sum(-2), block_size, est.n_blocks)
         est.scores["slash"] = slash
         return est
 
     def layout(self, est: Estimate) -> torch.Tensor:
+        return self._keep(est, [self] * est.heads)
+
+    @classmethod
+    def layout_heads(cls, est: Estimate, strategies) -> torch.Tensor:
+        return cls._keep(est, strategies)
+
+    @staticmethod
+    def _keep(est: Estimate, strategies) -> torch.Tensor:
+        """Head ``i`` keeps its top ``strategies[i]`` columns and diagonals (one top-k at the largest budget,
+        then each head's first ranks)."""
         n = est.n_blocks
         vertical = est.scores["vertical"].clone()
         slash = est.scores["slash"].clone()
         vertical[..., 0] = float("inf")  # the sink block
         slash[..., 0] = float("inf")  # the main diagonal
-        n_vertical = min(n, blocks_for(self.vertical_tokens, est.block_size))
-        n_slash = min(n, blocks_for(self.slash_tokens, est.block_size))
-        keep_col = torch.zeros_like(vertical, dtype=torch.bool)
-        keep_col.scatter_(-1, vertical.topk(n_vertical, dim=-1).indices, True)
-        keep_diag = torch.zeros_like(slash, dtype=torch.bool)
-        keep_diag.scatter_(-1, slash.topk(n_slash, dim=-1).indices, True)
+        n_vertical = [min(n, blocks_for(s.vertical_tokens, est.block_size)) for s in strategies]
+        n_slash = [min(n, blocks_for(s.slash_tokens, est.block_size)) for s in strategies]
+        keep_col = _top_ranks(vertical, n_vertical)
+        keep_diag = _top_ranks(slash, n_slash)
         q_blk, k_blk = est.block_grid()
         diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, n, n)
         on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
