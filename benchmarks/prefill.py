@@ -11,7 +11,7 @@ Cases, each one block layout used by both Flex (through create_block_mask) and o
   vs10, vs5  vertical-slash at ~10% / ~5% block density (patchattn.strategies VerticalSlash)
   topk10, topk5  block top-k at ~10% / ~5% (patchattn.strategies BlockTopK)
 For the data-dependent cases the layout is estimated from the (random) q/k, and our time INCLUDES building
-it (strategy.block_layout + to_indices); the build time is also reported on its own. Flex gets the finished
+it (strategy.block_layout + to_ragged); the build time is also reported on its own. Flex gets the finished
 block mask for free (its create_block_mask time is not counted). The strategy budgets are picked per N by a
 search on the same inputs so the density lands near the target; the achieved density is reported.
 
@@ -40,7 +40,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patchattn.kernels.sparse_prefill.kernel import CONFIGS, USE_TMA, sparse_prefill_triton  # noqa: E402
-from patchattn.layout import block_density, causal_blocks, finalize, num_blocks, to_indices  # noqa: E402
+from patchattn.layout import block_density, causal_blocks, finalize, num_blocks, to_ragged  # noqa: E402
 
 B, HQ, HKV, D, BS = 1, 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -157,8 +157,8 @@ def strategy_case(case: str, q, k, n: int):
     del k_exp
     torch.cuda.empty_cache()
 
-    def build():
-        return best.block_layout(q, expand_kv_heads(k), BS)
+    def build():  # the model path: GQA keys unexpanded
+        return best.block_layout(q, k, BS)
 
     build.strategy = best
     return build, f"{best.name}{best.params()}"
@@ -201,7 +201,7 @@ def static_layout(case: str, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_sweep(q, k, v, counts, ids, n, configs):
+def run_sweep(q, k, v, counts, ids, n, configs, case="dense"):
     rows = []
     ref = sparse_prefill_triton(q, k, v, counts, ids, BS)
     for block_m, block_n, warps, stages, tma, *ws in configs:
@@ -210,7 +210,7 @@ def run_sweep(q, k, v, counts, ids, n, configs):
             q, k, v, counts, ids, BS, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
             use_tma=bool(tma), warp_specialize=ws,
         )
-        row = dict(n=n, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, tma=bool(tma), warp_specialize=ws)
+        row = dict(case=case, n=n, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, tma=bool(tma), warp_specialize=ws)
         try:
             out = fn()
             if ref is not None:
@@ -231,7 +231,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-other-sdpa", action="store_true", help="skip SDPA default / cuDNN context timings")
     ap.add_argument("--block-size", type=int, default=128, choices=[64, 128])
-    ap.add_argument("--sweep", action="store_true", help="time launch configs on the dense layout")
+    ap.add_argument("--sweep", action="store_true", help="time launch configs (on the --sweep-cases layouts)")
+    ap.add_argument("--sweep-cases", nargs="*", default=["dense"], help="cases whose layout the sweep times")
     ap.add_argument("--sweep-n", type=int, nargs="*", default=None, help="sweep only at these N (default: all)")
     ap.add_argument("--sweep-configs", default="64,64,4,5,1;64,64,4,4,1;64,128,4,3,1;64,64,4,5,0;128,128,8,3,1;64,64,4,6,1",
                     help="BLOCK_M,BLOCK_N,num_warps,num_stages,tma[,warp_specialize];...")
@@ -297,23 +298,23 @@ def main():
             else:
                 build, desc = synthetic_case(case, n, gen)
                 keep = build()
-            counts, ids = to_indices(keep)
-            row.update(layout=desc, density=block_density(keep).mean().item(), max_count=ids.shape[-1])
+            counts, ids, fill = to_ragged(keep)
+            row.update(layout=desc, density=block_density(keep).mean().item(), max_count=ids.shape[-1], causal_density=fill)
             flops = flops_of(counts)
-            row["index_ms"] = bench(lambda: to_indices(build() if build else keep), rep_ms=200)
-            kernel_ms = bench(lambda: sparse_prefill_triton(q, k, v, counts, ids, BS))
+            row["index_ms"] = bench(lambda: to_ragged(build() if build else keep), rep_ms=200)
+            kernel_ms = bench(lambda: sparse_prefill_triton(q, k, v, counts, ids, BS, density=fill))
             row["kernel_ms"] = kernel_ms
             if hasattr(build, "strategy"):  # where the index-building time goes
                 strat = build.strategy
-                row["estimate_ms"] = bench(lambda: strat.estimate(q, expand_kv_heads(k), BS), rep_ms=200)
-                est = strat.estimate(q, expand_kv_heads(k), BS)
+                row["estimate_ms"] = bench(lambda: strat.estimate(q, k, BS), rep_ms=200)
+                est = strat.estimate(q, k, BS)
                 row["layout_ms"] = bench(lambda: finalize(strat.layout(est)), rep_ms=200)
-                row["to_indices_ms"] = bench(lambda: to_indices(keep), rep_ms=200)
+                row["to_indices_ms"] = bench(lambda: to_ragged(keep), rep_ms=200)
                 del est
             if build is not None and desc != "synthetic":  # data-dependent: our time includes building the layout
                 def ours():
-                    c, i = to_indices(build())
-                    return sparse_prefill_triton(q, k, v, c, i, BS)
+                    c, i, f = to_ragged(build())
+                    return sparse_prefill_triton(q, k, v, c, i, BS, density=f)
 
                 row["ours_ms"] = bench(ours)
                 row["ours_includes_index"] = True
@@ -322,7 +323,7 @@ def main():
                 row["ours_includes_index"] = False
             row["ours_tflops"] = flops / kernel_ms * 1e-9  # kernel only
             row["speedup_vs_sdpa"] = sdpa_ms / row["ours_ms"]
-            out = sparse_prefill_triton(q, k, v, counts, ids, BS)
+            out = sparse_prefill_triton(q, k, v, counts, ids, BS, density=fill)
             if case == "dense" and sdpa_ref is not None:
                 row["rel_err_vs_sdpa"] = rel_err(out, sdpa_ref)
             if flex is not None:
@@ -335,9 +336,9 @@ def main():
                 del bm
             rows.append(row)
             print(f"  {case}: {json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()})} ({time.time() - t0:.0f}s)", flush=True)
-            if args.sweep and case == "dense" and (not args.sweep_n or n in args.sweep_n):
+            if args.sweep and case in args.sweep_cases and (not args.sweep_n or n in args.sweep_n):
                 configs = [tuple(int(x) for x in c.split(",")) for c in args.sweep_configs.split(";")]
-                sweep += run_sweep(q, k, v, counts, ids, n, configs)
+                sweep += run_sweep(q, k, v, counts, ids, n, configs, case)
             del keep, counts, ids, out
             torch.cuda.empty_cache()
         del q, k, v, sdpa_ref

@@ -48,22 +48,22 @@ def to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_ragged(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """:func:`to_indices` plus the layout's mean row fill (kept blocks per row / key blocks), read in the same
-    device sync as the longest row: the kernels pick their tile shapes by it."""
+    """:func:`to_indices` plus the layout's density (kept / causal blocks), read in the same device sync as the
+    longest row: the kernels pick their tile shapes by it."""
     counts = keep.sum(-1, dtype=torch.int32)
     n_k = keep.shape[-1]
     if keep.numel():
         longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
-        max_count, row_fill = max(int(longest), 1), total / (counts.numel() * n_k)
+        max_count, density = max(int(longest), 1), total / (counts.numel() * (n_k + 1) / 2)
     else:
-        max_count, row_fill = 1, 0.0
+        max_count, density = 1, 0.0
     # Kept blocks sort first (by id), dropped ones after them; keep the first max_count columns.
     block_id = torch.arange(n_k, device=keep.device, dtype=torch.int32)
     order_key = torch.where(keep, block_id, block_id + n_k)
     ids = torch.sort(order_key, dim=-1).values[..., :max_count]
     valid = torch.arange(max_count, device=keep.device) < counts[..., None]
     ids = torch.where(valid, ids, torch.zeros_like(ids))
-    return counts, ids.contiguous(), row_fill
+    return counts, ids.contiguous(), density
 
 
 def from_indices(counts: torch.Tensor, ids: torch.Tensor, n_k_blocks: int) -> torch.Tensor:

@@ -30,8 +30,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
-from .kernels import BACKENDS, sparse_prefill
-from .layout import block_density, causal_blocks, finalize, num_blocks, to_ragged
+from .kernels import BACKENDS, finalize_ragged, sparse_prefill
+from .layout import finalize, num_blocks
 from .recipe import Recipe
 from .strategies import Strategy
 
@@ -116,22 +116,24 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
-def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The finalized (B, Hq, nqb, nkb) layout of one layer: per strategy class, one estimate over its heads and
-    one vectorized layout of their per-head budgets."""
+def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_size: int, finished: bool = True) -> torch.Tensor:
+    """The (B, Hq, nqb, nkb) layout of one layer: per strategy class, one estimate over its heads and one vectorized
+    layout of their per-head budgets. ``finished=False`` leaves out :func:`~patchattn.layout.finalize` (the prefill
+    path fuses it into the compaction to counts and ids)."""
     batch, n_q_heads, n_tokens, _ = query.shape
     group_size = n_q_heads // key.shape[1]
     if len(plan.groups) == 1 and plan.groups[0].all_heads:
         group = plan.groups[0]
         est = group.strategies[0].estimate(query, key, block_size)
-        return finalize(group.kind.layout_heads(est, group.strategies))
-    n_blk = num_blocks(n_tokens, block_size)
-    keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
-    for group in plan.groups:
-        head_ids = group.head_ids_on(query.device)
-        est = group.strategies[0].estimate(query[:, head_ids], key[:, head_ids // group_size], block_size)
-        keep[:, head_ids] = group.kind.layout_heads(est, group.strategies)
-    return finalize(keep)
+        keep = group.kind.layout_heads(est, group.strategies)
+    else:
+        n_blk = num_blocks(n_tokens, block_size)
+        keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
+        for group in plan.groups:
+            head_ids = group.head_ids_on(query.device)
+            est = group.strategies[0].estimate(query[:, head_ids], key[:, head_ids // group_size], block_size)
+            keep[:, head_ids] = group.kind.layout_heads(est, group.strategies)
+    return finalize(keep) if finished else keep
 
 
 def patchattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -164,12 +166,12 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
-    keep = layer_layout(plan, query, key, block_size)
-    counts, ids, row_fill = to_ragged(keep)
-    if stats.is_recording():
-        n_causal = causal_blocks(keep.shape[-1], keep.device).sum().item()
-        stats.report(layer_idx, block_density(keep).sum().item() * n_causal, n_causal * keep.shape[0] * keep.shape[1])
-    out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend, row_fill=row_fill)
+    keep = layer_layout(plan, query, key, block_size, finished=False)
+    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto")
+    if stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts
+        n_blk = counts.shape[-1]
+        stats.report(layer_idx, counts.sum().item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])
+    out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend, density=density)
     return out.transpose(1, 2).contiguous()
 
 

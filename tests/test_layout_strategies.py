@@ -114,10 +114,10 @@ def test_per_head_budgets_in_one_pass_equal_each_head_alone(name):
         assert torch.equal(finalize(grouped)[:, h : h + 1], alone), f"head {h} ({strat})"
 
 
-def test_to_ragged_reports_mean_row_fill():
+def test_to_ragged_reports_density():
     from patchattn.layout import to_ragged
 
     keep = finalize(torch.zeros(1, 2, 8, 8, dtype=torch.bool))
-    counts, ids, fill = to_ragged(keep)
+    counts, ids, density = to_ragged(keep)
     assert torch.equal(counts, keep.sum(-1, dtype=torch.int32)) and ids.shape[-1] == 8
-    assert fill == pytest.approx(keep.sum().item() / (2 * 8 * 8))
+    assert density == pytest.approx(block_density(keep).mean().item())

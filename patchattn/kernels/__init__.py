@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from . import ragged as _ragged_pkg
 from . import sparse_decode as _sparse_decode_pkg
 from .sparse_decode import sparse_decode_naive, sparse_decode_triton
 from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
@@ -42,13 +43,13 @@ def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
     return mod.unsupported_reason(q, k, v, block_size)
 
 
-def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", row_fill=None):
+def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
 
     ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16, head dim and block
     size are supported and there is no ``attn_mask``; the torch reference otherwise), "torch" or "triton"
-    (raises ValueError saying why when the input is unsupported). ``row_fill``: the layout's mean kept share
-    of a row (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes.
+    (raises ValueError saying why when the input is unsupported). ``density``: the share of causal blocks the layout
+    keeps (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -56,10 +57,23 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
         return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
     reason = _triton_unsupported(q, k, v, block_size, attn_mask)
     if reason is None:
-        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, row_fill=row_fill)
+        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run this input: {reason}")
     return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
+
+
+def finalize_ragged(keep: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A raw layout finished for the kernels: :func:`patchattn.layout.finalize` then :func:`patchattn.layout.to_ragged`,
+    as one Triton launch on CUDA (``backend`` "auto" or "triton"; the PyTorch reference elsewhere or with "torch")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    use_triton = backend != "torch" and (keep.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton")
+    if use_triton and _ragged_pkg.load_triton_kernel() is not None:
+        return _ragged_pkg.finalize_ragged_triton(keep)
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot finish this layout: {_ragged_pkg.triton_import_error() or 'not a CUDA tensor'}")
+    return _ragged_pkg.finalize_ragged_naive(keep)
 
 
 # ------------------------------------------------------------------------------------ decode (one query token)
@@ -106,6 +120,7 @@ def sparse_decode(q, k_cache, v_cache, page_ids, page_counts, seq_lens, page_siz
 __all__ = [
     "available_backends",
     "decode_function",
+    "finalize_ragged",
     "sparse_decode",
     "sparse_decode_naive",
     "sparse_decode_triton",

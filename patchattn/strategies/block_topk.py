@@ -22,8 +22,9 @@ def _mean_pool(x: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
     n = x.shape[2]
     pad = n_blocks * block_size - n
     summed = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(*x.shape[:2], n_blocks, block_size, -1).sum(-2)
-    counts = torch.full((n_blocks,), float(block_size), device=x.device)
-    counts[-1] = n - (n_blocks - 1) * block_size
+    # Tokens per block (the last may be short), built on the device: setting one element from a Python number
+    # would copy it from the host and synchronise, once per layer.
+    counts = (n - torch.arange(n_blocks, device=x.device, dtype=torch.float32) * block_size).clamp_(max=block_size)
     return summed / counts[:, None]
 
 

@@ -54,8 +54,8 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 
 # Launch configurations: BLOCK_M (query rows per program, divides block_size), BLOCK_N (keys per tile,
 # divides block_size), num_warps, num_stages. Two per (head_dim, block_size), picked by how full the layout's
-# rows are on average (``row_fill``, which to_ragged reads with the layout's longest row; without it the
-# longest row, a shape, stands in: every finalized layout has one full row, its last): near-dense rows run best as 64-row query tiles with a
+# layout is (``density``, its share of the causal blocks, which to_ragged reads with the layout's longest row;
+# without it the longest row, a shape, stands in, but every finalized layout has one full row, its last): near-dense rows run best as 64-row query tiles with a
 # deep TMA pipeline (H100, 32K dense: ~505 TF/s vs ~465 with 128-row tiles); sparse, scattered rows run best
 # as 128-row tiles, which read each K/V block once for twice the queries (128K, 10% density: 35 ms vs 57 ms).
 # d=128 measured on an H100 (benchmarks/NOTES_prefill.md); the d=64 rows reuse the shapes, untuned.
@@ -65,7 +65,7 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     (128, 64): {"dense": (64, 64, 4, 5), "sparse": (64, 64, 4, 5)},
     (128, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
 }
-DENSE_ROW_FRACTION = 0.5  # "dense" config when the rows keep this fraction of the key blocks
+DENSE_FRACTION = 0.5  # "dense" config when the layout keeps this share of the causal blocks (or its longest row of the key blocks)
 
 
 @triton.jit
@@ -224,7 +224,7 @@ def sparse_prefill_triton(
     use_tma: bool | None = None,
     warp_specialize: bool = False,
     out: torch.Tensor | None = None,
-    row_fill: float | None = None,
+    density: float | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention (see the module docstring for the contract).
 
@@ -234,8 +234,8 @@ def sparse_prefill_triton(
     tensor descriptors (the TMA copy engine) instead of pointer arithmetic; ``warp_specialize`` asks
     Triton to warp-specialize the main loop (experimental, off by default);
     ``out`` (optional, q's shape and dtype, unit stride on the head dim) receives the result;
-    ``row_fill`` (mean kept blocks per row / key blocks, as :func:`patchattn.layout.to_ragged` returns it)
-    picks the launch configuration; without it the longest row does.
+    ``density`` (share of the causal blocks kept, as :func:`patchattn.layout.to_ragged` returns it) picks the
+    launch configuration; without it the longest row does.
     """
     reason = unsupported_reason(q, k, v, block_size)
     if reason is not None:
@@ -262,8 +262,8 @@ def sparse_prefill_triton(
         raise ValueError("out must have q's shape, dtype and device, and unit stride on the head dim")
 
     n_k_blocks = triton.cdiv(n_k, block_size)
-    fill = ids.shape[-1] / n_k_blocks if row_fill is None else row_fill
-    kind = "dense" if fill >= DENSE_ROW_FRACTION else "sparse"
+    fill = ids.shape[-1] / n_k_blocks if density is None else density
+    kind = "dense" if fill >= DENSE_FRACTION else "sparse"
     cfg_m, cfg_n, cfg_w, cfg_s = CONFIGS[(head_dim, block_size)][kind]
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     if block_size % block_n or block_size % block_m:
