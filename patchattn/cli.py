@@ -109,6 +109,7 @@ def calibrate(
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
     seed: int = typer.Option(0, "--seed"),
 ):
     """Measure every strategy's kept attention per head in one forward pass and write a recipe."""
@@ -132,7 +133,7 @@ def calibrate(
         else:
             prose, text_name = load_text("calibration"), "patchattn:calibration (State of the Union 1901-1961)"
         with console.status("loading model"):
-            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+            lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         input_ids = tokens_from_text(tokenizer, prose, seq_len, lm.config)
         n_layers = lm.config.get_text_config().num_hidden_layers
         with _progress() as progress:
@@ -207,6 +208,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (weights are saved in it)."),
     device: str = typer.Option("cpu", "--device"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
 ):
     """Write a directory that loads back as the patched model (safetensors, config, recipe, model card)."""
 
@@ -219,7 +221,7 @@ def export(
         plan = Recipe.load(recipe)
         check_output_dir(output, overwrite)
         with console.status("loading model"):
-            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+            lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         plan.check_model(lm.config)
         with console.status(f"writing {output}"):
             run_export(lm, tokenizer, plan, output, overwrite=overwrite)
@@ -242,6 +244,7 @@ def evaluate(
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
     seed: int = typer.Option(0, "--seed"),
     lm_eval_tasks: str = typer.Option(
         "", "--lm-eval-tasks", help="Comma-separated lm-eval tasks, run dense and patched through lm-eval's HFLM: any installed task, or patchattn's own (patchattn_passkey, patchattn_single, patchattn_multikey, patchattn_multivalue, patchattn_multiquery, patchattn_vartrack; 'patchattn' for all) at --lengths with --trials and --seed."
@@ -280,7 +283,7 @@ def evaluate(
             r.name = path.stem  # variants are named after their files
         ensure_writable_dir(output)
         with console.status("loading model"):
-            lm, tokenizer = load_model(model, dtype=dtype, device=device)
+            lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         exported = getattr(lm.config, RECIPE_KEY, None)
         if exported is not None:  # a directory from `patchattn export`: its recipe is a variant, dense the baseline
             bundled = Recipe.from_dict(exported, source=f"recipe in {model}")

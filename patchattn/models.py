@@ -133,6 +133,9 @@ def _unsupported_message(class_name: str) -> str:
     )
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def load_model(
     spec: str | None = None,
     dtype: str = "auto",
@@ -140,9 +143,12 @@ def load_model(
     device_map: str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Returns ``(model, tokenizer)`` in eval mode. ``device_map="auto"`` spreads the model with accelerate."""
+    """Returns ``(model, tokenizer)`` in eval mode. ``device_map`` (one of :data:`DEVICE_MAPS`) places the layers with
+    accelerate, over every visible GPU (the default on CUDA: ``"auto"``); on a CPU machine everything lands on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"--device-map {device_map!r} unknown; choose one of {', '.join(DEVICE_MAPS)}")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     source = resolve_model_dir(spec)

@@ -202,3 +202,31 @@ def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
     assert set(ppl) == {"dense", "streaming"}
     assert ppl["dense"]["sparsity"] == 0.0 and ppl["streaming"]["sparsity"] > 0.5
     assert ppl["dense"]["value"] != ppl["streaming"]["value"]
+
+
+def test_device_map_places_the_model_through_accelerate(tiny_model_dir, tmp_path, monkeypatch):
+    """--device-map reaches from_pretrained (accelerate places the layers: over the GPUs there are, on a CPU machine
+    all on the CPU) for eval, calibrate and export alike; an unknown placement is one clear line, nothing written."""
+    import transformers
+
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.save(tmp_path / "r.json")
+    result = invoke("eval", tiny_model_dir, "-r", tmp_path / "r.json", "-l", 512, "--tasks", "passkey", "--trials", 1,
+                    "--speed-runs", 0, "--device", "cpu", "--device-map", "auto", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert seen == ["auto"] and json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    result = invoke("export", tiny_model_dir, "-r", tmp_path / "r.json", "--device-map", "sequential", "-o", tmp_path / "exp")
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == "sequential" and (tmp_path / "exp" / "model.safetensors").exists()
+    for command in (["eval", "-r", tmp_path / "r.json"], ["export", "-r", tmp_path / "r.json"], ["calibrate"]):
+        result = invoke(command[0], tiny_model_dir, *command[1:], "--device-map", "everywhere", "-o", tmp_path / "bad" / "x")
+        assert_clean_error(result, "--device-map 'everywhere' unknown", "auto, balanced")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.json"))

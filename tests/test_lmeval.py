@@ -131,3 +131,25 @@ def test_real_model_dense_accuracy_equals_own_eval(smollm, tmp_path):
     (row,) = lmeval.run_lm_eval(model, tokenizer, {"dense": None}, ["patchattn_passkey"], [2048], work_dir=tmp_path, trials=2)
     assert own["value"] == row["value"] == 1.0
     assert row["replies"] == own["replies"] and row["prompt_tokens"] == own["prompt_tokens"]
+
+
+def test_lm_eval_cli_runs_an_exported_patched_model(tmp_path, tiny_model, chat_tokenizer):
+    """`python -m patchattn.lm_eval_cli` is lm-eval's own command line (what `accelerate launch -m` starts once per GPU)
+    in a process that registered patchattn: it loads a directory from `patchattn export`, whose config names the
+    "patchattn" attention, and scores patchattn's task on it; plain lm-eval cannot load that directory."""
+    import subprocess
+
+    from patchattn.export import export
+
+    recipe = Recipe.uniform(tiny_model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64, name="stream")
+    patched_dir = export(tiny_model, chat_tokenizer, recipe, tmp_path / "patched")
+    task_dir = lmeval.write_task_dir(chat_tokenizer, LENGTH, tmp_path / "tasks", tasks=["passkey"], trials=2, seed=1)
+    args = ["--model", "hf", "--model_args", f"pretrained={patched_dir},dtype=float32", "--tasks", "patchattn_passkey",
+            "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "out")]
+    run = subprocess.run([sys.executable, "-m", "patchattn.lm_eval_cli", *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (result_file,) = (tmp_path / "out").rglob("results*.json")
+    result = json.loads(result_file.read_text())
+    assert "acc,none" in result["results"]["patchattn_passkey"]
+    plain = subprocess.run([sys.executable, "-m", "lm_eval", *args[:-1], str(tmp_path / "plain")], capture_output=True, text=True, timeout=600)
+    assert plain.returncode != 0 and "patchattn" in plain.stdout + plain.stderr
