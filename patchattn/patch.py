@@ -157,6 +157,7 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
     n_q, n_k = query.shape[2], key.shape[2]
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
+    sparse_ok = sparse_ok and n_q >= compiled.recipe.min_sparse_tokens
     plan = compiled.layers[layer_idx] if sparse_ok else None
     if plan is None or plan.all_dense:
         if prefill and stats.is_recording():

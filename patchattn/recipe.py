@@ -150,6 +150,9 @@ class Recipe:
     calibration: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     kv_layers: list[list[KVPlan]] | None = None  # per layer, per KV head; None: derived from the prefill plans
+    # Prompts shorter than this prefill with dense attention: below some length (small models, short prompts) the
+    # layouts cost more host time than the attention they skip (like vLLM's sparse-attention threshold). 0: always.
+    min_sparse_tokens: int = 0
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -206,6 +209,7 @@ class Recipe:
                 {"heads": [h.to_dict() for h in layer], **({"kv_heads": [p.to_dict() for p in kv]} if kv is not None else {})}
                 for layer, kv in zip(self.layers, self.kv_layers or [None] * len(self.layers))
             ],
+            **({"min_sparse_tokens": self.min_sparse_tokens} if self.min_sparse_tokens else {}),
         }
 
     @classmethod
@@ -221,6 +225,7 @@ class Recipe:
         try:
             model = data["model"]
             block_size = int(data["block_size"])
+            min_sparse = int(data.get("min_sparse_tokens", 0))
             layers, kv_layers = [], []
             for li, layer in enumerate(data["layers"]):
                 if "kv_heads" in layer:
@@ -241,6 +246,8 @@ class Recipe:
                 layers.append(heads)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"{source} is malformed ({type(exc).__name__}: {exc}); re-run `patchattn calibrate`") from None
+        if min_sparse < 0:
+            raise RecipeError(f"{source}: min_sparse_tokens must be 0 or more, not {min_sparse}")
         if block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"{source}: block_size {block_size} unsupported; use 16, 32, 64, 128 or 256")
         if len(layers) != model.get("num_layers") or any(len(l) != model.get("num_heads") for l in layers):
@@ -250,7 +257,7 @@ class Recipe:
             raise RecipeError(f"{source}: kv_heads must be given for every layer, one per KV head ({n_kv})")
         return cls(
             model=model, layers=layers, block_size=block_size, calibration=data.get("calibration", {}),
-            name=data.get("name", ""), kv_layers=kv_layers or None,
+            name=data.get("name", ""), kv_layers=kv_layers or None, min_sparse_tokens=min_sparse,
         )
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -230,3 +230,14 @@ def test_device_map_places_the_model_through_accelerate(tiny_model_dir, tmp_path
         result = invoke(command[0], tiny_model_dir, *command[1:], "--device-map", "everywhere", "-o", tmp_path / "bad" / "x")
         assert_clean_error(result, "--device-map 'everywhere' unknown", "auto, balanced")
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.json"))
+
+
+def test_calibrate_writes_min_sparse_tokens(tiny_model_dir, calibration_text, tmp_path):
+    out = tmp_path / "r.json"
+    result = invoke("calibrate", tiny_model_dir, "-s", 0.5, "-n", 512, "--block-size", 32, "--text", calibration_text,
+                    "--min-sparse-tokens", 1024, "-o", out, "--baseline-output", tmp_path / "u.json")
+    assert result.exit_code == 0, result.output
+    assert Recipe.load(out).min_sparse_tokens == 1024 and Recipe.load(tmp_path / "u.json").min_sparse_tokens == 1024
+    result = invoke("calibrate", tiny_model_dir, "--min-sparse-tokens", -5, "-o", tmp_path / "bad.json")
+    assert_clean_error(result, "--min-sparse-tokens must be 0 or more")
+    assert not (tmp_path / "bad.json").exists()

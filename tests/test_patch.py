@@ -136,3 +136,28 @@ def test_layer_of_mixed_strategies_and_budgets_equals_each_head_alone():
         kv = h // (heads // kv_heads)
         alone = plan.build().block_layout(q[:, h : h + 1], k[:, kv : kv + 1], 32)
         assert torch.equal(keep[:, h : h + 1], alone), f"head {h}: {plan}"
+
+
+def test_prompts_below_min_sparse_tokens_prefill_densely():
+    """A recipe's min_sparse_tokens: shorter prompts run dense attention (same logits, nothing skipped), longer ones
+    the sparse layouts; the field survives a save and load and is validated."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
+    recipe.min_sparse_tokens = 400
+    assert Recipe.from_dict(recipe.to_dict()).min_sparse_tokens == 400
+    assert "min_sparse_tokens" not in Recipe.uniform(model.config).to_dict()  # unset: recipes stay as they were
+    with torch.no_grad():
+        short, long = _ids(n=300, batch=1), _ids(n=512, batch=1)
+        ref_short, ref_long = model(short).logits, model(long).logits
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out_short = model(short).logits
+            assert rec.sparsity == pytest.approx(0.0)
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out_long = model(long).logits
+            assert rec.sparsity > 0.5
+    torch.testing.assert_close(out_short, ref_short, atol=1e-5, rtol=1e-5)
+    assert (out_long - ref_long).abs().max() > 1e-3
+    from patchattn.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="min_sparse_tokens"):
+        Recipe.from_dict({**recipe.to_dict(), "min_sparse_tokens": -1})

@@ -288,4 +288,7 @@ def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:
         "mean_kept_mass": best["mean_kept_mass"],
         "mean_output_error": best.get("mean_output_error"),
     }
-    return Recipe(model=dict(recipe.model), layers=layers, block_size=recipe.block_size, calibration=calibration, name="uniform")
+    return Recipe(
+        model=dict(recipe.model), layers=layers, block_size=recipe.block_size, calibration=calibration, name="uniform",
+        min_sparse_tokens=recipe.min_sparse_tokens,
+    )
