@@ -11,7 +11,7 @@ Cases, each one block layout used by both Flex (through create_block_mask) and o
   vs10, vs5  vertical-slash at ~10% / ~5% block density (patchattn.strategies VerticalSlash)
   topk10, topk5  block top-k at ~10% / ~5% (patchattn.strategies BlockTopK)
 For the data-dependent cases the layout is estimated from the (random) q/k, and our time INCLUDES building
-it (strategy.block_layout + to_ragged); the build time is also reported on its own. Flex gets the finished
+it (strategy estimate + layout + finalize_ragged, as the patched model does); the build time is also reported on its own. Flex gets the finished
 block mask for free (its create_block_mask time is not counted). The strategy budgets are picked per N by a
 search on the same inputs so the density lands near the target; the achieved density is reported.
 
@@ -40,6 +40,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patchattn.kernels.sparse_prefill.kernel import CONFIGS, USE_TMA, sparse_prefill_triton  # noqa: E402
+from patchattn.kernels import finalize_ragged  # noqa: E402
 from patchattn.layout import block_density, causal_blocks, finalize, num_blocks, to_ragged  # noqa: E402
 
 B, HQ, HKV, D, BS = 1, 32, 8, 128, 128
@@ -157,8 +158,8 @@ def strategy_case(case: str, q, k, n: int):
     del k_exp
     torch.cuda.empty_cache()
 
-    def build():  # the model path: GQA keys unexpanded
-        return best.block_layout(q, k, BS)
+    def build():  # the model path: GQA keys unexpanded, the raw layout (finished with the indices, below)
+        return best.layout(best.estimate(q, k, BS))
 
     build.strategy = best
     return build, f"{best.name}{best.params()}"
@@ -289,31 +290,33 @@ def main():
         for case in args.cases:
             t0 = time.time()
             row = dict(case=case, n=n, sdpa_ms=sdpa_ms, sdpa_tflops=dense_flops / sdpa_ms * 1e-9, **extra)
-            if case in ("dense", "streaming"):
-                keep = static_layout(case, n)
+            if case in ("dense", "streaming"):  # finalized as the model runs it (streaming: the last row reads all)
+                keep = finalize(static_layout(case, n))
                 build, desc = None, "static"
             elif have_strategies:
                 build, desc = strategy_case(case, q, k, n)
-                keep = build()
+                keep = finalize(build())
             else:
                 build, desc = synthetic_case(case, n, gen)
-                keep = build()
-            counts, ids, fill = to_ragged(keep)
+                keep = finalize(build())
+            counts, ids, fill = finalize_ragged(keep)  # what the patched model runs: one Triton launch
             row.update(layout=desc, density=block_density(keep).mean().item(), max_count=ids.shape[-1], causal_density=fill)
             flops = flops_of(counts)
-            row["index_ms"] = bench(lambda: to_ragged(build() if build else keep), rep_ms=200)
+            row["index_ms"] = bench(lambda: finalize_ragged(build() if build else keep), rep_ms=200)
             kernel_ms = bench(lambda: sparse_prefill_triton(q, k, v, counts, ids, BS, density=fill))
             row["kernel_ms"] = kernel_ms
             if hasattr(build, "strategy"):  # where the index-building time goes
                 strat = build.strategy
                 row["estimate_ms"] = bench(lambda: strat.estimate(q, k, BS), rep_ms=200)
                 est = strat.estimate(q, k, BS)
-                row["layout_ms"] = bench(lambda: finalize(strat.layout(est)), rep_ms=200)
-                row["to_indices_ms"] = bench(lambda: to_ragged(keep), rep_ms=200)
+                raw = strat.layout(est)
+                row["layout_ms"] = bench(lambda: strat.layout(est), rep_ms=200)
+                row["to_indices_ms"] = bench(lambda: finalize_ragged(raw), rep_ms=200)  # finalize + compaction, fused
+                row["to_indices_torch_ms"] = bench(lambda: to_ragged(finalize(raw)), rep_ms=200)
                 del est
             if build is not None and desc != "synthetic":  # data-dependent: our time includes building the layout
                 def ours():
-                    c, i, f = to_ragged(build())
+                    c, i, f = finalize_ragged(build())
                     return sparse_prefill_triton(q, k, v, c, i, BS, density=f)
 
                 row["ours_ms"] = bench(ours)

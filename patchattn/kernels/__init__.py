@@ -15,6 +15,7 @@ import torch
 
 from . import ragged as _ragged_pkg
 from . import sparse_decode as _sparse_decode_pkg
+from . import vs_estimate as _vs_pkg
 from .sparse_decode import sparse_decode_naive, sparse_decode_triton
 from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
 
@@ -76,6 +77,15 @@ def finalize_ragged(keep: torch.Tensor, backend: str = "auto") -> tuple[torch.Te
     return _ragged_pkg.finalize_ragged_naive(keep)
 
 
+def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int):
+    """The vertical-slash estimate (see :mod:`patchattn.kernels.vs_estimate.naive`): the Triton kernel for fp16/bf16
+    CUDA tensors (two passes over the keys, no (L x N) matrix), the float32 PyTorch reference otherwise (so float32
+    calibration keeps full precision)."""
+    if q_last.is_cuda and q_last.dtype in (torch.float16, torch.bfloat16) and _vs_pkg.load_triton_kernel() is not None:
+        return _vs_pkg.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks)
+    return _vs_pkg.vertical_slash_scores_naive(q_last, k, scale, block_size, n_blocks)
+
+
 # ------------------------------------------------------------------------------------ decode (one query token)
 
 def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
@@ -127,4 +137,5 @@ __all__ = [
     "sparse_prefill",
     "sparse_prefill_naive",
     "sparse_prefill_triton",
+    "vertical_slash_scores",
 ]

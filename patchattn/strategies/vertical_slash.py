@@ -15,16 +15,10 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, blocks_for, grouped_scores, per_head
+from .base import Estimate, Strategy, blocks_for, per_head
 from .registry import register
 
 LAST_Q = 64
-
-
-def _block_sums(values: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
-    pad = n_blocks * block_size - values.shape[-1]
-    values = torch.nn.functional.pad(values, (0, pad))
-    return values.view(*values.shape[:-1], n_blocks, block_size).sum(-1)
 
 
 def _top_ranks(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -46,20 +40,12 @@ class VerticalSlash(Strategy):
     slash_tokens: int = 1024
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
+        from ..kernels import vertical_slash_scores  # the kernels import the layout helpers; import at call time
+
         est = super().estimate(q, k, block_size)
-        n, last = q.shape[2], min(LAST_Q, q.shape[2])
-        q_pos = torch.arange(n - last, n, device=q.device)
-        k_pos = torch.arange(n, device=q.device)
-        offset = q_pos[:, None] - k_pos[None, :]  # (last, n): query position minus key position
-        scores = grouped_scores(q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]))
-        probs = torch.softmax(scores.masked_fill_(offset < 0, float("-inf")), dim=-1)
-        est.scores["vertical"] = _block_sums(probs.sum(-2), block_size, est.n_blocks)
-        # Slash: probability mass per diagonal offset o = q_pos - k_pos, gathered (no atomics) as
-        # sum_i P[i, q_pos_i - o], then summed per block of offsets.
-        key_of = q_pos[:, None] - torch.arange(n, device=q.device)[None, :]  # (last, n): key position at offset o
-        on_diag = torch.gather(probs, -1, key_of.clamp(min=0).expand_as(probs)).masked_fill_(key_of < 0, 0.0)
-        slash = _block_sums(on_diag.sum(-2), block_size, est.n_blocks)
-        est.scores["slash"] = slash
+        last = min(LAST_Q, q.shape[2])
+        vertical, slash = vertical_slash_scores(q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_blocks)
+        est.scores["vertical"], est.scores["slash"] = vertical, slash
         return est
 
     def layout(self, est: Estimate) -> torch.Tensor:
