@@ -161,3 +161,37 @@ def test_prompts_below_min_sparse_tokens_prefill_densely():
 
     with pytest.raises(RecipeError, match="min_sparse_tokens"):
         Recipe.from_dict({**recipe.to_dict(), "min_sparse_tokens": -1})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_split_over_devices():
+    """A model whose layers accelerate placed on different devices (here half on the GPU, half on the CPU: what a
+    several-GPU map does, with one GPU): each layer runs its recipe where its tensors are (Triton kernels on the GPU,
+    the reference on the CPU), the logits match the one-device run, and generation with the budgeted KV cache works."""
+    import copy
+
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, intermediate_size=512,
+                         vocab_size=256, max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    recipe = Recipe.uniform(config, "vertical_slash", block_size=64, vertical_tokens=256, slash_tokens=256)
+    for li in (0, 2):  # streaming layers: windowed KV heads, so generate uses the head-budgeted cache
+        recipe.layers[li] = [HeadPlan("streaming", {"sink_tokens": 64, "window_tokens": 256})] * 4
+    assert recipe.compresses_kv
+    single = copy.deepcopy(model).to("cuda")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    split = dispatch_model(model, device_map=device_map)
+    ids = torch.randint(0, 256, (1, 1000), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), patchattn.patched(single, recipe), patchattn.patched(split, recipe):
+        ref = single(ids.cuda()).logits.float().cpu()
+        out = split(ids.cuda()).logits.float().cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+        generated = split.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
+        expected = single.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
+    assert generated.shape == expected.shape == (1, 1008)
+    assert (generated[0, 1000:].cpu() == expected[0, 1000:].cpu()).float().mean() >= 0.75
