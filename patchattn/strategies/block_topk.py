@@ -20,8 +20,10 @@ from .registry import register
 
 def _mean_pool(x: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
     n = x.shape[2]
-    pad = n_blocks * block_size - n
-    summed = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(*x.shape[:2], n_blocks, block_size, -1).sum(-2)
+    full = n // block_size  # whole blocks: summed in place with a float32 accumulator (no float32 copy of x)
+    summed = x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(-2, dtype=torch.float32)
+    if full < n_blocks:  # the short last block
+        summed = torch.cat([summed, x[:, :, full * block_size :].sum(-2, keepdim=True, dtype=torch.float32)], dim=2)
     # Tokens per block (the last may be short), built on the device: setting one element from a Python number
     # would copy it from the host and synchronise, once per layer.
     counts = (n - torch.arange(n_blocks, device=x.device, dtype=torch.float32) * block_size).clamp_(max=block_size)
