@@ -224,3 +224,24 @@ def test_dense_layout_matches_sdpa_gpu():
     err = rel_err(out, ref)
     print(f"\n  dense 8K vs float32 SDPA: rel err {err:.2e}")
     assert err < 1e-2
+
+
+def test_launch_config_follows_layout_density(monkeypatch):
+    """Tiles are picked by the share of causal blocks a layout keeps (every finalized layout has one full row, so the
+    longest row says nothing): near-dense layouts take the 64-row config, sparse ones the 128-row one."""
+    launches = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(kernel, "_sparse_prefill_fwd", FakeKernel())
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 512, 128, generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 1, 512, 128, generator=gen).to(torch.bfloat16)
+    counts, ids = to_indices(make_layout("diagonal", 1, 2, 4, gen, device="cpu"))
+    for density, expected in ((0.9, kernel.CONFIGS[(128, 128)]["dense"]), (0.1, kernel.CONFIGS[(128, 128)]["sparse"]),
+                              (None, kernel.CONFIGS[(128, 128)]["dense"])):  # no density: the full last row decides
+        kernel.sparse_prefill_triton(q, k, k, counts, ids, 128, density=density)
+        got = launches[-1]
+        assert (got["BLOCK_M"], got["BLOCK_N"], got["num_warps"], got["num_stages"]) == expected

@@ -62,3 +62,19 @@ def test_kernel_matches_reference_real_shapes(n, block_size, dim):
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
     rerun_interpreted(__file__, "kernel_matches_reference and not real_shapes", timeout_s=600)
+
+
+def test_unsupported_shapes_are_named_and_the_dispatch_falls_back():
+    """Head dims that are not powers of two (Phi-3-mini: 96) are refused by the kernel with a reason, and the
+    dispatcher then runs the reference (here on the CPU: always the reference)."""
+    from patchattn.kernels import vertical_slash_scores
+
+    q = torch.randn(1, 2, 8, 96)
+    k = torch.randn(1, 1, 64, 96)
+    assert "head dim 96" in kernel.unsupported_reason(q, k, 16)
+    assert kernel.unsupported_reason(q[..., :64], k[..., :64], 48) is not None
+    with pytest.raises(ValueError, match="head dim 96"):
+        kernel.vertical_slash_scores_triton(q, k, 0.1, 16, 4)
+    vert, slash = vertical_slash_scores(q, k, 0.1, 16, 4)
+    ref = vertical_slash_scores_naive(q, k, 0.1, 16, 4)
+    assert torch.equal(vert, ref[0]) and torch.equal(slash, ref[1])

@@ -80,9 +80,10 @@ def finalize_ragged(keep: torch.Tensor, backend: str = "auto") -> tuple[torch.Te
 def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int):
     """The vertical-slash estimate (see :mod:`patchattn.kernels.vs_estimate.naive`): the Triton kernel for fp16/bf16
     CUDA tensors (two passes over the keys, no (L x N) matrix), the float32 PyTorch reference otherwise (so float32
-    calibration keeps full precision)."""
-    if q_last.is_cuda and q_last.dtype in (torch.float16, torch.bfloat16) and _vs_pkg.load_triton_kernel() is not None:
-        return _vs_pkg.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks)
+    calibration keeps full precision) and for head dims or block sizes the kernel does not take (e.g. Phi-3's 96)."""
+    mod = _vs_pkg.load_triton_kernel() if q_last.is_cuda and q_last.dtype in (torch.float16, torch.bfloat16) else None
+    if mod is not None and mod.unsupported_reason(q_last, k, block_size) is None:
+        return mod.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks)
     return _vs_pkg.vertical_slash_scores_naive(q_last, k, scale, block_size, n_blocks)
 
 

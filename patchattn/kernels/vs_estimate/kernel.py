@@ -101,11 +101,24 @@ def _vs_scores(
             tl.atomic_add(SLASH + bh * n_blocks + tl.where(ok, target, 0), mass, mask=ok)
 
 
+def unsupported_reason(q_last: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
+    """Why the kernel cannot take these inputs, or None if it can."""
+    dim = q_last.shape[-1]
+    if q_last.shape[1] % k.shape[1] or k.shape[-1] != dim:
+        return "query heads must be a multiple of key heads, with one head dim"
+    if dim not in (16, 32, 64, 128, 256):
+        return f"head dim {dim} (the kernel takes powers of two from 16 to 256)"
+    if block_size not in (16, 32, 64, 128, 256):
+        return f"block size {block_size} (the kernel takes powers of two from 16 to 256)"
+    return None
+
+
 def vertical_slash_scores_triton(q_last: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, n_blocks: int):
     batch, heads, n_last, dim = q_last.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
-    if heads % kv_heads or k.shape[-1] != dim or dim not in (16, 32, 64, 128, 256) or block_size < 16:
-        raise ValueError(f"unsupported vertical-slash estimate input: q {tuple(q_last.shape)}, k {tuple(k.shape)}, block {block_size}")
+    reason = unsupported_reason(q_last, k, block_size)
+    if reason is not None:
+        raise ValueError(f"vertical-slash estimate kernel: unsupported input: {reason}")
     if triton.cdiv(n_keys, block_size) != n_blocks:
         raise ValueError(f"{n_keys} keys are not {n_blocks} blocks of {block_size}")
     if q_last.stride(-1) != 1:
