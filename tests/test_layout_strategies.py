@@ -121,3 +121,18 @@ def test_to_ragged_reports_density():
     counts, ids, density = to_ragged(keep)
     assert torch.equal(counts, keep.sum(-1, dtype=torch.int32)) and ids.shape[-1] == 8
     assert density == pytest.approx(block_density(keep).mean().item())
+
+
+def test_default_per_head_layout_runs_each_budget_on_its_heads():
+    """A strategy without a vectorized layout_heads (the base class's default) still gives head i its own budget."""
+    from patchattn.strategies.base import Strategy
+    from patchattn.strategies.streaming import Streaming
+
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 4, 256, 16, generator=g)
+    budgets = [Streaming(32, 32), Streaming(0, 128), Streaming(32, 32), Streaming(64, 64)]
+    est = budgets[0].estimate(q, k, 32)
+    default = Strategy.layout_heads.__func__(Streaming, est, budgets)  # the base implementation, not the override
+    assert torch.equal(finalize(default), finalize(Streaming.layout_heads(est, budgets)))
+    for h, s in enumerate(budgets):
+        assert torch.equal(finalize(default)[:, h], s.block_layout(q[:, h:h + 1], k[:, h:h + 1], 32)[:, 0])

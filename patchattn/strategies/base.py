@@ -77,8 +77,8 @@ class Strategy:
         if len(distinct) == 1:
             return distinct[0].layout(est)
         keep = torch.empty(est.batch, est.heads, est.n_blocks, est.n_blocks, dtype=torch.bool, device=est.device)
-        for strategy in distinct:
-            heads = per_head([s == strategy for s in strategies], est.device, torch.bool)
+        for strategy in distinct:  # integer head indices: a boolean mask index would synchronise on CUDA
+            heads = per_head([i for i, s in enumerate(strategies) if s == strategy], est.device)
             keep[:, heads] = strategy.layout(est)[:, heads]
         return keep
 
