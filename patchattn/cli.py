@@ -106,6 +106,7 @@ def calibrate(
     retrieval_weight: float = typer.Option(
         0.0, "--retrieval-weight", help="Share of each head's score from rows that copy a passage from far back (the text ends on a repeat), so retrieving heads are not given a window (0.25 helped needle retrieval in prose on SmolLM2 at 8K, at some perplexity); 0: prose rows only."
     ),
+    dense_prefix_tokens: int = typer.Option(0, "--dense-prefix-tokens", help="The first N tokens' query rows read every causal block (cheap: (N / seq-len)^2 of the blocks; token budgets otherwise starve them). Calibration counts it in the sparsity."),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -123,8 +124,8 @@ def calibrate(
         from .models import load_model
         from .text import load_text
 
-        if min_sparse_tokens < 0:
-            raise PatchattnError(f"--min-sparse-tokens must be 0 or more, not {min_sparse_tokens}")
+        if min_sparse_tokens < 0 or dense_prefix_tokens < 0:
+            raise PatchattnError("--min-sparse-tokens and --dense-prefix-tokens must be 0 or more")
         heat = heatmap or output.with_suffix(".png")
         for path in {output, heat, baseline_output} - {None}:
             ensure_writable_dir(path.parent)
@@ -156,6 +157,7 @@ def calibrate(
                 decode_pages=decode_pages,
                 decode_recall=decode_recall,
                 retrieval_weight=retrieval_weight,
+                dense_prefix_tokens=dense_prefix_tokens,
             )
         recipe.name = output.stem
         recipe.min_sparse_tokens = min_sparse_tokens

@@ -28,11 +28,14 @@ def diagonal_blocks(n_blocks: int, device=None) -> torch.Tensor:
     return torch.eye(n_blocks, dtype=torch.bool, device=device)
 
 
-def finalize(keep: torch.Tensor) -> torch.Tensor:
-    """Clip a layout to causal blocks, force the diagonal in, and make the last query block dense."""
+def finalize(keep: torch.Tensor, dense_rows: int = 0) -> torch.Tensor:
+    """Clip a layout to causal blocks, force the diagonal in, and make the last query block dense, and the first
+    ``dense_rows`` query blocks too (a recipe's dense prefix)."""
     n = keep.shape[-1]
     keep = keep.clone()
     keep[..., -1, :] = True
+    if dense_rows > 0:
+        keep[..., :dense_rows, :] = True
     return (keep & causal_blocks(n, keep.device)) | diagonal_blocks(n, keep.device)
 
 

@@ -71,6 +71,7 @@ class HeadGroup:
 class LayerPlan:
     groups: list[HeadGroup]
     all_dense: bool
+    dense_rows: int = 0  # the recipe's dense prefix, in query blocks
 
 
 class CompiledRecipe:
@@ -89,7 +90,7 @@ class CompiledRecipe:
                 HeadGroup([s for _, s in members], torch.tensor([h for h, _ in members]), len(members) == len(heads))
                 for members in by_kind.values()
             ]
-            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups)))
+            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows()))
 
 
 _COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
@@ -133,7 +134,7 @@ def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_
             head_ids = group.head_ids_on(query.device)
             est = group.strategies[0].estimate(query[:, head_ids], key[:, head_ids // group_size], block_size)
             keep[:, head_ids] = group.kind.layout_heads(est, group.strategies)
-    return finalize(keep) if finished else keep
+    return finalize(keep, plan.dense_rows) if finished else keep
 
 
 def patchattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -168,7 +169,7 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
 
     block_size = compiled.block_size
     keep = layer_layout(plan, query, key, block_size, finished=False)
-    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto")
+    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows)
     if stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts
         n_blk = counts.shape[-1]
         stats.report(layer_idx, counts.sum().item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])

@@ -153,6 +153,12 @@ class Recipe:
     # Prompts shorter than this prefill with dense attention: below some length (small models, short prompts) the
     # layouts cost more host time than the attention they skip (like vLLM's sparse-attention threshold). 0: always.
     min_sparse_tokens: int = 0
+    # The first this many tokens' query rows read every causal block (they are cheap: (W / N)^2 of the blocks) and
+    # token budgets calibrated at N starve them otherwise. Calibration counts it in the density it allocates.
+    dense_prefix_tokens: int = 0
+
+    def dense_prefix_rows(self) -> int:
+        return -(-self.dense_prefix_tokens // self.block_size)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -210,6 +216,7 @@ class Recipe:
                 for layer, kv in zip(self.layers, self.kv_layers or [None] * len(self.layers))
             ],
             **({"min_sparse_tokens": self.min_sparse_tokens} if self.min_sparse_tokens else {}),
+            **({"dense_prefix_tokens": self.dense_prefix_tokens} if self.dense_prefix_tokens else {}),
         }
 
     @classmethod
@@ -226,6 +233,7 @@ class Recipe:
             model = data["model"]
             block_size = int(data["block_size"])
             min_sparse = int(data.get("min_sparse_tokens", 0))
+            dense_prefix = int(data.get("dense_prefix_tokens", 0))
             layers, kv_layers = [], []
             for li, layer in enumerate(data["layers"]):
                 if "kv_heads" in layer:
@@ -246,8 +254,8 @@ class Recipe:
                 layers.append(heads)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"{source} is malformed ({type(exc).__name__}: {exc}); re-run `patchattn calibrate`") from None
-        if min_sparse < 0:
-            raise RecipeError(f"{source}: min_sparse_tokens must be 0 or more, not {min_sparse}")
+        if min_sparse < 0 or dense_prefix < 0:
+            raise RecipeError(f"{source}: min_sparse_tokens and dense_prefix_tokens must be 0 or more")
         if block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"{source}: block_size {block_size} unsupported; use 16, 32, 64, 128 or 256")
         if len(layers) != model.get("num_layers") or any(len(l) != model.get("num_heads") for l in layers):
@@ -258,6 +266,7 @@ class Recipe:
         return cls(
             model=model, layers=layers, block_size=block_size, calibration=data.get("calibration", {}),
             name=data.get("name", ""), kv_layers=kv_layers or None, min_sparse_tokens=min_sparse,
+            dense_prefix_tokens=dense_prefix,
         )
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -239,5 +239,5 @@ def test_calibrate_writes_min_sparse_tokens(tiny_model_dir, calibration_text, tm
     assert result.exit_code == 0, result.output
     assert Recipe.load(out).min_sparse_tokens == 1024 and Recipe.load(tmp_path / "u.json").min_sparse_tokens == 1024
     result = invoke("calibrate", tiny_model_dir, "--min-sparse-tokens", -5, "-o", tmp_path / "bad.json")
-    assert_clean_error(result, "--min-sparse-tokens must be 0 or more")
+    assert_clean_error(result, "--min-sparse-tokens and --dense-prefix-tokens must be 0 or more")
     assert not (tmp_path / "bad.json").exists()

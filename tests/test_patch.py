@@ -195,3 +195,34 @@ def test_layers_split_over_devices():
         expected = single.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
     assert generated.shape == expected.shape == (1, 1008)
     assert (generated[0, 1000:].cpu() == expected[0, 1000:].cpu()).float().mean() >= 0.75
+
+
+def test_dense_prefix_rows_read_everything():
+    """A recipe's dense_prefix_tokens: the first query blocks read every causal block (their logits equal dense), the
+    rest keep their layout; calibration counts the prefix in the sparsity it reaches."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
+    recipe.dense_prefix_tokens = 200  # 7 blocks of 32
+    assert recipe.dense_prefix_rows() == 7 and Recipe.from_dict(recipe.to_dict()).dense_prefix_tokens == 200
+    ids = _ids(n=512, batch=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out = model(ids).logits
+    torch.testing.assert_close(out[:, :224], ref[:, :224], atol=2e-4, rtol=2e-4)
+    assert (out[:, 224:] - ref[:, 224:]).abs().max() > 1e-3
+    # 16 blocks: rows 0-6 dense (28 blocks), rows 7-14 sink + previous + diagonal (3 each), the last row all 16
+    assert rec.sparsity == pytest.approx(1 - (28 + 3 * 8 + 16) / 136, abs=1e-6)
+
+    from patchattn.calibrate import calibrate
+
+    calib = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(2))
+    plain = calibrate(model, calib, target_sparsity=0.6, block_size=32)
+    prefixed = calibrate(model, calib, target_sparsity=0.6, block_size=32, dense_prefix_tokens=256)
+    assert prefixed.dense_prefix_tokens == 256
+    for r in (plain, prefixed):
+        assert abs(r.calibration["achieved_sparsity"] - 0.6) <= 0.02
+    # the prefix is paid for by sparser budgets elsewhere: the model runs at the sparsity calibration reached
+    with torch.no_grad(), patchattn.patched(model, prefixed), record_sparsity() as rec:
+        model(calib)
+    assert abs(rec.sparsity - prefixed.calibration["achieved_sparsity"]) <= 0.03

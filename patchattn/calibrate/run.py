@@ -69,6 +69,7 @@ def calibrate(
     decode_pages: int = 0,
     decode_recall: float | None = None,
     retrieval_weight: float = RETRIEVAL_WEIGHT,
+    dense_prefix_tokens: int = 0,
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
 
@@ -125,7 +126,9 @@ def calibrate(
         if query.shape[2] != key.shape[2] or layer in scores:
             return
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
-        scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module))
+        scores[layer] = score_layer(
+            query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), -(-dense_prefix_tokens // block_size)
+        )
         if kv_cands:
             kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
         if on_layer is not None:
@@ -201,7 +204,8 @@ def calibrate(
     if kv_cands:
         kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages, decode_recall)
     return Recipe(
-        model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated", kv_layers=kv_layers
+        model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated",
+        kv_layers=kv_layers, dense_prefix_tokens=dense_prefix_tokens,
     )
 
 
@@ -290,5 +294,5 @@ def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:
     }
     return Recipe(
         model=dict(recipe.model), layers=layers, block_size=recipe.block_size, calibration=calibration, name="uniform",
-        min_sparse_tokens=recipe.min_sparse_tokens,
+        min_sparse_tokens=recipe.min_sparse_tokens, dense_prefix_tokens=recipe.dense_prefix_tokens,
     )

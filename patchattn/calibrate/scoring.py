@@ -61,11 +61,13 @@ def score_layer(
     scale: float | None = None,
     row_weights: torch.Tensor | None = None,
     out_proj: torch.Tensor | None = None,
+    dense_rows: int = 0,
 ) -> LayerScores:
     """``query`` (B, Hq, N, D), ``key``/``value`` (B, Hkv, N, D) post-RoPE; candidates grouped by strategy class.
     ``row_weights`` (R,), summing to 1, weighs the rows in the means (default: equal). ``out_proj``: the layer's
     output projection weight (hidden, Hq * D), for ``residual_error``: a head whose output the projection shrinks,
-    or that the other heads outweigh, matters less to the model than its own relative error says."""
+    or that the other heads outweigh, matters less to the model than its own relative error says. ``dense_rows``: the
+    recipe's dense prefix (query blocks read in full), part of every candidate's layout, density and mass."""
     n_q_heads, head_dim = query.shape[1], query.shape[-1]
     key = key.repeat_interleave(n_q_heads // key.shape[1], dim=1)
     value = value.repeat_interleave(n_q_heads // value.shape[1], dim=1)
@@ -90,7 +92,7 @@ def score_layer(
         est = estimates.get(type(cand))
         if est is None:
             est = estimates[type(cand)] = cand.estimate(query, key, block_size)
-        keep = finalize(cand.layout(est))
+        keep = finalize(cand.layout(est), dense_rows)
         densities.append(block_density(keep).mean(0))
         keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)

@@ -64,17 +64,17 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
 
 
-def finalize_ragged(keep: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, float]:
+def finalize_ragged(keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A raw layout finished for the kernels: :func:`patchattn.layout.finalize` then :func:`patchattn.layout.to_ragged`,
     as one Triton launch on CUDA (``backend`` "auto" or "triton"; the PyTorch reference elsewhere or with "torch")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     use_triton = backend != "torch" and (keep.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton")
     if use_triton and _ragged_pkg.load_triton_kernel() is not None:
-        return _ragged_pkg.finalize_ragged_triton(keep)
+        return _ragged_pkg.finalize_ragged_triton(keep, dense_rows)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot finish this layout: {_ragged_pkg.triton_import_error() or 'not a CUDA tensor'}")
-    return _ragged_pkg.finalize_ragged_naive(keep)
+    return _ragged_pkg.finalize_ragged_naive(keep, dense_rows)
 
 
 def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int):
