@@ -124,17 +124,22 @@ def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_
     batch, n_q_heads, n_tokens, _ = query.shape
     group_size = n_q_heads // key.shape[1]
     if len(plan.groups) == 1 and plan.groups[0].all_heads:
-        group = plan.groups[0]
-        est = group.strategies[0].estimate(query, key, block_size)
-        keep = group.kind.layout_heads(est, group.strategies)
+        keep = _group_layout(plan.groups[0], query, key, block_size, group_size)
     else:
         n_blk = num_blocks(n_tokens, block_size)
         keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
         for group in plan.groups:
-            head_ids = group.head_ids_on(query.device)
-            est = group.strategies[0].estimate(query[:, head_ids], key[:, head_ids // group_size], block_size)
-            keep[:, head_ids] = group.kind.layout_heads(est, group.strategies)
+            keep[:, group.head_ids_on(query.device)] = _group_layout(group, query, key, block_size, group_size)
     return finalize(keep, plan.dense_rows) if finished else keep
+
+
+def _group_layout(group: HeadGroup, query: torch.Tensor, key: torch.Tensor, block_size: int, group_size: int) -> torch.Tensor:
+    """One estimate over the group's heads (their keys indexed per head, GQA), then their per-head budgets' layout."""
+    if not group.all_heads:
+        head_ids = group.head_ids_on(query.device)
+        query, key = query[:, head_ids], key[:, head_ids // group_size]
+    est = group.strategies[0].estimate(query, key, block_size)
+    return group.kind.layout_heads(est, group.strategies)
 
 
 def patchattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

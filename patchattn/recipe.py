@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import RecipeError
 from .io import write_json_atomic
+from .layout import num_blocks
 from .strategies import Strategy, get_strategy
 
 SCHEMA_VERSION = 2
@@ -158,7 +159,7 @@ class Recipe:
     dense_prefix_tokens: int = 0
 
     def dense_prefix_rows(self) -> int:
-        return -(-self.dense_prefix_tokens // self.block_size)
+        return num_blocks(self.dense_prefix_tokens, self.block_size)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputTooLongError, PatchattnError
+from ..layout import num_blocks
 from ..models import context_length
 from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
@@ -127,7 +128,7 @@ def calibrate(
             return
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
         scores[layer] = score_layer(
-            query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), -(-dense_prefix_tokens // block_size)
+            query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), num_blocks(dense_prefix_tokens, block_size)
         )
         if kv_cands:
             kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
