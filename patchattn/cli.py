@@ -91,7 +91,7 @@ def calibrate(
     seq_len: int = typer.Option(4096, "--seq-len", "-n", help="Calibration length in tokens."),
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
-    strategies: str = typer.Option("dense,streaming,vertical_slash,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
+    strategies: str = typer.Option("dense,streaming,vertical_slash,vertical_slash_tokens,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
     objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default), attention 'mass', or 'residual' (output error after the output projection, as a share of the layer's attention output: heads weighed by what they contribute)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),

@@ -77,6 +77,27 @@ def from_indices(counts: torch.Tensor, ids: torch.Tensor, n_k_blocks: int) -> to
     return hits > 0
 
 
+def column_counts(columns: torch.Tensor, n_q_blocks: int, block_size: int, dense_rows: int = 0) -> torch.Tensor:
+    """How many of each head's token columns each query block reads: (B, H, n_q_blocks) int32.
+
+    ``columns`` (B, H, C) ascending key positions padded with anything >= the sequence length (a strategy's
+    :meth:`~patchattn.strategies.Strategy.columns_heads`). Query block ``i`` reads the columns before its first
+    token (``< i * block_size``: its own block is in the layout); the last block and the first ``dense_rows``
+    blocks read every block, so no column. A consumer skips columns whose block its block layout already holds."""
+    batch, heads, _ = columns.shape
+    starts = torch.arange(n_q_blocks, device=columns.device, dtype=columns.dtype) * block_size
+    counts = torch.searchsorted(columns.contiguous(), starts.expand(batch, heads, n_q_blocks).contiguous(), out_int32=True)
+    counts[..., -1] = 0
+    if dense_rows > 0:
+        counts[..., :dense_rows] = 0
+    return counts
+
+
+def column_tiles(counts: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The work of token columns in blocks: each query block gathers its columns ``block_size`` at a time."""
+    return (counts + block_size - 1) // block_size
+
+
 def block_density(keep: torch.Tensor) -> torch.Tensor:
     """Fraction of causal blocks kept, per (B, H): shape (B, H) float32."""
     n = keep.shape[-1]
@@ -85,9 +106,19 @@ def block_density(keep: torch.Tensor) -> torch.Tensor:
     return kept / causal.sum().float()
 
 
-def token_mask(keep: torch.Tensor, n_q: int, n_k: int, block_size: int) -> torch.Tensor:
-    """Expand a layout to a token-level bool mask (B, H, n_q, n_k), causal included. For tests and references."""
+def token_mask(
+    keep: torch.Tensor, n_q: int, n_k: int, block_size: int, columns: torch.Tensor | None = None, counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Expand a layout to a token-level bool mask (B, H, n_q, n_k), causal included; with ``columns`` and their
+    :func:`column_counts`, each query block's first ``counts`` columns too. For tests and references."""
     full = keep.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n_q, :n_k]
     q_pos = torch.arange(n_q, device=keep.device)[:, None] + (n_k - n_q)
     k_pos = torch.arange(n_k, device=keep.device)[None, :]
+    if columns is not None:
+        rank = torch.arange(columns.shape[-1], device=keep.device)
+        row_counts = counts.repeat_interleave(block_size, -1)[..., :n_q]  # (B, H, n_q)
+        read = (rank < row_counts[..., None]) & (columns[..., None, :] < n_k)  # (B, H, n_q, C)
+        extra = torch.zeros(*columns.shape[:2], n_q, n_k + 1, dtype=torch.bool, device=keep.device)
+        extra.scatter_(-1, torch.where(read, columns[..., None, :].long(), n_k).expand(-1, -1, n_q, -1), True)
+        full = full | extra[..., :n_k]
     return full & (k_pos <= q_pos)

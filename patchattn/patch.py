@@ -31,7 +31,7 @@ from . import stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, finalize_ragged, sparse_prefill
-from .layout import finalize, num_blocks
+from .layout import column_counts, column_tiles, finalize, num_blocks
 from .recipe import Recipe
 from .strategies import Strategy
 
@@ -117,29 +117,45 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
-def layer_layout(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_size: int, finished: bool = True) -> torch.Tensor:
+def layer_layout(
+    plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, block_size: int, finished: bool = True, columns: bool = False
+):
     """The (B, Hq, nqb, nkb) layout of one layer: per strategy class, one estimate over its heads and one vectorized
     layout of their per-head budgets. ``finished=False`` leaves out :func:`~patchattn.layout.finalize` (the prefill
-    path fuses it into the compaction to counts and ids)."""
+    path fuses it into the compaction to counts and ids). ``columns=True`` returns ``(keep, columns)``: the token
+    columns of the heads that read single keys besides their blocks, (B, Hq, C) ascending and padded with N (heads
+    without any: all padding), or None when no head of the layer has any."""
     batch, n_q_heads, n_tokens, _ = query.shape
     group_size = n_q_heads // key.shape[1]
+    cols = None
     if len(plan.groups) == 1 and plan.groups[0].all_heads:
-        keep = _group_layout(plan.groups[0], query, key, block_size, group_size)
+        keep, cols = _group_layout(plan.groups[0], query, key, block_size, group_size)
     else:
         n_blk = num_blocks(n_tokens, block_size)
         keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
+        parts = []
         for group in plan.groups:
-            keep[:, group.head_ids_on(query.device)] = _group_layout(group, query, key, block_size, group_size)
-    return finalize(keep, plan.dense_rows) if finished else keep
+            heads = group.head_ids_on(query.device)
+            keep[:, heads], group_cols = _group_layout(group, query, key, block_size, group_size)
+            if group_cols is not None:
+                parts.append((heads, group_cols))
+        if parts:
+            widest = max(c.shape[-1] for _, c in parts)
+            cols = torch.full((batch, n_q_heads, widest), n_tokens, dtype=torch.int32, device=query.device)
+            for heads, group_cols in parts:
+                cols[:, heads, : group_cols.shape[-1]] = group_cols
+    keep = finalize(keep, plan.dense_rows) if finished else keep
+    return (keep, cols) if columns else keep
 
 
-def _group_layout(group: HeadGroup, query: torch.Tensor, key: torch.Tensor, block_size: int, group_size: int) -> torch.Tensor:
-    """One estimate over the group's heads (their keys indexed per head, GQA), then their per-head budgets' layout."""
+def _group_layout(group: HeadGroup, query: torch.Tensor, key: torch.Tensor, block_size: int, group_size: int):
+    """One estimate over the group's heads (their keys indexed per head, GQA), then their per-head budgets' layout
+    and token columns (None for block-only strategies)."""
     if not group.all_heads:
         head_ids = group.head_ids_on(query.device)
         query, key = query[:, head_ids], key[:, head_ids // group_size]
     est = group.strategies[0].estimate(query, key, block_size)
-    return group.kind.layout_heads(est, group.strategies)
+    return group.kind.layout_heads(est, group.strategies), group.kind.columns_heads(est, group.strategies)
 
 
 def patchattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -173,12 +189,19 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
-    keep = layer_layout(plan, query, key, block_size, finished=False)
+    keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
     counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows)
-    if stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts
+    columns = None
+    if cols is not None:
+        columns = (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
+    if stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
         n_blk = counts.shape[-1]
-        stats.report(layer_idx, counts.sum().item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])
-    out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend, density=density)
+        kept = counts.sum() + (column_tiles(columns[1], block_size).sum() if columns is not None else 0)
+        stats.report(layer_idx, kept.item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])
+    out = sparse_prefill(
+        query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend,
+        density=density, columns=columns,
+    )
     return out.transpose(1, 2).contiguous()
 
 

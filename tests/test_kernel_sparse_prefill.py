@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 from patchattn.kernels import available_backends, sparse_prefill  # noqa: E402
 from patchattn.kernels.sparse_prefill.naive import sparse_prefill_naive  # noqa: E402
-from patchattn.layout import causal_blocks, finalize, num_blocks, to_indices, token_mask  # noqa: E402
+from patchattn.layout import causal_blocks, column_counts, finalize, num_blocks, to_indices, token_mask  # noqa: E402
 
 kernel = importlib.import_module("patchattn.kernels.sparse_prefill.kernel")
 INTERPRETED = is_interpreted(kernel._sparse_prefill_fwd)
@@ -47,6 +47,42 @@ def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Gen
     else:
         raise ValueError(kind)
     return finalize(keep.contiguous()).to(device)
+
+
+def make_columns(batch: int, heads: int, n: int, gen: torch.Generator, share: float = 0.15, device=DEVICE) -> torch.Tensor:
+    """Random token columns per head (a different number each), ascending, padded with ``n``: some fall in key
+    blocks the layout holds anyway (the sink block, the diagonals), which a consumer must not count twice."""
+    widest = max(1, int(share * n))
+    cols = torch.full((batch, heads, widest), n, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(heads):
+            count = int(torch.randint(0, widest + 1, (1,), generator=gen))
+            cols[b, h, :count] = torch.randperm(n, generator=gen)[:count].sort().values.int()
+    return cols.to(device)
+
+
+def check_kernel_columns(batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_m=None, block_n=None,
+                         use_tma=None, tol=1e-2):
+    """The kernel with token columns besides the blocks (raw layout given for the duplicates) against the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_q_heads, n, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, n_kv_heads, n, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, n_kv_heads, n, d, generator=gen).to(DEVICE, dtype)
+    n_blk = num_blocks(n, block_size)
+    keep = make_layout(kind, batch, n_q_heads, n_blk, gen)
+    cols = make_columns(batch, n_q_heads, n, gen)
+    col_counts = column_counts(cols, n_blk, block_size)
+    counts, ids = to_indices(keep)
+    out = torch.full_like(q, float("nan"))
+    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out,
+                                 columns=cols, column_counts=col_counts, column_keep=keep)
+    ref = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size, columns=cols, column_counts=col_counts)
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    err = rel_err(out, ref)
+    print(f"\n  columns B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} d={d} bs={block_size} {kind} {dtype}: rel err {err:.2e}")
+    assert err < tol, f"relative error {err:.3e} >= {tol}"
+    without = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size)
+    assert rel_err(without, ref) > 10 * tol, "the columns should change the output (else this test checks nothing)"
 
 
 def check_kernel(
@@ -95,6 +131,26 @@ def test_naive_matches_masked_sdpa(batch, hq, hkv, n, d, bs, kind):
     assert rel_err(out, ref) < 1e-5  # the reference computes in float32 whatever the input dtype
 
 
+@pytest.mark.parametrize("batch,hq,hkv,n,bs,kind", [(1, 4, 2, 200, 32, "vertical_slash"), (2, 2, 1, 97, 16, "streaming"), (1, 2, 2, 130, 32, "dense")])
+def test_naive_with_columns_matches_masked_sdpa(batch, hq, hkv, n, bs, kind):
+    """Blocks plus token columns: the union of both, every column counted once (also where its block is kept)."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(batch, h, n, 16, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    n_blk = num_blocks(n, bs)
+    keep = make_layout(kind, batch, hq, n_blk, gen, device="cpu")
+    cols = make_columns(batch, hq, n, gen, share=0.3, device="cpu")
+    col_counts = column_counts(cols, n_blk, bs)
+    assert (col_counts[..., -1] == 0).all() and (column_counts(cols, n_blk, bs, dense_rows=2)[..., :2] == 0).all()
+    counts, ids = to_indices(keep)
+    out = sparse_prefill_naive(q, k, v, counts, ids, bs, columns=cols, column_counts=col_counts)
+    mask = token_mask(keep, n, n, bs, cols, col_counts)
+    group = hq // hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
+    assert rel_err(out, ref) < 1e-5
+    if kind != "dense":
+        assert (mask.sum() > token_mask(keep, n, n, bs).sum()), "the columns add keys"
+
+
 # --------------------------------------------------------------------- kernel vs reference (small shapes)
 # Triton's interpreter computes bfloat16 wrongly on CPU (numpy has no bfloat16): fp16 there, bf16 on GPU.
 SMALL_DTYPE = torch.bfloat16 if ON_GPU else torch.float16
@@ -128,6 +184,16 @@ def test_kernel_tile_shapes(n, d, bs, block_m, block_n, kind):
 
 
 @runs_kernel
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind,block_m,block_n",
+    [(1, 4, 2, 200, 64, 64, "vertical_slash", None, None), (2, 2, 1, 600, 64, 128, "random", 64, 64),
+     (1, 2, 2, 257, 128, 128, "diagonal", None, None)],
+)
+def test_kernel_columns_match_reference(batch, hq, hkv, n, d, bs, kind, block_m, block_n):
+    check_kernel_columns(batch, hq, hkv, n, d, bs, kind, SMALL_DTYPE, seed=n + d, block_m=block_m, block_n=block_n)
+
+
+@runs_kernel
 def test_kernel_queries_after_keys():
     check_kernel(1, 2, 1, 100, 64, 64, "dense", SMALL_DTYPE, seed=4, n_k=230)  # query t at Nk - N + t
     check_kernel(1, 2, 1, 200, 64, 128, "dense", SMALL_DTYPE, seed=5, n_k=301, block_m=64)
@@ -136,7 +202,7 @@ def test_kernel_queries_after_keys():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
-    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes", timeout_s=900)
+    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes or kernel_columns", timeout_s=900)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -206,6 +272,18 @@ def test_kernel_load_paths_gpu(batch, hq, hkv, n, d, bs, kind, block_n, use_tma,
     if block_m is not None and block_m > bs:
         pytest.skip("block_m larger than the layout block")
     check_kernel(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 1, block_n=block_n, use_tma=use_tma, block_m=block_m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize(
+    "batch,hq,hkv,n,d,bs,kind,block_m",
+    [(1, 32, 8, 8192, 128, 64, "vertical_slash", None), (2, 8, 2, 3001, 64, 64, "streaming", None),
+     (1, 8, 2, 4100, 128, 128, "random", None), (1, 8, 2, 4100, 128, 128, "diagonal", 64)],
+)
+def test_kernel_columns_gpu(batch, hq, hkv, n, d, bs, kind, block_m, use_tma):
+    check_kernel_columns(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 3, block_m=block_m, use_tma=use_tma)
 
 
 @gpu

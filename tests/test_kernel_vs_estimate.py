@@ -31,14 +31,33 @@ def check(batch, heads, kv_heads, n, last, dim, block_size, dtype, seed, program
     k = torch.randn(batch, kv_heads, n, dim, generator=gen).to(DEVICE, dtype)
     nb = num_blocks(n, block_size)
     scale = 1.0 / math.sqrt(dim)
-    ref_v, ref_s = vertical_slash_scores_naive(q.float(), k.float(), scale, block_size, nb)
+    ref_v, ref_s, ref_c = vertical_slash_scores_naive(q.float(), k.float(), scale, block_size, nb, columns=True)
     if programs is not None:
         monkeypatch.setattr(kernel, "TARGET_PROGRAMS", programs)
     vert, slash = kernel.vertical_slash_scores_triton(q, k, scale, block_size, nb)
     assert vert.shape == slash.shape == (batch, heads, nb) and vert.dtype == torch.float32
     assert rel_err(vert, ref_v) < 1e-2 and rel_err(slash, ref_s) < 1e-2, (rel_err(vert, ref_v), rel_err(slash, ref_s))
+    # with every key position's score too (token-granular verticals); poisoned first, so unwritten columns show
+    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    vert2, slash2, column = kernel.vertical_slash_scores_triton(q, k, scale, block_size, nb, columns=True)
+    monkeypatch.undo()
+    assert column.shape == (batch, heads, n) and torch.isfinite(column).all()
+    assert rel_err(column, ref_c) < 1e-2, rel_err(column, ref_c)
+    assert rel_err(vert2, ref_v) < 1e-2 and rel_err(slash2, ref_s) < 1e-2
     for scores in (vert, slash):
         torch.testing.assert_close(scores.sum(-1), torch.full((batch, heads), float(last), device=DEVICE), rtol=1e-3, atol=1e-3)
+
+
+def _poisoned(empty):
+    """``torch.empty`` whose float32 tensors come back full of NaN (so a kernel that skips a write is caught)."""
+
+    def make(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        if out.dtype == torch.float32:
+            out.fill_(float("nan"))
+        return out
+
+    return make
 
 
 @runs_kernel
@@ -54,8 +73,8 @@ def test_kernel_matches_reference(batch, heads, kv_heads, n, last, block_size, m
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("n,block_size,dim", [(8192, 64, 64), (32768, 128, 128), (5000, 64, 128)])
-def test_kernel_matches_reference_real_shapes(n, block_size, dim):
-    check(1, 8, 2, n, 64, dim, block_size, torch.bfloat16, seed=n)
+def test_kernel_matches_reference_real_shapes(n, block_size, dim, monkeypatch):
+    check(1, 8, 2, n, 64, dim, block_size, torch.bfloat16, seed=n, monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")

@@ -226,3 +226,54 @@ def test_dense_prefix_rows_read_everything():
     with torch.no_grad(), patchattn.patched(model, prefixed), record_sparsity() as rec:
         model(calib)
     assert abs(rec.sparsity - prefixed.calibration["achieved_sparsity"]) <= 0.03
+
+
+def test_token_columns_end_to_end_equal_masked_attention():
+    """A recipe mixing token-granular vertical-slash heads with block heads runs, through the patched model, exactly
+    the attention of a dense SDPA masked with each layer's blocks plus its columns (a reference attention function
+    registered beside ours); the recorded sparsity counts the columns as tiles of block_size."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from patchattn.layout import column_counts, column_tiles, token_mask
+    from patchattn.patch import CompiledRecipe, layer_layout
+
+    model = tiny_model("llama")
+    cfg = model.config
+    plans = [
+        HeadPlan("vertical_slash_tokens", {"vertical_tokens": 48, "slash_tokens": 32}),
+        HeadPlan("streaming", {"sink_tokens": 32, "window_tokens": 32}),
+        HeadPlan("vertical_slash_tokens", {"vertical_tokens": 96, "slash_tokens": 64}),
+        HeadPlan("vertical_slash", {"vertical_tokens": 32, "slash_tokens": 32}),
+    ]
+    recipe = Recipe.uniform(cfg, "vertical_slash_tokens", block_size=32, vertical_tokens=64, slash_tokens=32)
+    recipe.layers[0] = [plans[h % len(plans)] for h in range(cfg.num_attention_heads)]
+    compiled = CompiledRecipe(recipe)
+    expected = {"kept": 0.0, "causal": 0.0}
+
+    def masked_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        keep, cols = layer_layout(compiled.layers[module.layer_idx], query, key, 32, columns=True)
+        n, n_blk = query.shape[2], keep.shape[-1]
+        counts = column_counts(cols, n_blk, 32)
+        mask = token_mask(keep, n, n, 32, cols, counts)
+        group = query.shape[1] // key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask, scale=scaling
+        )
+        expected["kept"] += float(keep.sum() + column_tiles(counts, 32).sum())
+        expected["causal"] += n_blk * (n_blk + 1) / 2 * query.shape[0] * query.shape[1]
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("patchattn_test_masked", masked_reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("patchattn_test_masked", sdpa_mask)
+    ids = _ids(n=400, batch=1)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out = model(ids).logits
+        model.set_attn_implementation("patchattn_test_masked")
+        ref = model(ids).logits
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert (out - dense).abs().max() > 1e-3
+    assert rec.density == pytest.approx(expected["kept"] / expected["causal"], rel=1e-6)

@@ -254,3 +254,39 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644 and path.read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_token_columns_are_scored_as_they_run():
+    """A token-granular vertical-slash candidate's scored density and kept mass are those of the attention it runs:
+    its blocks plus its columns (each row's columns outside its blocks, in tiles of block_size), and its output error
+    that of the renormalised attention over exactly those keys; on sampled rows, with GQA and a dense prefix."""
+    from patchattn.calibrate.scoring import score_layer
+    from patchattn.layout import column_counts, column_tiles, finalize, token_mask
+    from patchattn.strategies import STRATEGIES
+
+    g = torch.Generator().manual_seed(1)
+    n, bs = 300, 32
+    q = torch.randn(1, 4, n, 16, generator=g) * 2
+    k, v = (torch.randn(1, 2, n, 16, generator=g) * s for s in (2, 1))
+    cand = STRATEGIES["vertical_slash_tokens"](vertical_tokens=40, slash_tokens=32)
+    rows = torch.tensor([37, 90, 150, 211, 260])
+    scores = score_layer(q, k, v, [cand], bs, rows, dense_rows=2)
+    est = cand.estimate(q, k, bs)
+    keep = finalize(cand.layout(est), 2)
+    cols = cand.columns(est)
+    counts = column_counts(cols, keep.shape[-1], bs, 2)
+    assert int((cols < n).sum(-1).min()) == 40 and int(counts[..., -1].max()) == 0 and int(counts[..., :2].max()) == 0
+    n_blk = keep.shape[-1]
+    expected_density = ((keep.sum((-1, -2)) + column_tiles(counts, bs).sum(-1)) / (n_blk * (n_blk + 1) / 2))[0]
+    assert torch.allclose(scores.density[:, 0], expected_density)
+    mask = token_mask(keep, n, n, bs, cols, counts)[0][:, rows]  # (H, R, N)
+    kk, vv = k.repeat_interleave(2, 1)[0], v.repeat_interleave(2, 1)[0]
+    logits = (q[0][:, rows] @ kk.transpose(-1, -2)) / 4.0
+    probs = torch.softmax(logits.masked_fill(torch.arange(n)[None, :] > rows[:, None], float("-inf")), -1)
+    assert torch.allclose(scores.kept_mass[:, 0], (probs * mask).sum(-1).mean(-1), atol=1e-5)
+    sparse = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ vv
+    dense = probs @ vv
+    error = ((sparse - dense).norm(dim=-1) / dense.norm(dim=-1)).mean(-1)
+    assert torch.allclose(scores.output_error[:, 0], error, atol=1e-4)
+    block_only = score_layer(q, k, v, [STRATEGIES["vertical_slash"](vertical_tokens=bs, slash_tokens=32)], bs, rows, dense_rows=2)
+    assert (scores.kept_mass[:, 0] > block_only.kept_mass[:, 0]).all(), "the columns should add mass"

@@ -22,7 +22,7 @@ from .scoring import LayerScores, sample_rows, score_layer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "block_topk")
+DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "vertical_slash_tokens", "block_topk")
 # What the allocation maximises per head: the attention mass kept, 1 - the relative error of the attention
 # output (which also weighs what the dropped keys' values would have contributed), or 1 - that error after the
 # output projection as a share of the layer's attention output ("residual": heads weighed by what they add).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import block_density, finalize, num_blocks
+from ..layout import block_density, column_counts, column_tiles, finalize, num_blocks
 from ..strategies import Strategy
 
 
@@ -34,21 +34,51 @@ def sample_rows(n_tokens: int, n_rows: int, block_size: int, generator: torch.Ge
     return rows.sort().values
 
 
-def row_block_mass(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, block_size: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact causal attention of the sampled rows, per key block: probability mass (B, H, R, nkb) and
-    partial outputs sum_t p_t v_t (B, H, R, nkb, D)."""
+def row_probs(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention probabilities of the sampled rows: (B, H, R, N) float32."""
     n = key.shape[2]
     scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
     future = torch.arange(n, device=key.device)[None, :] > rows[:, None].to(key.device)
-    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+def block_mass(probs: torch.Tensor, value: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities (B, H, R, N) per key block: mass (B, H, R, nkb) and partial outputs sum_t p_t v_t (B, H, R, nkb, D)."""
+    n = value.shape[2]
     n_blk = num_blocks(n, block_size)
     pad = n_blk * block_size - n
     probs = torch.nn.functional.pad(probs, (0, pad)).view(*probs.shape[:-1], n_blk, block_size)
     values = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(*value.shape[:2], n_blk, block_size, -1)
     partial = torch.einsum("bhrjt,bhjtd->bhrjd", probs, values)
     return probs.sum(-1), partial
+
+
+def row_block_mass(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, block_size: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal attention of the sampled rows, per key block: probability mass (B, H, R, nkb) and
+    partial outputs sum_t p_t v_t (B, H, R, nkb, D)."""
+    return block_mass(row_probs(query, key, rows, scale), value, block_size)
+
+
+class _ColumnMass:
+    """The sampled rows' mass and partial outputs in each candidate's token columns, per key block; computed once per
+    distinct column set (the candidates of one vertical budget share theirs)."""
+
+    def __init__(self, probs: torch.Tensor, value: torch.Tensor, block_size: int):
+        self.probs, self.value, self.block_size = probs, value, block_size
+        self.seen: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def __call__(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for known, result in self.seen:
+            if known.shape == cols.shape and torch.equal(known, cols):
+                return result
+        n = self.probs.shape[-1]
+        chosen = torch.zeros(*cols.shape[:2], n + 1, dtype=self.probs.dtype, device=self.probs.device)
+        chosen.scatter_(-1, cols.long().clamp(max=n), 1.0)
+        result = block_mass(self.probs * chosen[:, :, None, :n], self.value, self.block_size)
+        self.seen.append((cols, result))
+        return result
 
 
 def score_layer(
@@ -69,13 +99,18 @@ def score_layer(
     or that the other heads outweigh, matters less to the model than its own relative error says. ``dense_rows``: the
     recipe's dense prefix (query blocks read in full), part of every candidate's layout, density and mass."""
     n_q_heads, head_dim = query.shape[1], query.shape[-1]
+    row_blocks = (rows // block_size).to(query.device)
     key = key.repeat_interleave(n_q_heads // key.shape[1], dim=1)
     value = value.repeat_interleave(n_q_heads // value.shape[1], dim=1)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mass_per_block, partial_out = row_block_mass(query, key, value, rows, block_size, scale)
+    probs = row_probs(query, key, rows, scale)
+    mass_per_block, partial_out = block_mass(probs, value, block_size)
+    column_mass = _ColumnMass(probs, value, block_size)
+    n_blk = mass_per_block.shape[-1]
+    causal_count = n_blk * (n_blk + 1) / 2
+    before_row = torch.arange(n_blk, device=query.device)[None, :] < row_blocks[:, None]  # (R, nkb): blocks before the row's
     dense_out = partial_out.sum(-2)  # (B, H, R, D)
     dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
-    row_blocks = (rows // block_size).to(query.device)
     if row_weights is None:
         row_weights = torch.full((rows.numel(),), 1.0 / rows.numel())
     weights = row_weights.to(query.device, torch.float32)[None, None, :]  # (1, 1, R)
@@ -93,11 +128,20 @@ def score_layer(
         if est is None:
             est = estimates[type(cand)] = cand.estimate(query, key, block_size)
         keep = finalize(cand.layout(est), dense_rows)
-        densities.append(block_density(keep).mean(0))
-        keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
+        keep_rows = keep[:, :, row_blocks, :]  # (B, H, R, nkb)
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
+        kept_out = torch.einsum("bhrj,bhrjd->bhrd", keep_rows.float(), partial_out)
+        density = block_density(keep)
+        cols = cand.columns(est)
+        if cols is not None:  # token columns: the mass of those outside the row's blocks, before the row's block
+            col_mass, col_out = column_mass(cols)
+            read = (~keep_rows & before_row).float()
+            kept = kept + (col_mass * read).sum(-1)
+            kept_out = kept_out + torch.einsum("bhrj,bhrjd->bhrd", read, col_out)
+            density = density + column_tiles(column_counts(cols, n_blk, block_size, dense_rows), block_size).sum(-1) / causal_count
+        densities.append(density.mean(0))
         masses.append(row_mean(kept))
-        sparse_out = torch.einsum("bhrj,bhrjd->bhrd", keep_rows, partial_out) / kept.clamp(min=1e-12)[..., None]
+        sparse_out = kept_out / kept.clamp(min=1e-12)[..., None]
         errors.append(row_mean((sparse_out - dense_out).norm(dim=-1) / dense_norm))
         if w_heads is not None:
             projected = torch.einsum("bhrd,ehd->bhre", sparse_out - dense_out, w_heads).norm(dim=-1)  # (B, H, R)

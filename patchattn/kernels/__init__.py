@@ -44,24 +44,33 @@ def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
     return mod.unsupported_reason(q, k, v, block_size)
 
 
-def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None):
+def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
+                   columns=None):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
 
     ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16, head dim and block
     size are supported and there is no ``attn_mask``; the torch reference otherwise), "torch" or "triton"
     (raises ValueError saying why when the input is unsupported). ``density``: the share of causal blocks the layout
-    keeps (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes.
+    keeps (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes. ``columns``: token
+    columns besides the blocks, as ``(columns, column_counts, keep)`` (see :func:`sparse_prefill_triton`).
     """
+    cols, col_counts, col_keep = columns if columns is not None else (None, None, None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    naive = lambda: sparse_prefill_naive(  # noqa: E731
+        q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask, columns=cols, column_counts=col_counts
+    )
     if backend == "torch":
-        return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
+        return naive()
     reason = _triton_unsupported(q, k, v, block_size, attn_mask)
     if reason is None:
-        return sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density)
+        return sparse_prefill_triton(
+            q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density,
+            columns=cols, column_counts=col_counts, column_keep=col_keep,
+        )
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run this input: {reason}")
-    return sparse_prefill_naive(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask)
+    return naive()
 
 
 def finalize_ragged(keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -77,14 +86,15 @@ def finalize_ragged(keep: torch.Tensor, backend: str = "auto", dense_rows: int =
     return _ragged_pkg.finalize_ragged_naive(keep, dense_rows)
 
 
-def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int):
+def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int, columns: bool = False):
     """The vertical-slash estimate (see :mod:`patchattn.kernels.vs_estimate.naive`): the Triton kernel for fp16/bf16
     CUDA tensors (two passes over the keys, no (L x N) matrix), the float32 PyTorch reference otherwise (so float32
-    calibration keeps full precision) and for head dims or block sizes the kernel does not take (e.g. Phi-3's 96)."""
+    calibration keeps full precision) and for head dims or block sizes the kernel does not take (e.g. Phi-3's 96).
+    ``columns=True`` adds a third tensor, the (B, H, N) score of every key position."""
     mod = _vs_pkg.load_triton_kernel() if q_last.is_cuda and q_last.dtype in (torch.float16, torch.bfloat16) else None
     if mod is not None and mod.unsupported_reason(q_last, k, block_size) is None:
-        return mod.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks)
-    return _vs_pkg.vertical_slash_scores_naive(q_last, k, scale, block_size, n_blocks)
+        return mod.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks, columns)
+    return _vs_pkg.vertical_slash_scores_naive(q_last, k, scale, block_size, n_blocks, columns)
 
 
 # ------------------------------------------------------------------------------------ decode (one query token)

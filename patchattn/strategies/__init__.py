@@ -5,7 +5,7 @@ from .block_topk import BlockTopK
 from .dense import Dense
 from .registry import STRATEGIES, get_strategy, register
 from .streaming import Streaming
-from .vertical_slash import VerticalSlash
+from .vertical_slash import VerticalSlash, VerticalSlashTokens
 
 __all__ = [
     "STRATEGIES",
@@ -15,6 +15,7 @@ __all__ = [
     "Strategy",
     "Streaming",
     "VerticalSlash",
+    "VerticalSlashTokens",
     "get_strategy",
     "register",
 ]

@@ -82,6 +82,16 @@ class Strategy:
             keep[:, heads] = strategy.layout(est)[:, heads]
         return keep
 
+    def columns(self, est: Estimate) -> torch.Tensor | None:
+        return type(self).columns_heads(est, [self] * est.heads)
+
+    @classmethod
+    def columns_heads(cls, est: Estimate, strategies: Sequence["Strategy"]) -> torch.Tensor | None:
+        """Single key positions each head reads besides its block layout, by every query block that starts after
+        them: (B, h, C) int32, ascending, padded with ``est.n_tokens``; None for strategies that read whole blocks
+        only (all but token-granular vertical-slash). See :func:`patchattn.layout.column_counts`."""
+        return None
+
     @classmethod
     def budget_grid(cls, n_tokens: int, block_size: int) -> list["Strategy"]:
         """Instances spanning this strategy's budgets at a calibration length, densest last."""

@@ -2,9 +2,13 @@
 
 The pattern is estimated from the attention of the last ``LAST_Q`` queries: summed over those queries,
 the probabilities per key column give the vertical scores and, per diagonal offset (query position minus
-key position), the slash scores. At block granularity a query block keeps the top ``vertical_tokens``
-worth of key-column blocks and every block on the top ``slash_tokens`` worth of block diagonals; the sink
-block and the main diagonal are always kept.
+key position), the slash scores. ``vertical_slash`` works at block granularity: a query block keeps the top
+``vertical_tokens`` worth of key-column blocks and every block on the top ``slash_tokens`` worth of block
+diagonals; the sink block and the main diagonal are always kept. ``vertical_slash_tokens`` keeps the same
+diagonal blocks but its verticals are single key positions, as MInference's are: the top ``vertical_tokens``
+columns, read by every query block after them, gathered ``block_size`` at a time (a column costs 1/block_size
+of a block). Heavy-hitter keys (punctuation, newlines, the sink) lie scattered; whole blocks around them waste
+most of what they compute.
 """
 
 from __future__ import annotations
@@ -55,16 +59,17 @@ class VerticalSlash(Strategy):
     def layout_heads(cls, est: Estimate, strategies) -> torch.Tensor:
         return cls._keep(est, strategies)
 
-    @staticmethod
-    def _keep(est: Estimate, strategies) -> torch.Tensor:
-        """Head ``i`` keeps its top ``strategies[i]`` columns and diagonals (one top-k at the largest budget,
-        then each head's first ranks)."""
+    @classmethod
+    def _keep(cls, est: Estimate, strategies, n_vertical: list[int] | None = None) -> torch.Tensor:
+        """Head ``i`` keeps its top ``strategies[i]`` column blocks (or ``n_vertical[i]``) and diagonals (one top-k
+        at the largest budget, then each head's first ranks)."""
         n = est.n_blocks
         vertical = est.scores["vertical"].clone()
         slash = est.scores["slash"].clone()
         vertical[..., 0] = float("inf")  # the sink block
         slash[..., 0] = float("inf")  # the main diagonal
-        n_vertical = [min(n, blocks_for(s.vertical_tokens, est.block_size)) for s in strategies]
+        if n_vertical is None:
+            n_vertical = [min(n, blocks_for(s.vertical_tokens, est.block_size)) for s in strategies]
         n_slash = [min(n, blocks_for(s.slash_tokens, est.block_size)) for s in strategies]
         keep_col = _top_ranks(vertical, n_vertical)
         keep_diag = _top_ranks(slash, n_slash)
@@ -73,8 +78,53 @@ class VerticalSlash(Strategy):
         on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
         return keep_col[:, :, None, :] | on_diag
 
+    FRACTIONS: ClassVar[tuple] = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3)
+    VERTICAL_FRACTIONS: ClassVar[tuple] = FRACTIONS
+
     @classmethod
     def budget_grid(cls, n_tokens: int, block_size: int) -> list[Strategy]:
-        fractions = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3)
-        tokens = sorted({max(block_size, int(math.ceil(f * n_tokens / block_size)) * block_size) for f in fractions})
-        return [cls(vertical_tokens=v, slash_tokens=s) for v in tokens for s in tokens]
+        tokens = lambda fractions: sorted({max(block_size, int(math.ceil(f * n_tokens / block_size)) * block_size) for f in fractions})  # noqa: E731
+        return [cls(vertical_tokens=v, slash_tokens=s) for v in tokens(cls.VERTICAL_FRACTIONS) for s in tokens(cls.FRACTIONS)]
+
+
+@register
+@dataclass(frozen=True)
+class VerticalSlashTokens(VerticalSlash):
+    """Vertical-slash with token-granular verticals: the block layout holds the sink block and the diagonals; the
+    ``vertical_tokens`` key positions with the highest vertical scores (outside the sink block) come as columns."""
+
+    name: ClassVar[str] = "vertical_slash_tokens"
+    # single columns are cheap (1/block_size of a block each): the grid reaches further
+    VERTICAL_FRACTIONS: ClassVar[tuple] = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45)
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
+        from ..kernels import vertical_slash_scores
+
+        est = Strategy.estimate(self, q, k, block_size)
+        last = min(LAST_Q, q.shape[2])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        est.scores["vertical"], est.scores["slash"], est.scores["column"] = vertical_slash_scores(
+            q[:, :, -last:], k, scale, block_size, est.n_blocks, columns=True
+        )
+        return est
+
+    @classmethod
+    def _keep(cls, est: Estimate, strategies, n_vertical=None) -> torch.Tensor:
+        return super()._keep(est, strategies, [1] * len(strategies))  # of the vertical blocks, the sink only
+
+    @classmethod
+    def columns_heads(cls, est: Estimate, strategies) -> torch.Tensor:
+        """Head ``i``'s top ``strategies[i].vertical_tokens`` key positions past the sink block, ascending, as
+        (B, h, C) int32 padded with ``n_tokens`` (C: the largest budget)."""
+        n, block = est.n_tokens, est.block_size
+        budget = [max(0, min(s.vertical_tokens, n - block)) for s in strategies]
+        widest = max(budget)
+        if widest == 0:
+            return torch.full((est.batch, est.heads, 1), n, dtype=torch.int32, device=est.device)
+        scores = est.scores["column"].clone()
+        scores[..., :block] = -float("inf")  # the sink block is in the layout
+        top = scores.topk(widest, dim=-1, sorted=True).indices.to(torch.int32)
+        if min(budget) < widest:
+            limit = per_head(budget, est.device)[:, None]
+            top = torch.where(torch.arange(widest, device=est.device) < limit, top, n)
+        return top.sort(dim=-1).values

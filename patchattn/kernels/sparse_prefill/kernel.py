@@ -112,12 +112,14 @@ def _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, 
 @triton.jit
 def _sparse_prefill_fwd(
     Q, K, V, O, COUNTS, IDS,
+    KP, VP, COLS, COL_COUNTS, KEEP,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_iq,
+    stride_colb, stride_colh, stride_ccb, stride_cch, stride_keb, stride_keh, stride_keq,
     n_q_heads, kv_group, n_q, n_k, n_programs_m, qk_scale,
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
@@ -125,6 +127,7 @@ def _sparse_prefill_fwd(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    HAS_COLUMNS: tl.constexpr,
 ):
     # --- which (batch, head, query block) this program owns: heads fastest, longest rows (last blocks) first
     pid_bh = tl.program_id(0)
@@ -173,6 +176,30 @@ def _sparse_prefill_fwd(
     last_tiles = tl.where(reach >= 0, tl.minimum(reach // BLOCK_N + 1, SPLIT), 0)
     stage2_end = (count - 1) * SPLIT + last_tiles
     kv_row0 = (b * (n_q_heads // kv_group) + kvh) * n_k  # first row of this KV head in the TMA view
+    # --- stage 0: token columns (all before this layout row's first query: no causal mask), gathered BLOCK_N at a
+    # time by pointer; a column whose key block the row reads anyway is masked out (KEEP: the row's block layout)
+    if HAS_COLUMNS:
+        n_cols = tl.load(COL_COUNTS + b.to(tl.int64) * stride_ccb + h.to(tl.int64) * stride_cch + qb)
+        cols_row = COLS + b.to(tl.int64) * stride_colb + h.to(tl.int64) * stride_colh
+        keep_row = KEEP + b.to(tl.int64) * stride_keb + h.to(tl.int64) * stride_keh + qb.to(tl.int64) * stride_keq
+        kp_base = KP + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+        vp_base = VP + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+        for c0 in range(0, n_cols, BLOCK_N):
+            slot = c0 + offs_n
+            listed = slot < n_cols
+            col = tl.load(cols_row + slot, mask=listed, other=0)
+            held = tl.load(keep_row + col // LAYOUT_BLOCK, mask=listed, other=1)
+            use = listed & (held == 0)
+            rows = col.to(tl.int64)
+            k = tl.load(kp_base + rows[:, None] * stride_kn + offs_d[None, :], mask=use[:, None], other=0.0)
+            v = tl.load(vp_base + rows[:, None] * stride_vn + offs_d[None, :], mask=use[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(use, 0.0, -1.0e6)[None, :]
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_ij
     # --- stage 1: key blocks wholly before the queries, no masking
     for j in tl.range(0, n_full * SPLIT, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(ids_row + j // SPLIT)
@@ -225,6 +252,9 @@ def sparse_prefill_triton(
     warp_specialize: bool = False,
     out: torch.Tensor | None = None,
     density: float | None = None,
+    columns: torch.Tensor | None = None,
+    column_counts: torch.Tensor | None = None,
+    column_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention (see the module docstring for the contract).
 
@@ -236,6 +266,10 @@ def sparse_prefill_triton(
     ``out`` (optional, q's shape and dtype, unit stride on the head dim) receives the result;
     ``density`` (share of the causal blocks kept, as :func:`patchattn.layout.to_ragged` returns it) picks the
     launch configuration; without it the longest row does.
+    Token columns (prefill, Nk == N): ``columns`` (B, Hq, C) ascending key positions, ``column_counts``
+    (B, Hq, n_q_blocks) how many of them each query block reads (:func:`patchattn.layout.column_counts`), and
+    ``column_keep`` (B, Hq, n_q_blocks, n_k_blocks) bool, the block layout (raw or finished): a column in a block it
+    holds is skipped, so a row reads the union of its blocks and its columns, as the reference does.
     """
     reason = unsupported_reason(q, k, v, block_size)
     if reason is not None:
@@ -262,6 +296,24 @@ def sparse_prefill_triton(
         raise ValueError("out must have q's shape, dtype and device, and unit stride on the head dim")
 
     n_k_blocks = triton.cdiv(n_k, block_size)
+    has_columns = columns is not None
+    if has_columns:
+        if n_k != n_q:
+            raise ValueError("token columns are for prefill (Nk == N)")
+        if columns.shape[:2] != (batch, n_q_heads) or column_counts.shape != (batch, n_q_heads, n_q_blocks):
+            raise ValueError(f"columns {tuple(columns.shape)} / column_counts {tuple(column_counts.shape)} do not match (B, Hq) = {(batch, n_q_heads)}")
+        if column_keep is None or column_keep.shape != (batch, n_q_heads, n_q_blocks, n_k_blocks):
+            raise ValueError("columns need column_keep, the (B, Hq, n_q_blocks, n_k_blocks) block layout")
+        cols = columns.to(torch.int32)
+        cols = cols if cols.stride(-1) == 1 else cols.contiguous()
+        col_counts = column_counts.to(torch.int32)
+        keep_u8 = column_keep.to(torch.uint8) if column_keep.dtype != torch.uint8 else column_keep
+        keep_u8 = keep_u8 if keep_u8.stride(-1) == 1 else keep_u8.contiguous()
+        col_strides = (cols.stride(0), cols.stride(1), col_counts.stride(0), col_counts.stride(1),
+                       keep_u8.stride(0), keep_u8.stride(1), keep_u8.stride(2))
+    else:
+        cols, col_counts, keep_u8 = counts, counts, counts  # unused
+        col_strides = (0,) * 7
     fill = ids.shape[-1] / n_k_blocks if density is None else density
     kind = "dense" if fill >= DENSE_FRACTION else "sparse"
     cfg_m, cfg_n, cfg_w, cfg_s = CONFIGS[(head_dim, block_size)][kind]
@@ -284,12 +336,14 @@ def sparse_prefill_triton(
         try:
             _sparse_prefill_fwd[grid](
                 q, k_arg, v_arg, out, counts, ids,
+                k, v, cols, col_counts, keep_u8,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 counts.stride(0), counts.stride(1),
                 ids.stride(0), ids.stride(1), ids.stride(2),
+                *col_strides,
                 n_q_heads, n_q_heads // n_kv_heads, n_q, n_k, n_programs_m, scale * LOG2E,
                 HEAD_DIM=head_dim,
                 LAYOUT_BLOCK=block_size,
@@ -297,6 +351,7 @@ def sparse_prefill_triton(
                 BLOCK_N=block_n,
                 USE_TMA=use_tma,
                 WARP_SPECIALIZE=warp_specialize,
+                HAS_COLUMNS=has_columns,
                 num_warps=num_warps,
                 num_stages=num_stages,
             )

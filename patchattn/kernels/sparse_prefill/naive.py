@@ -20,6 +20,8 @@ def sparse_prefill_naive(
     block_size: int,
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    column_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention.
 
@@ -30,6 +32,11 @@ def sparse_prefill_naive(
     <= its own. ``attn_mask`` (optional) is a bool (B, 1 or Hq, N, Nk) mask, True = may attend (the model's
     own padding or sliding window), applied on top of the layout. Returns (B, Hq, N, D) in q's dtype,
     accumulated in float32.
+
+    Token columns (optional, prefill only: Nk == N): ``columns`` (B, Hq, C) ascending key positions and
+    ``column_counts`` (B, Hq, n_q_blocks) from :func:`patchattn.layout.column_counts`: query block ``i`` also reads
+    the first ``column_counts[..., i]`` columns (all before its first token), except those in a key block it already
+    reads: the union of the block layout and the columns.
     """
     batch, n_q_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -54,10 +61,22 @@ def sparse_prefill_naive(
         ids = kv_block_ids[:, :, qb, :max_count].long()
         k_sel = k_blocks[batch_idx, kv_head_idx, ids].reshape(batch, n_q_heads, max_count * block_size, head_dim)
         v_sel = v_blocks[batch_idx, kv_head_idx, ids].reshape(batch, n_q_heads, max_count * block_size, head_dim)
-        scores = torch.matmul(q[:, :, row0:row1].float(), k_sel.float().transpose(-1, -2)) * scale
-
         k_pos = (ids[..., None] * block_size + offsets).reshape(batch, n_q_heads, -1)
         slot_valid = (torch.arange(max_count, device=device) < counts[..., None]).repeat_interleave(block_size, -1)
+        if columns is not None:  # the columns outside the rows' blocks, appended after them
+            n_cols = column_counts[:, :, qb].long()
+            widest = int(n_cols.max().item())
+            if widest:
+                cols = columns[:, :, :widest].long()
+                in_blocks = ((cols // block_size)[..., None] == ids[..., None, :]) & (torch.arange(max_count, device=device) < counts[..., None])[..., None, :]
+                col_valid = (torch.arange(widest, device=device) < n_cols[..., None]) & ~in_blocks.any(-1)
+                cols = torch.where(col_valid, cols, 0)
+                k_sel = torch.cat([k_sel, k[batch_idx, kv_head_idx, cols]], 2)
+                v_sel = torch.cat([v_sel, v[batch_idx, kv_head_idx, cols]], 2)
+                k_pos = torch.cat([k_pos, cols], -1)
+                slot_valid = torch.cat([slot_valid, col_valid], -1)
+        scores = torch.matmul(q[:, :, row0:row1].float(), k_sel.float().transpose(-1, -2)) * scale
+
         q_pos = torch.arange(row0, row1, device=device) + q_shift
         allowed = (k_pos[:, :, None, :] <= q_pos[:, None]) & (slot_valid & (k_pos < n_k))[:, :, None, :]
         if attn_mask is not None:

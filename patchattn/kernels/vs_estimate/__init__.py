@@ -11,9 +11,9 @@ load_triton_kernel = _KERNEL.load
 triton_import_error = _KERNEL.import_error
 
 
-def vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks):
+def vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks, columns=False):
     """The Triton kernel; see :mod:`patchattn.kernels.vs_estimate.kernel`. Raises ImportError without Triton."""
-    return _KERNEL.require().vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks)
+    return _KERNEL.require().vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks, columns)
 
 
 __all__ = ["load_triton_kernel", "triton_import_error", "vertical_slash_scores_naive", "vertical_slash_scores_triton"]

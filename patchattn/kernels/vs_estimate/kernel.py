@@ -4,6 +4,7 @@ Contract (identical to :func:`patchattn.kernels.vs_estimate.naive.vertical_slash
 summation order):
 
     vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks) -> (vertical, slash)  # (B, H, n_blocks) fp32
+    vertical_slash_scores_triton(..., columns=True) -> (vertical, slash, column)  # column: (B, H, N) fp32
 
 Programs own (batch, query head, chunk of key tiles), a tile being one layout block of keys (``block_size``), heads
 fastest so the query heads of a KV head read its keys side by side (L2). Pass 1 computes each query row's running
@@ -76,10 +77,11 @@ def _vs_stats(
 
 @triton.jit
 def _vs_scores(
-    Q, K, M, L, VERT, SLASH,
+    Q, K, M, L, VERT, SLASH, COLS,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kn,
     n_heads, kv_group, n_last, n_keys, n_blocks, tiles_per_chunk, qk_scale,
     BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, N_OFFSET_BLOCKS: tl.constexpr,
+    STORE_COLUMNS: tl.constexpr,
 ):
     bh, chunk = tl.program_id(0), tl.program_id(1)
     q, q_pos, kv_base, offs_l, offs_n, offs_d = _program_queries(
@@ -91,7 +93,10 @@ def _vs_scores(
     for t in range(chunk * tiles_per_chunk, tl.minimum((chunk + 1) * tiles_per_chunk, n_blocks)):
         s, cols = _scores(q, kv_base, 0, t * BLOCK_N, offs_n, offs_d, n_keys, stride_kn, q_pos, qk_scale)
         p = tl.math.exp2(s - m[:, None]) * inv[:, None]  # masked scores give 0
-        tl.store(VERT + bh * n_blocks + t, tl.sum(tl.sum(p, 1), 0))
+        column = tl.sum(p, 0)
+        tl.store(VERT + bh * n_blocks + t, tl.sum(column, 0))
+        if STORE_COLUMNS:
+            tl.store(COLS + bh.to(tl.int64) * n_keys + cols, column, mask=cols < n_keys)
         offset_block = (q_pos[:, None] - cols[None, :]) // BLOCK_N  # offsets < 0 only where p == 0
         first = (n_keys - n_last - (t * BLOCK_N + BLOCK_N - 1)) // BLOCK_N
         for j in tl.static_range(N_OFFSET_BLOCKS):
@@ -113,7 +118,8 @@ def unsupported_reason(q_last: torch.Tensor, k: torch.Tensor, block_size: int) -
     return None
 
 
-def vertical_slash_scores_triton(q_last: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, n_blocks: int):
+def vertical_slash_scores_triton(q_last: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, n_blocks: int,
+                                 columns: bool = False):
     batch, heads, n_last, dim = q_last.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     reason = unsupported_reason(q_last, k, block_size)
@@ -144,6 +150,8 @@ def vertical_slash_scores_triton(q_last: torch.Tensor, k: torch.Tensor, scale: f
     l_all = (s_sum * torch.exp2(m - m_all[:, None]).nan_to_num_(0.0)).sum(1)
     vertical = torch.empty(batch, heads, n_blocks, dtype=torch.float32, device=dev)
     slash = torch.zeros(batch, heads, n_blocks, dtype=torch.float32, device=dev)
-    _vs_scores[grid](q_last, k, m_all, l_all, vertical, slash, *strides, heads, heads // kv_heads, n_last, n_keys, n_blocks,
-                     tiles_per_chunk, qk_scale, N_OFFSET_BLOCKS=math.ceil((block_l - 1) / block_size) + 2, **common)
-    return vertical, slash
+    column = torch.empty(batch, heads, n_keys, dtype=torch.float32, device=dev) if columns else vertical
+    _vs_scores[grid](q_last, k, m_all, l_all, vertical, slash, column, *strides, heads, heads // kv_heads, n_last, n_keys,
+                     n_blocks, tiles_per_chunk, qk_scale, N_OFFSET_BLOCKS=math.ceil((block_l - 1) / block_size) + 2,
+                     STORE_COLUMNS=columns, **common)
+    return (vertical, slash, column) if columns else (vertical, slash)
