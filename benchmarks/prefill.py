@@ -10,6 +10,9 @@ Cases, each one block layout used by both Flex (through create_block_mask) and o
   streaming  sink 128 + window 4096 tokens (patchattn.strategies Streaming)
   vs10, vs5  vertical-slash at ~10% / ~5% block density (patchattn.strategies VerticalSlash)
   topk10, topk5  block top-k at ~10% / ~5% (patchattn.strategies BlockTopK)
+  vst10, vst5  token-granular vertical-slash at ~10% / ~5% (VerticalSlashTokens: diagonal blocks plus single key
+             columns, gathered bs at a time; density counts the column tiles). Flex gets the same token-level mask
+             (its block mask marks every block holding a column as partial, so it computes those blocks whole)
 For the data-dependent cases the layout is estimated from the (random) q/k, and our time INCLUDES building
 it (strategy estimate + layout + finalize_ragged, as the patched model does); the build time is also reported on its own. Flex gets the finished
 block mask for free (its create_block_mask time is not counted). The strategy budgets are picked per N by a
@@ -41,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patchattn.kernels.sparse_prefill.kernel import CONFIGS, USE_TMA, sparse_prefill_triton  # noqa: E402
 from patchattn.kernels import finalize_ragged  # noqa: E402
-from patchattn.layout import block_density, causal_blocks, finalize, num_blocks, to_ragged  # noqa: E402
+from patchattn.layout import block_density, causal_blocks, column_counts, column_tiles, finalize, num_blocks, to_ragged  # noqa: E402
 
 B, HQ, HKV, D, BS = 1, 32, 8, 128, 128
 DTYPE = torch.bfloat16
-ALL_CASES = ["dense", "streaming", "vs10", "vs5", "topk10", "topk5"]
+ALL_CASES = ["dense", "streaming", "vs10", "vs5", "topk10", "topk5", "vst10", "vst5"]
+TOKEN_CASES = {"vst10": 0.10, "vst5": 0.05}
 
 
 def bench(fn, rep_ms=300):
@@ -121,6 +125,90 @@ def make_flex():
         return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
     return run, block_mask_of
+
+
+def make_flex_columns():
+    """Flex with a token-level mask: the blocks plus each row's columns (a (B, H, N) bool of column positions; row
+    block i reads the columns before its first token)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def block_mask_of(keep: torch.Tensor, colmask: torch.Tensor, n: int):
+        def mask_mod(b, h, q_idx, kv_idx):
+            in_col = colmask[b, h, kv_idx] & (kv_idx < (q_idx // BS) * BS) & (q_idx // BS < keep.shape[-2] - 1)
+            return (keep[b, h, q_idx // BS, kv_idx // BS] | in_col) & (kv_idx <= q_idx)
+
+        return create_block_mask(mask_mod, keep.shape[0], keep.shape[1], n, n, device="cuda", BLOCK_SIZE=BS, _compile=True)
+
+    return block_mask_of
+
+
+def token_case(case: str, q, k, n: int):
+    """The token-granular vertical-slash budget (vertical tokens = slash tokens) whose density, column tiles counted,
+    first reaches the target; returns build() -> (raw keep, columns) and the strategy."""
+    from patchattn.strategies import get_strategy
+
+    target = TOKEN_CASES[case]
+    nb = num_blocks(n, BS)
+    causal = nb * (nb + 1) / 2
+    est = get_strategy("vertical_slash_tokens").estimate(q, k, BS)
+    best = None
+    for blocks in range(1, nb):
+        s = get_strategy("vertical_slash_tokens", vertical_tokens=blocks * BS, slash_tokens=blocks * BS)
+        keep = finalize(s.layout(est))
+        tiles = column_tiles(column_counts(s.columns(est), nb, BS), BS).sum(-1)
+        dens = (block_density(keep) + tiles / causal).mean().item()
+        best = s
+        if dens >= target:
+            break
+    del est, keep
+    torch.cuda.empty_cache()
+
+    def build():
+        est = best.estimate(q, k, BS)
+        return best.layout(est), best.columns(est)
+
+    build.strategy = best
+    return build, f"{best.name}{best.params()}"
+
+
+def run_token_case(case, q, k, v, n, flex, row):
+    """Our time includes the estimate, the layout, its finishing and the column counts, as the patched model runs."""
+    build, desc = token_case(case, q, k, n)
+    raw, cols = build()
+    counts, ids, fill = finalize_ragged(raw)
+    col_counts = column_counts(cols, counts.shape[-1], BS)
+    tiles = column_tiles(col_counts, BS)
+    nb = counts.shape[-1]
+    keep = finalize(raw)
+    row.update(layout=desc, density=((block_density(keep) + tiles.sum(-1) / (nb * (nb + 1) / 2)).mean().item()),
+               block_density=block_density(keep).mean().item(), columns_max=int((cols < n).sum(-1).max()), causal_density=fill)
+    flops = flops_of(counts) + 4.0 * D * BS * BS * tiles.sum().item()
+
+    def kernel():
+        return sparse_prefill_triton(q, k, v, counts, ids, BS, density=fill, columns=cols, column_counts=col_counts, column_keep=raw)
+
+    def ours():
+        r, c = build()
+        cc, ii, f = finalize_ragged(r)
+        return sparse_prefill_triton(q, k, v, cc, ii, BS, density=f, columns=c, column_counts=column_counts(c, cc.shape[-1], BS), column_keep=r)
+
+    row["kernel_ms"] = bench(kernel)
+    row["index_ms"] = bench(lambda: (lambda r, c: (finalize_ragged(r), column_counts(c, nb, BS)))(*build()), rep_ms=200)
+    row["ours_ms"] = bench(ours)
+    row["ours_includes_index"] = True
+    row["ours_tflops"] = flops / row["kernel_ms"] * 1e-9
+    row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+    out = kernel()
+    if flex is not None:
+        run, _ = flex
+        colmask = torch.zeros(B, HQ, n + 1, dtype=torch.bool, device="cuda").scatter_(-1, cols.long(), True)[..., :n]
+        bm = make_flex_columns()(keep, colmask, n)
+        row["flex_ms"] = bench(lambda: run(q, k, v, bm))
+        row["flex_tflops"] = flops / row["flex_ms"] * 1e-9
+        row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"]
+        row["rel_err_vs_flex"] = rel_err(out, run(q, k, v, bm))
+        del bm, colmask
+    return row
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -290,6 +378,12 @@ def main():
         for case in args.cases:
             t0 = time.time()
             row = dict(case=case, n=n, sdpa_ms=sdpa_ms, sdpa_tflops=dense_flops / sdpa_ms * 1e-9, **extra)
+            if case in TOKEN_CASES:
+                if have_strategies:
+                    rows.append(run_token_case(case, q, k, v, n, None if flex is None else (flex, block_mask_of), row))
+                    print(f"  {case}: {json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()})} ({time.time() - t0:.0f}s)", flush=True)
+                torch.cuda.empty_cache()
+                continue
             if case in ("dense", "streaming"):  # finalized as the model runs it (streaming: the last row reads all)
                 keep = finalize(static_layout(case, n))
                 build, desc = None, "static"

@@ -26,6 +26,12 @@ query position), which is what keeps the masked blocks to the last two. A layout
 keys is visited as ``block_size // BLOCK_N`` tiles of BLOCK_N keys, loaded through TMA tensor descriptors on
 Hopper (pointer arithmetic elsewhere). Softmax runs in base 2 with log2(e) folded into the scale. N and Nk
 are run-time arguments, so one compiled kernel serves every length.
+
+Token columns (optional, ``columns=``, ``column_counts=``, ``column_keep=``; prefill with Nk == N): single key
+positions a head reads besides its blocks (token-granular vertical-slash). Before stage 1 a program walks its
+layout row's first ``column_counts`` columns, all before its first query (no causal mask), BLOCK_N at a time: the
+column ids are loaded, K and V rows gathered by pointer (TMA cannot gather on Hopper), and a column whose key block
+the row holds anyway (a byte of ``column_keep``) is masked out, so the row reads the union of blocks and columns.
 """
 
 from __future__ import annotations
