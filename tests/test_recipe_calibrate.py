@@ -290,3 +290,21 @@ def test_token_columns_are_scored_as_they_run():
     assert torch.allclose(scores.output_error[:, 0], error, atol=1e-4)
     block_only = score_layer(q, k, v, [STRATEGIES["vertical_slash"](vertical_tokens=bs, slash_tokens=32)], bs, rows, dense_rows=2)
     assert (scores.kept_mass[:, 0] > block_only.kept_mass[:, 0]).all(), "the columns should add mass"
+
+
+def test_token_candidates_scored_in_any_order_agree():
+    """Candidates of several vertical budgets, interleaved, score as each does alone (the column cache keeps one set)."""
+    from patchattn.calibrate.scoring import score_layer
+    from patchattn.strategies import STRATEGIES
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g)
+    cls = STRATEGIES["vertical_slash_tokens"]
+    a, b = cls(vertical_tokens=32, slash_tokens=32), cls(vertical_tokens=96, slash_tokens=64)
+    rows = torch.tensor([50, 120, 200])
+    together = score_layer(q, k, v, [a, b, a], 32, rows)
+    for i, cand in enumerate([a, b, a]):
+        alone = score_layer(q, k, v, [cand], 32, rows)
+        assert torch.allclose(together.kept_mass[:, i], alone.kept_mass[:, 0])
+        assert torch.allclose(together.output_error[:, i], alone.output_error[:, 0])
+    assert not torch.allclose(together.kept_mass[:, 0], together.kept_mass[:, 1])
