@@ -71,6 +71,9 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     (128, 64): {"dense": (64, 64, 4, 5), "sparse": (64, 64, 4, 5)},
     (128, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
 }
+# Software-pipeline depth of the token-column gather loop (index load -> K/V row gathers); None: the launch's
+# num_stages. Measured on an H100 (10% token vertical-slash, 128K, bs 128): None 46.8 ms, 1: 63.8, 2: 55.5, 3: 47.7.
+COLUMN_STAGES = None
 DENSE_FRACTION = 0.5  # "dense" config when the layout keeps this share of the causal blocks (or its longest row of the key blocks)
 
 
@@ -134,6 +137,7 @@ def _sparse_prefill_fwd(
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     HAS_COLUMNS: tl.constexpr,
+    COLUMN_STAGES: tl.constexpr,
 ):
     # --- which (batch, head, query block) this program owns: heads fastest, longest rows (last blocks) first
     pid_bh = tl.program_id(0)
@@ -190,7 +194,7 @@ def _sparse_prefill_fwd(
         keep_row = KEEP + b.to(tl.int64) * stride_keb + h.to(tl.int64) * stride_keh + qb.to(tl.int64) * stride_keq
         kp_base = KP + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         vp_base = VP + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-        for c0 in range(0, n_cols, BLOCK_N):
+        for c0 in tl.range(0, n_cols, BLOCK_N, num_stages=COLUMN_STAGES):
             slot = c0 + offs_n
             listed = slot < n_cols
             col = tl.load(cols_row + slot, mask=listed, other=0)
@@ -358,6 +362,7 @@ def sparse_prefill_triton(
                 USE_TMA=use_tma,
                 WARP_SPECIALIZE=warp_specialize,
                 HAS_COLUMNS=has_columns,
+                COLUMN_STAGES=COLUMN_STAGES,
                 num_warps=num_warps,
                 num_stages=num_stages,
             )
