@@ -1,9 +1,21 @@
-import sys, json, os, torch, triton
-sys.path.insert(0, "benchmarks")
-import prefill as P
-from patchattn.kernels.sparse_prefill import kernel as K
-from patchattn.kernels import finalize_ragged
-from patchattn.layout import column_counts
+"""Token-column gather loop sweep: pipelining depth (COLUMN_STAGES) x launch config, for token vertical-slash at ~10%
+density (the prefill.py vst10 case), 32K and 128K, layout blocks of 128 and 64. GPU only; writes $OUT/colsweep.json.
+
+    python benchmarks/prefill_columns_sweep.py
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefill as P  # noqa: E402
+from patchattn.kernels import finalize_ragged  # noqa: E402
+from patchattn.kernels.sparse_prefill import kernel as K  # noqa: E402
+from patchattn.layout import column_counts  # noqa: E402
+
 rows = []
 for n in (32768, 131072):
     for bs in (128, 64):
@@ -35,4 +47,4 @@ for n in (32768, 131072):
                 rows.append(r); print(r, flush=True)
         del q, k, v, raw, cols, counts, ids
         torch.cuda.empty_cache()
-json.dump(rows, open(os.environ["OUT"] + "/colsweep.json", "w"))
+Path(os.environ.get("OUT", "."), "colsweep.json").write_text(json.dumps(rows, indent=1))
