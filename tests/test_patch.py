@@ -277,3 +277,21 @@ def test_token_columns_end_to_end_equal_masked_attention():
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     assert (out - dense).abs().max() > 1e-3
     assert rec.density == pytest.approx(expected["kept"] / expected["causal"], rel=1e-6)
+
+
+def test_token_columns_covering_every_key_match_dense_with_padding():
+    """Every key as a column (plus the diagonal blocks): dense logits, the model's padding mask honoured on the columns
+    as on the blocks (left-padded batch)."""
+    model = tiny_model("llama")
+    ids = _ids(n=200, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    recipe = Recipe.uniform(model.config, "vertical_slash_tokens", block_size=32, vertical_tokens=4096, slash_tokens=32)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        with patchattn.patched(model, recipe):
+            out = model(ids, attention_mask=mask).logits
+            unpadded = model(ids[1:]).logits
+    torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(unpadded[0], ref[1], atol=2e-4, rtol=2e-4)
