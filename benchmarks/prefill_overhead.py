@@ -82,7 +82,9 @@ def main():
         data["model"] = model_identity(config)  # the same geometry; random weights
         recipe = Recipe.from_dict(data)
         row = {}
-        with patchattn.patched(model, recipe):
+        with patchattn.patched(model, recipe, cuda_graphs=True):  # patchattn.graphs: one replay per layer
+            row["patched_cuda_graphs_ms"] = timed(model, ids)
+        with patchattn.patched(model, recipe, cuda_graphs=False):
             row["patched_ms"] = timed(model, ids)
             from torch.profiler import ProfilerActivity, profile
 

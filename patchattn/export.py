@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import OutputPathError, RecipeError
 from .io import ensure_writable_dir, write_json_atomic, write_text_atomic
-from .patch import ATTN_NAME, BACKEND_KEY, ORIGINAL_KEY, RECIPE_KEY, check_supported
+from .patch import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY, check_supported
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
-        for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY):
+        for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY):
             config.pop(key, None)
         config["attn_implementation"] = ATTN_NAME
         config[RECIPE_KEY] = recipe.to_dict()

@@ -27,10 +27,10 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import stats
+from . import graphs, stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
-from .kernels import BACKENDS, finalize_ragged, sparse_prefill
+from .kernels import BACKENDS, finalize_ragged, sparse_prefill, triton_prefill_unsupported
 from .layout import column_counts, column_tiles, finalize, num_blocks
 from .recipe import Recipe
 from .strategies import Strategy
@@ -41,6 +41,7 @@ ATTN_NAME = "patchattn"
 RECIPE_KEY = "patchattn_recipe"
 BACKEND_KEY = "patchattn_backend"
 ORIGINAL_KEY = "patchattn_original_attn"
+GRAPHS_KEY = "patchattn_cuda_graphs"
 HOOKS_ATTR = "_patchattn_cache_hooks"
 
 # The head-budgeted cache of the forward running now (set by the model's pre-hook, cleared after it).
@@ -72,6 +73,7 @@ class LayerPlan:
     groups: list[HeadGroup]
     all_dense: bool
     dense_rows: int = 0  # the recipe's dense prefix, in query blocks
+    density: float | None = None  # the heads' mean calibrated density (None when the recipe has none)
 
 
 class CompiledRecipe:
@@ -90,7 +92,10 @@ class CompiledRecipe:
                 HeadGroup([s for _, s in members], torch.tensor([h for h, _ in members]), len(members) == len(heads))
                 for members in by_kind.values()
             ]
-            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows()))
+            known = [plan.density for plan in heads if plan.density is not None]
+            density = sum(known) / len(known) if known and len(known) == len(heads) else None
+            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
+        self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
 
 
 _COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
@@ -189,6 +194,13 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
+    if _graphable(module.config, query, key, value, attention_mask, backend, block_size):
+        graphed = graphs.graph_for(
+            compiled.graphs, (layer_idx, tuple(query.shape), tuple(key.shape), query.dtype, query.device, scaling),
+            lambda q, k, v: _graph_body(plan, q, k, v, block_size, scaling, backend), query, key, value,
+        )
+        if graphed is not None:
+            return graphed(query, key, value).transpose(1, 2).contiguous()
     keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
     counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows)
     columns = None
@@ -203,6 +215,24 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         density=density, columns=columns,
     )
     return out.transpose(1, 2).contiguous()
+
+
+def _graphable(config, query, key, value, attention_mask, backend, block_size) -> bool:
+    """Whether this prefill may run as a CUDA graph (see :mod:`patchattn.graphs`)."""
+    if not getattr(config, GRAPHS_KEY, False) or not query.is_cuda or backend == "torch" or attention_mask is not None:
+        return False
+    if query.shape[2] > graphs.MAX_TOKENS or stats.is_recording() or torch.cuda.is_current_stream_capturing():
+        return False
+    return triton_prefill_unsupported(query, key, value, block_size) is None
+
+
+def _graph_body(plan: LayerPlan, query, key, value, block_size: int, scaling, backend: str) -> torch.Tensor:
+    """The sparse prefill of one layer without reading anything back: full-width ids, the calibrated density."""
+    keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
+    counts, ids, _ = finalize_ragged(keep, "auto", plan.dense_rows, sync=False)
+    columns = None if cols is None else (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
+    density = plan.density if plan.density is not None else 0.25
+    return sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, backend=backend, density=density, columns=columns)
 
 
 def _is_padded(attention_mask) -> bool:
@@ -294,10 +324,12 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(_unsupported_message(type(model).__name__))
 
 
-def patch(model, recipe: Recipe, backend: str = "auto"):
+def patch(model, recipe: Recipe, backend: str = "auto", cuda_graphs: bool | None = None):
     """Make ``model`` run ``recipe``'s sparse attention. Returns the model (changed in place).
 
-    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``."""
+    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``. ``cuda_graphs``: replay
+    each layer's short-prompt prefill attention as a CUDA graph (:mod:`patchattn.graphs`; default: the
+    ``PATCHATTN_CUDA_GRAPHS`` environment variable, else off)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     check_supported(model)
@@ -307,6 +339,7 @@ def patch(model, recipe: Recipe, backend: str = "auto"):
         setattr(config, ORIGINAL_KEY, config._attn_implementation or "sdpa")
     setattr(config, RECIPE_KEY, recipe.to_dict())
     setattr(config, BACKEND_KEY, backend)
+    setattr(config, GRAPHS_KEY, graphs.enabled_by_env() if cuda_graphs is None else bool(cuda_graphs))
     model.set_attn_implementation(ATTN_NAME)
     _install_cache_hooks(model)
     logger.info("patched %s with recipe %r (%s)", type(model).__name__, recipe.name, recipe.strategy_counts())
@@ -317,7 +350,7 @@ def unpatch(model):
     """Undo :func:`patch`: the original attention implementation, no recipe on the config."""
     config = model.config
     original = getattr(config, ORIGINAL_KEY, None) or "sdpa"
-    for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY):
+    for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY):
         if hasattr(config, key):
             delattr(config, key)
     model.set_attn_implementation(original)
@@ -330,17 +363,17 @@ def is_patched(model) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, recipe: Recipe | None, backend: str = "auto"):
+def patched(model, recipe: Recipe | None, backend: str = "auto", cuda_graphs: bool | None = None):
     """Run a block with ``recipe`` applied (``None``: the model as it is), then restore the model exactly."""
     if recipe is None:
         yield model
         return
     config = model.config
-    keys = (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY)
+    keys = (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY)
     saved = {k: getattr(config, k) for k in keys if hasattr(config, k)}
     saved_impl = config._attn_implementation
     had_hooks = bool(getattr(model, HOOKS_ATTR, None))
-    patch(model, recipe, backend)
+    patch(model, recipe, backend, cuda_graphs)
     try:
         yield model
     finally:

@@ -44,6 +44,11 @@ def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
     return mod.unsupported_reason(q, k, v, block_size)
 
 
+def triton_prefill_unsupported(q, k, v, block_size, attn_mask=None) -> str | None:
+    """Why ``sparse_prefill(..., backend="auto")`` would not run the Triton kernel on these inputs, or None."""
+    return _triton_unsupported(q, k, v, block_size, attn_mask)
+
+
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
                    columns=None):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
@@ -73,14 +78,17 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     return naive()
 
 
-def finalize_ragged(keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def finalize_ragged(
+    keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0, sync: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """A raw layout finished for the kernels: :func:`patchattn.layout.finalize` then :func:`patchattn.layout.to_ragged`,
-    as one Triton launch on CUDA (``backend`` "auto" or "triton"; the PyTorch reference elsewhere or with "torch")."""
+    as one Triton launch on CUDA (``backend`` "auto" or "triton"; the PyTorch reference elsewhere or with "torch").
+    ``sync=False`` (Triton only, for CUDA graphs): nothing read back, full-width ids, density None."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     use_triton = backend != "torch" and (keep.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton")
     if use_triton and _ragged_pkg.load_triton_kernel() is not None:
-        return _ragged_pkg.finalize_ragged_triton(keep, dense_rows)
+        return _ragged_pkg.finalize_ragged_triton(keep, dense_rows, sync=sync)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot finish this layout: {_ragged_pkg.triton_import_error() or 'not a CUDA tensor'}")
     return _ragged_pkg.finalize_ragged_naive(keep, dense_rows)
@@ -148,5 +156,6 @@ __all__ = [
     "sparse_prefill",
     "sparse_prefill_naive",
     "sparse_prefill_triton",
+    "triton_prefill_unsupported",
     "vertical_slash_scores",
 ]

@@ -51,10 +51,11 @@ def _finalize_ragged(
 
 
 def finalize_ragged_triton(
-    keep: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None, dense_rows: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    keep: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None, dense_rows: int = 0, sync: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """``out``: optional (counts, ids) buffers of shapes (B, H, n) and (B, H, n, n), int32, contiguous;
-    ``dense_rows``: the first rows read every causal block (a recipe's dense prefix)."""
+    ``dense_rows``: the first rows read every causal block (a recipe's dense prefix); ``sync=False`` reads nothing back
+    (for CUDA graphs): the ids come full width (B, H, n, n) and the density as None."""
     if keep.dim() != 4 or keep.shape[-1] != keep.shape[-2] or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a (B, H, n, n) bool layout, got {tuple(keep.shape)} {keep.dtype}")
     batch, heads, n, _ = keep.shape
@@ -78,5 +79,7 @@ def finalize_ragged_triton(
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )
+    if not sync:
+        return counts, ids, None
     longest, total = stats.tolist()
     return counts, ids[..., : max(int(longest), 1)], total / (batch * heads * n * (n + 1) / 2)
