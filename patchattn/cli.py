@@ -248,6 +248,7 @@ def evaluate(
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay each layer's short-prompt prefill attention as a CUDA graph (captured once per prompt shape; pays where lengths recur, as in the speed runs). Also PATCHATTN_CUDA_GRAPHS=1."),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
@@ -323,6 +324,7 @@ def evaluate(
                 results = run_eval(
                     lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed,
                     progress=on_progress, backend=backend, on_row=save_partial, speed_runs=max(1, speed_runs),
+                    cuda_graphs=True if cuda_graphs else None,
                 )
                 if lm_eval_names:  # lm-eval's rows join the same results, saved as they come
                     results.update(complete=False, lm_eval={"version": lmeval.require_lm_eval(), "tasks": lm_eval_names, "options": lm_eval_options})

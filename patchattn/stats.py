@@ -25,6 +25,18 @@ class SparsityRecord:
     def sparsity(self) -> float | None:
         return None if self.density is None else 1.0 - self.density
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Stop recording into this record for a block (e.g. timed runs, which must not read counts back)."""
+        was = self in _ACTIVE
+        if was:
+            _ACTIVE.remove(self)
+        try:
+            yield self
+        finally:
+            if was:
+                _ACTIVE.append(self)
+
 
 _ACTIVE: list[SparsityRecord] = []
 

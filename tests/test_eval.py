@@ -194,6 +194,8 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
             assert row["sparsity"] == 0.0
         else:
             assert 0.0 < row["sparsity"] < 1.0  # a 64-token window skips blocks at 256+ tokens
+        if task == "speed" and variant == "streaming":  # recorded on an untimed prefill of the same prompt as ppl's
+            assert row["sparsity"] == pytest.approx(by_key[(length, "ppl", variant)]["sparsity"])
         if task == "ppl":
             assert row["kv_bytes"] is None
         elif variant == "streaming":  # streaming KV heads keep sink + window only: the budgeted cache holds less
@@ -250,3 +252,15 @@ def test_smollm2_dense_finds_passkey_and_needle(smollm):
     assert all(2048 - haystack.LENGTH_SLACK_TOKENS <= n <= 2048 for r in by_task.values() for n in r["prompt_tokens"])
     assert by_task["passkey"]["value"] == 1.0, by_task["passkey"]["replies"]
     assert by_task["single"]["value"] >= 2 / 3, by_task["single"]["replies"]
+
+
+def test_sparsity_record_pauses():
+    from patchattn import stats
+
+    with stats.record_sparsity() as rec:
+        stats.report(0, 1.0, 4.0)
+        with rec.paused():
+            assert not stats.is_recording()
+            stats.report(0, 3.0, 4.0)
+        stats.report(1, 1.0, 4.0)
+    assert rec.calls == 2 and rec.density == pytest.approx(2.0 / 8.0)
