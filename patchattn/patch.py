@@ -350,12 +350,21 @@ def unpatch(model):
     """Undo :func:`patch`: the original attention implementation, no recipe on the config."""
     config = model.config
     original = getattr(config, ORIGINAL_KEY, None) or "sdpa"
+    _drop_graphs(config)
     for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY):
         if hasattr(config, key):
             delattr(config, key)
     model.set_attn_implementation(original)
     _remove_cache_hooks(model)
     return model
+
+
+def _drop_graphs(config) -> None:
+    """Release the CUDA graphs (and the memory they hold) of the recipe on ``config``: the compiled recipe itself stays
+    cached for the next patch with the same recipe data, its graphs would otherwise outlive the patch."""
+    compiled = _compiled_for(config)
+    if compiled is not None:
+        compiled.graphs.clear()
 
 
 def is_patched(model) -> bool:
@@ -379,6 +388,7 @@ def patched(model, recipe: Recipe | None, backend: str = "auto", cuda_graphs: bo
     finally:
         if not had_hooks:
             _remove_cache_hooks(model)
+        _drop_graphs(config)
         for k in keys:
             if hasattr(config, k):
                 delattr(config, k)

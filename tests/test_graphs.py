@@ -55,7 +55,15 @@ def test_switch_from_argument_and_environment(monkeypatch):
         assert not _compiled_for(model.config).graphs
     with patchattn.patched(model, recipe, cuda_graphs=False):
         assert getattr(model.config, GRAPHS_KEY) is False
+        compiled = _compiled_for(model.config)
+        compiled.graphs["stand-in"] = object()
     assert not hasattr(model.config, GRAPHS_KEY)
+    assert not compiled.graphs, "leaving the patch releases its graphs (and their memory)"
+    patchattn.patch(model, recipe)
+    _compiled_for(model.config).graphs["stand-in"] = object()
+    compiled = _compiled_for(model.config)
+    patchattn.unpatch(model)
+    assert not compiled.graphs
 
 
 @pytest.mark.gpu
@@ -73,6 +81,7 @@ def test_graphed_prefill_matches_eager_gpu():
             compiled = _compiled_for(model.config)
             assert len(compiled.graphs) == model.config.num_hidden_layers
             assert all(g is not None for g in compiled.graphs.values()), "capture failed"
+        assert not compiled.graphs, "leaving the patch releases its graphs"
     for e, g in zip(eager, graphed):
         torch.testing.assert_close(g.float(), e.float(), atol=2e-2, rtol=2e-2)
     with torch.no_grad(), patchattn.patched(model, Recipe.uniform(model.config, "dense", block_size=64)):
