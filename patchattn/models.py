@@ -66,6 +66,17 @@ def context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor) -> None:
+    """One forward of ``input_ids`` (B, N) without a cache, computing logits for the last position only where the model
+    takes ``logits_to_keep``: for passes run for their side effects (calibration's capture, eval's sparsity record)."""
+    ids = input_ids.to(model.get_input_embeddings().weight.device)
+    try:
+        model(ids, use_cache=False, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        model(ids, use_cache=False)
+
+
 def _gguf_cache_path(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]

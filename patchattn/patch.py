@@ -197,24 +197,35 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
     if _graphable(module.config, query, key, value, attention_mask, backend, block_size):
         graphed = graphs.graph_for(
             compiled.graphs, (layer_idx, tuple(query.shape), tuple(key.shape), query.dtype, query.device, scaling),
-            lambda q, k, v: _graph_body(plan, q, k, v, block_size, scaling, backend), query, key, value,
+            lambda q, k, v: _sparse_attention(plan, q, k, v, block_size, scaling, backend, graphed=True), query, key, value,
         )
         if graphed is not None:
             return graphed(query, key, value).transpose(1, 2).contiguous()
+    out = _sparse_attention(plan, query, key, value, block_size, scaling, backend, _bool_mask(attention_mask), layer_idx=layer_idx)
+    return out.transpose(1, 2).contiguous()
+
+
+def _sparse_attention(
+    plan: LayerPlan, query, key, value, block_size: int, scaling, backend: str, attn_mask=None, graphed: bool = False,
+    layer_idx: int = 0,
+) -> torch.Tensor:
+    """One layer's sparse prefill: its layout (blocks and token columns), finished and run by the kernels. ``graphed``:
+    for capture in a CUDA graph, nothing is read back (full-width ids; the tiles follow the calibrated density)."""
     keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
-    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows)
+    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed)
     columns = None
     if cols is not None:
         columns = (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
-    if stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
+    if graphed:
+        density = plan.density if plan.density is not None else 0.25
+    elif stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
         n_blk = counts.shape[-1]
         kept = counts.sum() + (column_tiles(columns[1], block_size).sum() if columns is not None else 0)
         stats.report(layer_idx, kept.item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])
-    out = sparse_prefill(
-        query, key, value, counts, ids, block_size, scale=scaling, attn_mask=_bool_mask(attention_mask), backend=backend,
-        density=density, columns=columns,
+    return sparse_prefill(
+        query, key, value, counts, ids, block_size, scale=scaling, attn_mask=attn_mask, backend=backend, density=density,
+        columns=columns,
     )
-    return out.transpose(1, 2).contiguous()
 
 
 def _graphable(config, query, key, value, attention_mask, backend, block_size) -> bool:
@@ -224,15 +235,6 @@ def _graphable(config, query, key, value, attention_mask, backend, block_size) -
     if query.shape[2] > graphs.MAX_TOKENS or stats.is_recording() or torch.cuda.is_current_stream_capturing():
         return False
     return triton_prefill_unsupported(query, key, value, block_size) is None
-
-
-def _graph_body(plan: LayerPlan, query, key, value, block_size: int, scaling, backend: str) -> torch.Tensor:
-    """The sparse prefill of one layer without reading anything back: full-width ids, the calibrated density."""
-    keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
-    counts, ids, _ = finalize_ragged(keep, "auto", plan.dense_rows, sync=False)
-    columns = None if cols is None else (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
-    density = plan.density if plan.density is not None else 0.25
-    return sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, backend=backend, density=density, columns=columns)
 
 
 def _is_padded(attention_mask) -> bool:

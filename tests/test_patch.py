@@ -92,19 +92,30 @@ def test_unpatch_restores_original():
     assert torch.equal(out, ref)
 
 
-def test_padded_batch_matches_dense():
-    """Left padding arrives as the model's own mask and is honoured on the sparse path."""
+@pytest.mark.parametrize(
+    "strategy,params",
+    [
+        ("streaming", {"sink_tokens": 32, "window_tokens": 4096}),
+        # every key as a token column (plus the diagonal blocks): the mask must hold on the columns as on the blocks
+        ("vertical_slash_tokens", {"vertical_tokens": 4096, "slash_tokens": 32}),
+    ],
+)
+def test_padded_batch_matches_dense(strategy, params):
+    """Left padding arrives as the model's own mask and is honoured on the sparse path; a budget covering every key
+    gives dense logits, padded or not."""
     model = tiny_model("llama")
     ids = _ids(n=200, batch=2)
     mask = torch.ones_like(ids)
     mask[0, :37] = 0
-    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=4096)
+    recipe = Recipe.uniform(model.config, strategy, block_size=32, **params)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         with patchattn.patched(model, recipe):
             out = model(ids, attention_mask=mask).logits
+            unpadded = model(ids[1:]).logits
     torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(out[1], ref[1], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(unpadded[0], ref[1], atol=2e-4, rtol=2e-4)
 
 
 def test_layer_of_mixed_strategies_and_budgets_equals_each_head_alone():
@@ -278,20 +289,3 @@ def test_token_columns_end_to_end_equal_masked_attention():
     assert (out - dense).abs().max() > 1e-3
     assert rec.density == pytest.approx(expected["kept"] / expected["causal"], rel=1e-6)
 
-
-def test_token_columns_covering_every_key_match_dense_with_padding():
-    """Every key as a column (plus the diagonal blocks): dense logits, the model's padding mask honoured on the columns
-    as on the blocks (left-padded batch)."""
-    model = tiny_model("llama")
-    ids = _ids(n=200, batch=2)
-    mask = torch.ones_like(ids)
-    mask[0, :37] = 0
-    recipe = Recipe.uniform(model.config, "vertical_slash_tokens", block_size=32, vertical_tokens=4096, slash_tokens=32)
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-        with patchattn.patched(model, recipe):
-            out = model(ids, attention_mask=mask).logits
-            unpadded = model(ids[1:]).logits
-    torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(out[1], ref[1], atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(unpadded[0], ref[1], atol=2e-4, rtol=2e-4)

@@ -12,7 +12,7 @@ import torch
 from .. import __version__
 from ..errors import InputTooLongError, PatchattnError
 from ..layout import num_blocks
-from ..models import context_length
+from ..models import context_length, prefill
 from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
@@ -139,12 +139,7 @@ def calibrate(
     model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
     try:
         with capture(hook):
-            device = next(model.parameters()).device
-            kwargs = {"use_cache": False}
-            try:
-                model(input_ids.to(device), logits_to_keep=1, **kwargs)
-            except TypeError:
-                model(input_ids.to(device), **kwargs)
+            prefill(model, input_ids)
     finally:
         model.set_attn_implementation(original)
     if len(scores) != n_layers:

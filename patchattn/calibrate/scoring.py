@@ -53,14 +53,6 @@ def block_mass(probs: torch.Tensor, value: torch.Tensor, block_size: int) -> tup
     return probs.sum(-1), partial
 
 
-def row_block_mass(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, block_size: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact causal attention of the sampled rows, per key block: probability mass (B, H, R, nkb) and
-    partial outputs sum_t p_t v_t (B, H, R, nkb, D)."""
-    return block_mass(row_probs(query, key, rows, scale), value, block_size)
-
-
 class _ColumnMass:
     """The sampled rows' mass and partial outputs in a candidate's token columns, per key block. The candidates of one
     vertical budget share their columns and come one after another in the grid, so only the last result is kept (the
@@ -109,7 +101,7 @@ def score_layer(
     column_mass = _ColumnMass(probs, value, block_size)
     n_blk = mass_per_block.shape[-1]
     causal_count = n_blk * (n_blk + 1) / 2
-    before_row = torch.arange(n_blk, device=query.device)[None, :] < row_blocks[:, None]  # (R, nkb): blocks before the row's
+    before_row = torch.arange(n_blk, device=query.device)[None, :] < row_blocks[:, None]  # (R, nkb): before each row's own block
     dense_out = partial_out.sum(-2)  # (B, H, R, D)
     dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
     if row_weights is None:

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import InputTooLongError, PatchattnError
-from ..models import context_length
+from ..models import context_length, prefill
 from ..patch import patched
 from ..recipe import Recipe
 from ..stats import record_sparsity
@@ -115,15 +115,6 @@ def task_prompts(task: str, tokenizer, length: int, limit: int | None, trials: i
     return prompts
 
 
-@torch.no_grad()
-def _prefill(model, input_ids: list[int]) -> None:
-    ids = torch.tensor([input_ids], device=model.get_input_embeddings().weight.device)
-    try:
-        model(ids, use_cache=False, logits_to_keep=1)
-    except TypeError:  # models without logits_to_keep
-        model(ids, use_cache=False)
-
-
 def run_eval(
     model,
     tokenizer,
@@ -192,7 +183,7 @@ def run_eval(
                         elif task == "speed":
                             with record.paused():
                                 speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
-                            _prefill(model, item)  # untimed: the sparsity of what was timed
+                            prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
                             scores.extend(speed.ttft_runs_ms)
                             if speed.kv_bytes is not None:
                                 kv_bytes.append(speed.kv_bytes)

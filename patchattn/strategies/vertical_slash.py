@@ -43,13 +43,19 @@ class VerticalSlash(Strategy):
     vertical_tokens: int = 1024
     slash_tokens: int = 1024
 
+    # Verticals as single key positions (token columns) instead of column blocks: see VerticalSlashTokens.
+    TOKEN_VERTICALS: ClassVar[bool] = False
+
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
         from ..kernels import vertical_slash_scores  # the kernels import the layout helpers; import at call time
 
         est = super().estimate(q, k, block_size)
         last = min(LAST_Q, q.shape[2])
-        vertical, slash = vertical_slash_scores(q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_blocks)
-        est.scores["vertical"], est.scores["slash"] = vertical, slash
+        scores = vertical_slash_scores(
+            q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_blocks, columns=self.TOKEN_VERTICALS
+        )
+        for name, value in zip(("vertical", "slash", "column"), scores):
+            est.scores[name] = value
         return est
 
     def layout(self, est: Estimate) -> torch.Tensor:
@@ -60,19 +66,19 @@ class VerticalSlash(Strategy):
         return cls._keep(est, strategies)
 
     @classmethod
-    def _keep(cls, est: Estimate, strategies, n_vertical: list[int] | None = None) -> torch.Tensor:
-        """Head ``i`` keeps its top ``strategies[i]`` column blocks (or ``n_vertical[i]``) and diagonals (one top-k
-        at the largest budget, then each head's first ranks)."""
+    def _keep(cls, est: Estimate, strategies) -> torch.Tensor:
+        """Head ``i`` keeps its top ``strategies[i]`` column blocks (with token verticals: the sink block only) and
+        diagonals (one top-k at the largest budget, then each head's first ranks)."""
         n = est.n_blocks
-        vertical = est.scores["vertical"].clone()
+        if cls.TOKEN_VERTICALS:
+            keep_col = (torch.arange(n, device=est.device) == 0).expand(est.batch, est.heads, n)  # the sink block
+        else:
+            vertical = est.scores["vertical"].clone()
+            vertical[..., 0] = float("inf")  # the sink block
+            keep_col = _top_ranks(vertical, [min(n, blocks_for(s.vertical_tokens, est.block_size)) for s in strategies])
         slash = est.scores["slash"].clone()
-        vertical[..., 0] = float("inf")  # the sink block
         slash[..., 0] = float("inf")  # the main diagonal
-        if n_vertical is None:
-            n_vertical = [min(n, blocks_for(s.vertical_tokens, est.block_size)) for s in strategies]
-        n_slash = [min(n, blocks_for(s.slash_tokens, est.block_size)) for s in strategies]
-        keep_col = _top_ranks(vertical, n_vertical)
-        keep_diag = _top_ranks(slash, n_slash)
+        keep_diag = _top_ranks(slash, [min(n, blocks_for(s.slash_tokens, est.block_size)) for s in strategies])
         q_blk, k_blk = est.block_grid()
         diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, n, n)
         on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
@@ -94,23 +100,9 @@ class VerticalSlashTokens(VerticalSlash):
     ``vertical_tokens`` key positions with the highest vertical scores (outside the sink block) come as columns."""
 
     name: ClassVar[str] = "vertical_slash_tokens"
+    TOKEN_VERTICALS: ClassVar[bool] = True
     # single columns are cheap (1/block_size of a block each): the grid reaches further
     VERTICAL_FRACTIONS: ClassVar[tuple] = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45)
-
-    def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
-        from ..kernels import vertical_slash_scores
-
-        est = Strategy.estimate(self, q, k, block_size)
-        last = min(LAST_Q, q.shape[2])
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        est.scores["vertical"], est.scores["slash"], est.scores["column"] = vertical_slash_scores(
-            q[:, :, -last:], k, scale, block_size, est.n_blocks, columns=True
-        )
-        return est
-
-    @classmethod
-    def _keep(cls, est: Estimate, strategies, n_vertical=None) -> torch.Tensor:
-        return super()._keep(est, strategies, [1] * len(strategies))  # of the vertical blocks, the sink only
 
     @classmethod
     def columns_heads(cls, est: Estimate, strategies) -> torch.Tensor:
@@ -123,7 +115,8 @@ class VerticalSlashTokens(VerticalSlash):
             return torch.full((est.batch, est.heads, 1), n, dtype=torch.int32, device=est.device)
         scores = est.scores["column"].clone()
         scores[..., :block] = -float("inf")  # the sink block is in the layout
-        top = scores.topk(widest, dim=-1, sorted=True).indices.to(torch.int32)
+        # ranked only where budgets differ (each head then keeps its first ranks); the kept set is sorted by position
+        top = scores.topk(widest, dim=-1, sorted=min(budget) < widest).indices.to(torch.int32)
         if min(budget) < widest:
             limit = per_head(budget, est.device)[:, None]
             top = torch.where(torch.arange(widest, device=est.device) < limit, top, n)
