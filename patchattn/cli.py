@@ -107,6 +107,9 @@ def calibrate(
         0.0, "--retrieval-weight", help="Share of each head's score from rows that copy a passage from far back (the text ends on a repeat), so retrieving heads are not given a window (0.25 helped needle retrieval in prose on SmolLM2 at 8K, at some perplexity); 0: prose rows only."
     ),
     dense_prefix_tokens: int = typer.Option(0, "--dense-prefix-tokens", help="The first N tokens' query rows read every causal block (cheap: (N / seq-len)^2 of the blocks; token budgets otherwise starve them). Calibration counts it in the sparsity."),
+    probes: Optional[int] = typer.Option(
+        None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to an answer; the allocation is then weighed by it. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
+    ),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -118,14 +121,14 @@ def calibrate(
 
     def body():
         from .calibrate import calibrate as run_calibration
-        from .calibrate import tokens_from_text, uniform_baseline
+        from .calibrate import needle_probes, tokens_from_text, uniform_baseline
         from .calibrate.plot import save_density_heatmap
         from .io import ensure_writable_dir
         from .models import load_model
         from .text import load_text
 
-        if min_sparse_tokens < 0 or dense_prefix_tokens < 0:
-            raise PatchattnError("--min-sparse-tokens and --dense-prefix-tokens must be 0 or more")
+        if min_sparse_tokens < 0 or dense_prefix_tokens < 0 or (probes or 0) < 0:
+            raise PatchattnError("--min-sparse-tokens, --dense-prefix-tokens and --probes must be 0 or more")
         heat = heatmap or output.with_suffix(".png")
         for path in {output, heat, baseline_output} - {None}:
             ensure_writable_dir(path.parent)
@@ -140,8 +143,14 @@ def calibrate(
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         input_ids = tokens_from_text(tokenizer, prose, seq_len, lm.config)
         n_layers = lm.config.get_text_config().num_hidden_layers
+        on_gpu = next(lm.parameters()).device.type == "cuda"
+        n_probes = probes if probes is not None else (4 if on_gpu else 0)
+        if probes is None and not on_gpu:
+            console.print("[dim]no layer probes on a CPU by default (a forward per layer per probe); --probes N asks for them[/]")
+        probe_set = needle_probes(tokenizer, input_ids, n_probes, seed) if n_probes else ()
         with _progress() as progress:
             task = progress.add_task(f"calibrating {seq_len} tokens", total=n_layers)
+            probe_task = progress.add_task(f"probing layers ({n_probes} needle prompts)", total=n_layers, visible=bool(n_probes))
             recipe = run_calibration(
                 lm,
                 input_ids,
@@ -158,6 +167,8 @@ def calibrate(
                 decode_recall=decode_recall,
                 retrieval_weight=retrieval_weight,
                 dense_prefix_tokens=dense_prefix_tokens,
+                probes=probe_set,
+                on_probe=lambda layer: progress.advance(probe_task),
             )
         recipe.name = output.stem
         recipe.min_sparse_tokens = min_sparse_tokens

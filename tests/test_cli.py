@@ -43,10 +43,11 @@ def test_calibrate_then_export_then_load(tiny_model_dir, calibration_text, tmp_p
     recipe_path = tmp_path / "out" / "my.json"
     result = invoke("calibrate", tiny_model_dir, "--target-sparsity", 0.7, "--seq-len", 1024, "--block-size", 32,
                     "--text", calibration_text, "-o", recipe_path, "--baseline-output", tmp_path / "out" / "uniform.json",
-                    "--kv-budget", 0.5)
+                    "--kv-budget", 0.5, "--probes", 1)
     assert result.exit_code == 0, result.output
     recipe = Recipe.load(recipe_path)
     assert abs(recipe.calibration["achieved_sparsity"] - 0.7) <= 0.02
+    assert recipe.calibration["probe"]["prompts"] == 1 and len(recipe.calibration["probe"]["layer_weight"]) == len(recipe.layers)
     assert recipe.kv_layers is not None and recipe.calibration["kv"]["achieved"] <= 0.5 + 1e-6
     assert "KV cache: budget 0.5" in result.output
     assert (tmp_path / "out" / "my.png").stat().st_size > 1000
@@ -118,6 +119,12 @@ def test_prompt_longer_than_context(tiny_model_dir, calibration_text, tmp_path):
 def test_bad_kv_budget(tiny_model_dir, calibration_text, tmp_path):
     result = invoke("calibrate", tiny_model_dir, "--seq-len", 512, "--text", calibration_text, "--kv-budget", 2, "-o", tmp_path / "r.json")
     assert_clean_error(result, "--kv-budget must be in (0, 1]")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_negative_probes(tiny_model_dir, calibration_text, tmp_path):
+    result = invoke("calibrate", tiny_model_dir, "--seq-len", 512, "--text", calibration_text, "--probes", -1, "-o", tmp_path / "r.json")
+    assert_clean_error(result, "--probes must be 0 or more")
     assert not (tmp_path / "r.json").exists()
 
 
@@ -239,5 +246,5 @@ def test_calibrate_writes_min_sparse_tokens(tiny_model_dir, calibration_text, tm
     assert result.exit_code == 0, result.output
     assert Recipe.load(out).min_sparse_tokens == 1024 and Recipe.load(tmp_path / "u.json").min_sparse_tokens == 1024
     result = invoke("calibrate", tiny_model_dir, "--min-sparse-tokens", -5, "-o", tmp_path / "bad.json")
-    assert_clean_error(result, "--min-sparse-tokens and --dense-prefix-tokens must be 0 or more")
+    assert_clean_error(result, "--min-sparse-tokens, --dense-prefix-tokens and --probes must be 0 or more")
     assert not (tmp_path / "bad.json").exists()

@@ -308,3 +308,76 @@ def test_token_candidates_scored_in_any_order_agree():
         assert torch.allclose(together.kept_mass[:, i], alone.kept_mass[:, 0])
         assert torch.allclose(together.output_error[:, i], alone.output_error[:, 0])
     assert not torch.allclose(together.kept_mass[:, 0], together.kept_mass[:, 1])
+
+
+# ---- layer probes ------------------------------------------------------------------------------
+
+
+def _probe_setup(n_tokens=1024):
+    from conftest import byte_tokenizer
+
+    from patchattn.calibrate import needle_probes
+
+    ids = torch.randint(0, 256, (1, n_tokens), generator=torch.Generator().manual_seed(3))
+    return byte_tokenizer(), ids, needle_probes
+
+
+def test_needle_probes_hide_a_number_and_ask_for_it():
+    tok, ids, needle_probes = _probe_setup()
+    probes = needle_probes(tok, ids, 3, seed=0)
+    assert len(probes) == 3
+    for p in probes:
+        assert p.prompt.shape == ids.shape
+        text, answer = tok.decode(p.prompt[0]), tok.decode(p.answer[0])
+        value = answer.strip()
+        assert value.isdigit() and len(value) == 7
+        needle_at = text.index(f"is {value}.")
+        assert text.endswith("? The secret number of the " + text.rsplit("the ", 1)[1])
+        assert 0.05 < needle_at / len(text) < 0.85 and abs(p.depth - needle_at / len(text)) < 0.05
+    assert len({tok.decode(p.answer[0]) for p in probes}) == 3, "each probe hides its own number"
+    assert [tok.decode(p.answer[0]) for p in needle_probes(tok, ids, 3, seed=0)] == [tok.decode(p.answer[0]) for p in probes]
+    with pytest.raises(PatchattnError, match="too short for layer probes"):
+        needle_probes(tok, ids[:, :120], 1)
+
+
+def test_layer_weights():
+    from patchattn.calibrate.probe import layer_weights
+
+    torch.testing.assert_close(layer_weights(torch.tensor([0.0, 0.3, -0.1, 0.1])), torch.tensor([1.0, 4.0, 1.0, 2.0]))
+    torch.testing.assert_close(layer_weights(torch.tensor([-0.2, 0.0])), torch.ones(2))
+
+
+def test_layer_sensitivity_probes_only_sparse_layers():
+    from patchattn.calibrate import layer_sensitivity
+    from patchattn.calibrate.probe import answer_logprob
+    from patchattn.recipe import HeadPlan
+
+    tok, ids, needle_probes = _probe_setup(512)
+    model = tiny_model("llama")
+    probes = needle_probes(tok, ids, 2, seed=1)
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.layers[0] = [HeadPlan("dense")] * len(recipe.layers[0])
+    seen = []
+    drops, dense = layer_sensitivity(model, recipe, probes, on_layer=seen.append)
+    assert seen == [0, 1] and drops[0] == 0.0 and drops[1] != 0.0
+    assert dense == pytest.approx(sum(answer_logprob(model, p) for p in probes) / 2)
+    # the probe's log-probability is the sum over the answer's tokens, read as greedy decoding reads them
+    p = probes[0]
+    with torch.no_grad():
+        logits = model(torch.cat([p.prompt, p.answer], 1)).logits[0, p.prompt.shape[1] - 1 : -1]
+    expected = logits.float().log_softmax(-1).gather(-1, p.answer[0][:, None]).sum()
+    assert answer_logprob(model, p) == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_calibrate_with_probes_moves_budget_to_the_layer_that_loses_most():
+    tok, ids, needle_probes = _probe_setup()
+    model = tiny_model("llama")
+    plain = calibrate(model, ids, target_sparsity=0.6, block_size=32)
+    probed = calibrate(model, ids, target_sparsity=0.6, block_size=32, probes=needle_probes(tok, ids, 2))
+    stats = probed.calibration["probe"]
+    assert stats["prompts"] == 2 and len(stats["layer_drop"]) == len(probed.layers)
+    assert abs(probed.calibration["achieved_sparsity"] - 0.6) <= 0.02
+    heavy = max(range(len(probed.layers)), key=lambda i: stats["layer_weight"][i])
+    assert stats["layer_weight"][heavy] > 1.0
+    assert probed.calibration["layer_density"][heavy] >= plain.calibration["layer_density"][heavy] - 1e-6
+    assert "probe" not in plain.calibration

@@ -84,6 +84,24 @@ def test_tables_label_device_and_compare_with_dense():
     assert "Speed" not in summary_table(results).note and speed_table(results) is None
 
 
+def test_accuracy_cells_count_prompts_lost_and_won():
+    from patchattn.eval.tables import accuracy_tables, paired_flips
+
+    results = synthetic_results(lm_eval=False)
+    for row in results["results"]:
+        if row["task"] == "passkey" and row["length"] == 1024:
+            row["scores"] = {"dense": [1, 1, 0, 0], "mine": [1, 0, 0, 1], "mine-uniform": [0, 0, 0, 0]}[row["variant"]]
+            row["value"] = sum(row["scores"]) / 4
+    table = accuracy_tables(results)[0]
+    passkey = next(r for r in table.rows if r[0].startswith("passkey"))
+    assert passkey[1:] == ["0.50", "0.50 (+0.00, 1 lost / 1 won)", "0.00 (−0.50, 2 lost / 0 won)"]
+    ppl = next(r for r in table.rows if r[0] == "perplexity")
+    assert "lost" not in ppl[2] and ppl[2].endswith("%)")
+    row = {"metric": "accuracy", "scores": [0.5, 1.0]}  # partial credit: no flips to count
+    assert paired_flips(row, {"metric": "accuracy", "scores": [1, 1]}) is None
+    assert paired_flips({"metric": "accuracy", "scores": [1]}, {"metric": "accuracy", "scores": [1, 0]}) is None
+
+
 def test_markdown_has_every_section():
     md = render_markdown(synthetic_results(), ["results.png"])
     for heading in ("## Variants", "## 1024 tokens", "## 2048 tokens", "## Speed and memory — CPU figures", "## lm-eval tasks", "## Plots"):

@@ -17,6 +17,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
+from .probe import Probe, layer_sensitivity, layer_weights
 from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
 
@@ -71,6 +72,8 @@ def calibrate(
     decode_recall: float | None = None,
     retrieval_weight: float = RETRIEVAL_WEIGHT,
     dense_prefix_tokens: int = 0,
+    probes: Sequence[Probe] = (),
+    on_probe: Callable[[int], None] | None = None,
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
 
@@ -84,7 +87,11 @@ def calibrate(
     Prose alone makes every head look local: a head that retrieves (copies what the prompt asks for from far back)
     rarely shows it on sampled rows, and would be given a window. With ``retrieval_weight`` > 0 the text ends on a
     passage repeated from its middle (:func:`~patchattn.calibrate.kv.with_copy_tail`) and the rows continuing the
-    copy, just before the last query block (which every layout keeps dense), weigh that much of each head's score."""
+    copy, just before the last query block (which every layout keeps dense), weigh that much of each head's score.
+
+    With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) the first allocation is probed layer by layer
+    (``on_probe`` called after each) and allocated again with each layer's utility weighed by what its plan cost
+    the probes' answers (:mod:`patchattn.calibrate.probe`)."""
     if objective not in OBJECTIVES:
         raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if not 0.0 <= target_sparsity < 1.0:
@@ -157,16 +164,24 @@ def calibrate(
         utility = 1.0 - error
     else:
         utility = 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
-    choice = allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
-
-    layers = []
-    for li in range(n_layers):
-        heads = []
-        for hi in range(n_heads):
-            cand = candidates[int(choice[li, hi])]
-            c = choice[li, hi]
-            heads.append(HeadPlan(cand.name, cand.params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c])))
-        layers.append(heads)
+    choose = lambda u: allocate(density.view(-1, n_cand), u.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)  # noqa: E731
+    build = lambda choice: Recipe(  # noqa: E731
+        model=model_identity(model.config), layers=_head_plans(candidates, choice, density, mass, error),
+        block_size=block_size, name="calibrated", dense_prefix_tokens=dense_prefix_tokens,
+    )
+    choice = choose(utility)
+    probe_stats = None
+    if probes:
+        drops, dense_logprob = layer_sensitivity(model, build(choice), probes, on_probe)
+        weights = layer_weights(drops)
+        choice = choose(utility * weights[:, None, None].to(utility.dtype))
+        probe_stats = {
+            "prompts": len(probes),
+            "dense_answer_logprob": round(dense_logprob, 4),
+            "layer_drop": [round(float(d), 4) for d in drops],
+            "layer_weight": [round(float(w), 4) for w in weights],
+        }
+    recipe = build(choice)
     chosen_density = torch.gather(density, -1, choice[..., None]).squeeze(-1)
     chosen_mass = torch.gather(mass, -1, choice[..., None]).squeeze(-1)
     chosen_error = torch.gather(error, -1, choice[..., None]).squeeze(-1)
@@ -185,6 +200,7 @@ def calibrate(
         "retrieval_weight": retrieval_weight if copy_rows is not None else 0.0,
         "strategies": list(strategies),
         "layer_density": [round(float(x), 6) for x in chosen_density.mean(-1)],
+        **({"probe": probe_stats} if probe_stats is not None else {}),
         "candidates": [
             {
                 "strategy": cand.name,
@@ -199,10 +215,19 @@ def calibrate(
     kv_layers = None
     if kv_cands:
         kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages, decode_recall)
-    return Recipe(
-        model=model_identity(model.config), layers=layers, block_size=block_size, calibration=calibration, name="calibrated",
-        kv_layers=kv_layers, dense_prefix_tokens=dense_prefix_tokens,
-    )
+    recipe.calibration, recipe.kv_layers = calibration, kv_layers
+    return recipe
+
+
+def _head_plans(candidates: list[Strategy], choice: torch.Tensor, density, mass, error) -> list[list[HeadPlan]]:
+    """Each head's chosen candidate as a plan, with its calibration scores."""
+    return [
+        [
+            HeadPlan(candidates[int(c)].name, candidates[int(c)].params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c]))
+            for hi, c in enumerate(layer_choice)
+        ]
+        for li, layer_choice in enumerate(choice)
+    ]
 
 
 def _out_proj(module) -> torch.Tensor | None:

@@ -84,14 +84,28 @@ def fmt_value(row: dict | None) -> str:
 
 
 def fmt_delta(row: dict | None, base: dict | None) -> str:
-    """' (+0.20)' for accuracy, ' (+0.31, +1.4%)' for perplexity: the difference from the baseline row."""
+    """' (+0.20)' for accuracy, ' (+0.31, +1.4%)' for perplexity: the difference from the baseline row. Accuracy on
+    the same prompts also says how many prompts flipped each way (' (−0.05, 3 lost / 1 won)'): a difference made
+    of one-way flips is the variant's, one of as many won as lost is noise."""
     if row is None or base is None or row.get("value") is None or base.get("value") is None:
         return ""
     delta = row["value"] - base["value"]
     text = f"{'+' if delta >= 0 else '−'}{abs(delta):.2f}"
     if row.get("metric") == "perplexity" and base["value"]:
         text += f", {100 * delta / base['value']:+.1f}%"
+    flips = paired_flips(row, base)
+    if flips is not None and any(flips):
+        text += f", {flips[0]} lost / {flips[1]} won"
     return f" ({text})"
+
+
+def paired_flips(row: dict, base: dict) -> tuple[int, int] | None:
+    """(prompts the baseline answered and the variant missed, the reverse), where both scored the same prompts
+    right or wrong (scores 0 or 1); None otherwise."""
+    a, b = base.get("scores") or [], row.get("scores") or []
+    if row.get("metric") == "perplexity" or not a or len(a) != len(b) or any(x not in (0, 1) for x in (*a, *b)):
+        return None
+    return sum(1 for x, y in zip(a, b) if x > y), sum(1 for x, y in zip(a, b) if y > x)
 
 
 def fmt_speedup(value: float | None, base: float | None) -> str:
