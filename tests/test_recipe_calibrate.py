@@ -343,7 +343,7 @@ def test_needle_probes_hide_a_number_and_ask_for_it():
 def test_layer_weights():
     from patchattn.calibrate.probe import layer_weights
 
-    torch.testing.assert_close(layer_weights(torch.tensor([0.0, 0.3, -0.1, 0.1])), torch.tensor([1.0, 4.0, 1.0, 2.0]))
+    torch.testing.assert_close(layer_weights(torch.tensor([0.0, 0.4, -0.1, 0.1, 0.0])), torch.tensor([1.0, 3.0, 1.0, 2.0, 1.0]))
     torch.testing.assert_close(layer_weights(torch.tensor([-0.2, 0.0])), torch.ones(2))
 
 

@@ -7,7 +7,7 @@ together, and passkey answers went with it. A probe measures that end to end: th
 sentence at a seeded depth and, at the end, a question about it; a layer's sensitivity is how much log-probability
 the answer loses when that layer alone runs its first-pass plan (every other layer dense), read as generation
 reads it (the prompt prefilled, the answer fed after it through the cache). The allocation then runs again with
-each layer's utility weighed by ``1 + drop / mean drop`` (DuoAttention and MoA also calibrate on synthetic
+each layer's utility weighed by ``1 + sqrt(drop / mean drop)`` (DuoAttention and MoA also calibrate on synthetic
 retrieval; here it only re-weighs layers, the per-head choice still comes from prose).
 
 Each probe costs one forward per layer that has a sparse head, plus one dense: seconds on a GPU, minutes per
@@ -94,9 +94,11 @@ def layer_sensitivity(
 
 
 def layer_weights(drops: torch.Tensor) -> torch.Tensor:
-    """``1 + drop / mean drop`` per layer (negative drops, which are noise, count as 0); all ones when no layer
-    loses anything."""
+    """``1 + sqrt(drop / mean drop)`` per layer (negative drops, which are noise, count as 0); all ones when no
+    layer loses anything. The square root tempers one dominant layer: on SmolLM2 at 8K and 80% sparsity, the probes'
+    one layer (drop 1.0 against a mean of 0.04) went from 0.37 to 0.75 density with it (passkey 0.33 vs dense 0.35,
+    perplexity +3.7%) and to 0.95 with the linear weight (passkey 0.30, perplexity +4.0%); unweighted: 0.23, +2.8%."""
     lost = drops.clamp(min=0.0)
     if float(lost.mean()) <= 0.0:
         return torch.ones_like(drops)
-    return 1.0 + lost / lost.mean()
+    return 1.0 + (lost / lost.mean()).sqrt()
