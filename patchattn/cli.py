@@ -188,7 +188,9 @@ def calibrate(
 
 def _print_recipe(recipe) -> None:
     table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False)
-    for col in ("layer", "density", "kept mass", "output err", "strategies"):
+    probe = recipe.calibration.get("probe")
+    columns = ("layer", "density", "kept mass", "output err", *(("probe drop", "weight") if probe else ()), "strategies")
+    for col in columns:
         table.add_column(col, justify="right" if col != "strategies" else "left")
     for li, heads in enumerate(recipe.layers):
         counts: dict[str, int] = {}
@@ -200,6 +202,7 @@ def _print_recipe(recipe) -> None:
             f"{mean([h.density for h in heads]):.3f}",
             f"{mean([h.kept_mass for h in heads]):.3f}",
             f"{mean([h.output_error for h in heads]):.3f}",
+            *((f"{probe['layer_drop'][li]:+.3f}", f"{probe['layer_weight'][li]:.2f}") if probe else ()),
             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         )
     console.print(table)
