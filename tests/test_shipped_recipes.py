@@ -1,0 +1,50 @@
+"""The recipes shipped in recipes/: valid, named after their file, their recorded sparsity true, fitting the
+embedded SmolLM2, and a patched forward on it stays close to dense."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import patchattn
+from patchattn.recipe import Recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
+
+
+def test_recipes_are_shipped():
+    assert {"smollm2-135m-instruct-8k-s80", "smollm2-135m-instruct-8k-s80-probed"} <= {p.stem for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_is_valid_and_true_to_its_stats(path):
+    recipe = Recipe.load(path)
+    assert recipe.name == path.stem
+    density = recipe.mean_density
+    if density is not None and "achieved_sparsity" in recipe.calibration:
+        assert abs((1.0 - density) - recipe.calibration["achieved_sparsity"]) < 1e-3
+        per_layer = recipe.calibration.get("layer_density")
+        if per_layer:
+            assert per_layer == pytest.approx([sum(h.density for h in layer) / len(layer) for layer in recipe.layers], abs=1e-4)
+    probe = recipe.calibration.get("probe")
+    if probe:
+        assert len(probe["layer_drop"]) == len(probe["layer_weight"]) == len(recipe.layers)
+        assert min(probe["layer_weight"]) >= 1.0
+
+
+def test_shipped_recipes_fit_the_embedded_model(smollm):
+    model, tokenizer = smollm
+    from patchattn.text import load_text
+
+    ids = tokenizer(load_text("heldout")[:20000], return_tensors="pt").input_ids[:, :2048]
+    with torch.no_grad():
+        dense = model(ids).logits[0, -64:].float().log_softmax(-1)
+    for path in RECIPES:
+        recipe = Recipe.load(path)
+        recipe.check_model(model.config)
+        with torch.no_grad(), patchattn.patched(model, recipe):
+            patched = model(ids).logits[0, -64:].float().log_softmax(-1)
+        kl = float((dense.exp() * (dense - patched)).sum(-1).mean())
+        if any(h.strategy != "dense" for layer in recipe.layers for h in layer):
+            assert kl > 0.0, f"{path.stem} changed nothing"
+        assert kl < 0.5, f"{path.stem}: KL {kl:.3f} from dense on the last 64 tokens"
