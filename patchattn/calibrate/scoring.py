@@ -53,6 +53,9 @@ def block_mass(probs: torch.Tensor, value: torch.Tensor, block_size: int) -> tup
     return probs.sum(-1), partial
 
 
+CHUNK = 16  # candidates scored together (memory: CHUNK x B x H x R x key blocks floats, twice with token columns)
+
+
 class _ColumnMass:
     """The sampled rows' mass and partial outputs in a candidate's token columns, per key block. The candidates of one
     vertical budget share their columns and come one after another in the grid, so only the last result is kept (the
@@ -115,29 +118,52 @@ def score_layer(
         layer_out = torch.einsum("bhrd,ehd->bre", dense_out, w_heads).norm(dim=-1).clamp(min=1e-6)  # (B, R)
 
     densities, masses, errors, residual = [], [], [], []
-    estimates: dict[type, object] = {}
-    for cand in candidates:
-        est = estimates.get(type(cand))
-        if est is None:
-            est = estimates[type(cand)] = cand.estimate(query, key, block_size)
-        keep = finalize(cand.layout(est), dense_rows)
-        keep_rows = keep[:, :, row_blocks, :]  # (B, H, R, nkb)
-        kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
-        kept_out = torch.einsum("bhrj,bhrjd->bhrd", keep_rows.float(), partial_out)
-        density = block_density(keep)
-        cols = cand.columns(est)
-        if cols is not None:  # token columns: the mass of those outside the row's blocks, before the row's block
-            col_mass, col_out = column_mass(cols)
-            read = (~keep_rows & before_row).float()
-            kept = kept + (col_mass * read).sum(-1)
-            kept_out = kept_out + torch.einsum("bhrj,bhrjd->bhrd", read, col_out)
-            density = density + column_tiles(column_counts(cols, n_blk, block_size, dense_rows), block_size).sum(-1) / causal_count
-        densities.append(density.mean(0))
+
+    def finish(kept: torch.Tensor, kept_out: torch.Tensor) -> None:
         masses.append(row_mean(kept))
         sparse_out = kept_out / kept.clamp(min=1e-12)[..., None]
         errors.append(row_mean((sparse_out - dense_out).norm(dim=-1) / dense_norm))
         if w_heads is not None:
             projected = torch.einsum("bhrd,ehd->bhre", sparse_out - dense_out, w_heads).norm(dim=-1)  # (B, H, R)
             residual.append(row_mean(projected / layer_out[:, None]))
+
+    # Candidates go in chunks that share one token-column set (or none): the partial outputs they keep are summed in
+    # one batched product per chunk (one (B, H, R) matrix-vector product per candidate is mostly overhead on a CPU).
+    chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (kept blocks (B,H,R,nkb), kept, read)
+    chunk_cols: list = [None, None]  # the chunk's columns and their partial outputs
+
+    def flush() -> None:
+        if not chunk:
+            return
+        kept_out = torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[0] for c in chunk]), partial_out)
+        if chunk_cols[1] is not None:
+            kept_out += torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[2] for c in chunk]), chunk_cols[1])
+        for (_, kept, _), out in zip(chunk, kept_out):
+            finish(kept, out)
+        chunk.clear()
+
+    estimates: dict[type, object] = {}
+    for cand in candidates:
+        est = estimates.get(type(cand))
+        if est is None:
+            est = estimates[type(cand)] = cand.estimate(query, key, block_size)
+        keep = finalize(cand.layout(est), dense_rows)
+        keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
+        kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
+        density = block_density(keep)
+        cols = cand.columns(est)
+        same_cols = (cols is None) == (chunk_cols[0] is None) and (cols is None or torch.equal(cols, chunk_cols[0]))
+        if not same_cols or len(chunk) == CHUNK:
+            flush()
+            chunk_cols[:] = [cols, None]
+        read = None
+        if cols is not None:  # token columns: the mass of those outside the row's blocks, before the row's block
+            col_mass, chunk_cols[1] = column_mass(cols)
+            read = (1.0 - keep_rows) * before_row
+            kept = kept + (col_mass * read).sum(-1)
+            density = density + column_tiles(column_counts(cols, n_blk, block_size, dense_rows), block_size).sum(-1) / causal_count
+        densities.append(density.mean(0))
+        chunk.append((keep_rows, kept, read))
+    flush()
     stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
     return LayerScores(stack(densities), stack(masses), stack(errors), stack(residual) if residual else None)
