@@ -347,13 +347,14 @@ def test_layer_weights():
     torch.testing.assert_close(layer_weights(torch.tensor([-0.2, 0.0])), torch.ones(2))
 
 
-def test_layer_sensitivity_probes_only_sparse_layers():
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_layer_sensitivity_probes_only_sparse_layers(arch):
     from patchattn.calibrate import layer_sensitivity
     from patchattn.calibrate.probe import answer_logprob
     from patchattn.recipe import HeadPlan
 
     tok, ids, needle_probes = _probe_setup(512)
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     probes = needle_probes(tok, ids, 2, seed=1)
     recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
     recipe.layers[0] = [HeadPlan("dense")] * len(recipe.layers[0])
