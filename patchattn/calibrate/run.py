@@ -164,11 +164,16 @@ def calibrate(
         utility = 1.0 - error
     else:
         utility = 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
-    choose = lambda u: allocate(density.view(-1, n_cand), u.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)  # noqa: E731
-    build = lambda choice: Recipe(  # noqa: E731
-        model=model_identity(model.config), layers=_head_plans(candidates, choice, density, mass, error),
-        block_size=block_size, name="calibrated", dense_prefix_tokens=dense_prefix_tokens,
-    )
+
+    def choose(utility: torch.Tensor) -> torch.Tensor:
+        return allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
+
+    def build(choice: torch.Tensor) -> Recipe:
+        return Recipe(
+            model=model_identity(model.config), layers=_head_plans(candidates, choice, density, mass, error),
+            block_size=block_size, name="calibrated", dense_prefix_tokens=dense_prefix_tokens,
+        )
+
     choice = choose(utility)
     probe_stats = None
     if probes:
