@@ -130,14 +130,14 @@ def score_layer(
     # Candidates go in chunks that share one token-column set (or none): the partial outputs they keep are summed in
     # one batched product per chunk (one (B, H, R) matrix-vector product per candidate is mostly overhead on a CPU).
     chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (kept blocks (B,H,R,nkb), kept, read)
-    chunk_cols: list = [None, None]  # the chunk's columns and their partial outputs
+    chunk_cols = chunk_col_out = None  # the chunk's token columns and their partial outputs
 
     def flush() -> None:
         if not chunk:
             return
         kept_out = torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[0] for c in chunk]), partial_out)
-        if chunk_cols[1] is not None:
-            kept_out += torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[2] for c in chunk]), chunk_cols[1])
+        if chunk_col_out is not None:
+            kept_out += torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[2] for c in chunk]), chunk_col_out)
         for (_, kept, _), out in zip(chunk, kept_out):
             finish(kept, out)
         chunk.clear()
@@ -152,13 +152,13 @@ def score_layer(
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
         density = block_density(keep)
         cols = cand.columns(est)
-        same_cols = (cols is None) == (chunk_cols[0] is None) and (cols is None or torch.equal(cols, chunk_cols[0]))
+        same_cols = (cols is None) == (chunk_cols is None) and (cols is None or torch.equal(cols, chunk_cols))
         if not same_cols or len(chunk) == CHUNK:
             flush()
-            chunk_cols[:] = [cols, None]
+            chunk_cols, chunk_col_out = cols, None
         read = None
         if cols is not None:  # token columns: the mass of those outside the row's blocks, before the row's block
-            col_mass, chunk_cols[1] = column_mass(cols)
+            col_mass, chunk_col_out = column_mass(cols)
             read = (1.0 - keep_rows) * before_row
             kept = kept + (col_mass * read).sum(-1)
             density = density + column_tiles(column_counts(cols, n_blk, block_size, dense_rows), block_size).sum(-1) / causal_count

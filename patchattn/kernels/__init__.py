@@ -30,8 +30,9 @@ def available_backends() -> list[str]:
     return backends
 
 
-def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
-    """Why the Triton backend cannot take this call, or None."""
+def triton_prefill_unsupported(q, k, v, block_size, attn_mask=None) -> str | None:
+    """Why the Triton backend cannot take this prefill (``sparse_prefill(..., backend="auto")`` then runs the
+    PyTorch reference), or None."""
     if not q.is_cuda:
         return f"q is on {q.device}, the Triton kernel needs a CUDA tensor"
     if k.device != q.device or v.device != q.device:
@@ -42,11 +43,6 @@ def _triton_unsupported(q, k, v, block_size, attn_mask) -> str | None:
     if mod is None:
         return f"triton is not importable ({triton_import_error()})"
     return mod.unsupported_reason(q, k, v, block_size)
-
-
-def triton_prefill_unsupported(q, k, v, block_size, attn_mask=None) -> str | None:
-    """Why ``sparse_prefill(..., backend="auto")`` would not run the Triton kernel on these inputs, or None."""
-    return _triton_unsupported(q, k, v, block_size, attn_mask)
 
 
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
@@ -67,7 +63,7 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     )
     if backend == "torch":
         return naive()
-    reason = _triton_unsupported(q, k, v, block_size, attn_mask)
+    reason = triton_prefill_unsupported(q, k, v, block_size, attn_mask)
     if reason is None:
         return sparse_prefill_triton(
             q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density,
