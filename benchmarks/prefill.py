@@ -293,15 +293,13 @@ def static_layout(case: str, n: int) -> torch.Tensor:
 def run_sweep(q, k, v, counts, ids, n, configs, case="dense"):
     rows = []
     ref = sparse_prefill_triton(q, k, v, counts, ids, BS)
-    for block_m, block_n, warps, stages, tma, *extra in configs:
-        ws = bool(extra and extra[0])
-        pipe = bool(len(extra) > 1 and extra[1])
+    for block_m, block_n, warps, stages, tma, *ws in configs:
+        ws = bool(ws and ws[0])
         fn = lambda: sparse_prefill_triton(  # noqa: E731
             q, k, v, counts, ids, BS, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-            use_tma=bool(tma), warp_specialize=ws, pipeline_qk=pipe,
+            use_tma=bool(tma), warp_specialize=ws,
         )
-        row = dict(case=case, n=n, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, tma=bool(tma),
-                   warp_specialize=ws, pipeline_qk=pipe)
+        row = dict(case=case, n=n, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, tma=bool(tma), warp_specialize=ws)
         try:
             out = fn()
             if ref is not None:
@@ -326,7 +324,7 @@ def main():
     ap.add_argument("--sweep-cases", nargs="*", default=["dense"], help="cases whose layout the sweep times")
     ap.add_argument("--sweep-n", type=int, nargs="*", default=None, help="sweep only at these N (default: all)")
     ap.add_argument("--sweep-configs", default="64,64,4,5,1;64,64,4,4,1;64,128,4,3,1;64,64,4,5,0;128,128,8,3,1;64,64,4,6,1",
-                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,tma[,warp_specialize[,pipeline_qk]];...")
+                    help="BLOCK_M,BLOCK_N,num_warps,num_stages,tma[,warp_specialize];...")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/prefill.json)")
     args = ap.parse_args()
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "prefill.json")
@@ -446,11 +444,11 @@ def main():
         Path(out_path).write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep), indent=1))
 
     if sweep:
-        print("\n| sweep case | N | BLOCK_M | BLOCK_N | warps | stages | TMA | WS | pipelined QK | ms | TF/s | rel err vs default cfg |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| sweep case | N | BLOCK_M | BLOCK_N | warps | stages | TMA | WS | ms | TF/s | rel err vs default cfg |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sweep:
             print(f"| {r['case']} | {r['n']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['tma']} | "
-                  f"{r['warp_specialize']} | {r['pipeline_qk']} | "
+                  f"{r['warp_specialize']} | "
                   f"{r.get('ms', math.nan):.2f} | {r.get('tflops', math.nan):.0f} | {r.get('rel_err_vs_default', r.get('error', ''))} |")
     print_table(rows, meta)
     ctx = sorted({(r["n"], r.get("sdpa_default_ms"), r.get("sdpa_cudnn_repeat_ms")) for r in rows})

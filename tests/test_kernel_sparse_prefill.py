@@ -86,8 +86,7 @@ def check_kernel_columns(batch, n_q_heads, n_kv_heads, n, d, block_size, kind, d
 
 
 def check_kernel(
-    batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_n=None, n_k=None, use_tma=None, block_m=None, tol=1e-2,
-    pipeline_qk=None,
+    batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_n=None, n_k=None, use_tma=None, block_m=None, tol=1e-2
 ):
     gen = torch.Generator().manual_seed(seed)
     n_k = n if n_k is None else n_k
@@ -102,12 +101,11 @@ def check_kernel(
         keep = keep.expand(batch, n_q_heads, -1, -1).contiguous().to(DEVICE)
     counts, ids = to_indices(keep)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out,
-                                 pipeline_qk=pipeline_qk)
+    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out)
     ref = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size)
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
     err = rel_err(out, ref)
-    print(f"\n  pipe={pipeline_qk} B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} Nk={n_k} d={d} bs={block_size} bm={block_m} bn={block_n} {kind} {dtype} tma={use_tma}: rel err {err:.2e}")
+    print(f"\n  B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} Nk={n_k} d={d} bs={block_size} bm={block_m} bn={block_n} {kind} {dtype} tma={use_tma}: rel err {err:.2e}")
     assert err < tol, f"relative error {err:.3e} >= {tol}"
     return err
 
@@ -196,19 +194,6 @@ def test_kernel_columns_match_reference(batch, hq, hkv, n, d, bs, kind, block_m,
 
 
 @runs_kernel
-@pytest.mark.parametrize(
-    "n,d,bs,block_m,block_n,kind",
-    [(300, 64, 64, None, None, "dense"), (300, 128, 128, 64, 64, "random"), (257, 64, 128, 128, 128, "streaming"),
-     (200, 64, 64, 64, 32, "diagonal")],
-)
-def test_kernel_pipelined_scores(n, d, bs, block_m, block_n, kind):
-    """Stage 1 software-pipelined (scores of a tile before the previous tile's softmax), including rows with no
-    unmasked tile (diagonal) and layout blocks split into several key tiles."""
-    for pipe in (True, False):
-        check_kernel(1, 4, 2, n, d, bs, kind, SMALL_DTYPE, seed=n + d, block_m=block_m, block_n=block_n, pipeline_qk=pipe)
-
-
-@runs_kernel
 def test_kernel_queries_after_keys():
     check_kernel(1, 2, 1, 100, 64, 64, "dense", SMALL_DTYPE, seed=4, n_k=230)  # query t at Nk - N + t
     check_kernel(1, 2, 1, 200, 64, 128, "dense", SMALL_DTYPE, seed=5, n_k=301, block_m=64)
@@ -217,7 +202,7 @@ def test_kernel_queries_after_keys():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
-    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes or kernel_columns or pipelined", timeout_s=900)
+    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes or kernel_columns", timeout_s=900)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -282,14 +267,11 @@ def test_kernel_matches_reference_gpu(batch, hq, hkv, n, d, bs, kind, block_n, d
     [(2, 8, 2, 3001, 128, 128, "random", None), (1, 8, 8, 2500, 64, 64, "vertical_slash", None), (1, 4, 1, 1000, 128, 128, "dense", 64)],
 )
 @pytest.mark.parametrize("block_m", [None, 128])
-@pytest.mark.parametrize("pipeline_qk", [False, True])
-def test_kernel_load_paths_gpu(batch, hq, hkv, n, d, bs, kind, block_n, use_tma, block_m, pipeline_qk):
-    """Both ways of loading K/V (pointers, TMA descriptors where the GPU has them) give the reference, with and
-    without the software-pipelined scores."""
+def test_kernel_load_paths_gpu(batch, hq, hkv, n, d, bs, kind, block_n, use_tma, block_m):
+    """Both ways of loading K/V (pointers, TMA descriptors where the GPU has them) give the reference."""
     if block_m is not None and block_m > bs:
         pytest.skip("block_m larger than the layout block")
-    check_kernel(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 1, block_n=block_n, use_tma=use_tma, block_m=block_m,
-                 pipeline_qk=pipeline_qk)
+    check_kernel(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 1, block_n=block_n, use_tma=use_tma, block_m=block_m)
 
 
 @gpu

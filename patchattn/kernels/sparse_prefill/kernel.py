@@ -74,8 +74,6 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
 # Software-pipeline depth of the token-column gather loop (index load -> K/V row gathers); None: the launch's
 # num_stages. Measured on an H100 (10% token vertical-slash, 128K, bs 128): None 46.8 ms, 1: 63.8, 2: 55.5, 3: 47.7.
 COLUMN_STAGES = None
-# Stage 1 software-pipelined: tile j's scores issued before tile j - 1's softmax (see _sparse_prefill_fwd).
-PIPE_QK = False
 DENSE_FRACTION = 0.5  # "dense" config when the layout keeps this share of the causal blocks (or its longest row of the key blocks)
 
 
@@ -121,27 +119,6 @@ def _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, 
 
 
 @triton.jit
-def _load_rows(T, t_base, row0, start_n, offs_n, offs_d, stride_tn, USE_TMA: tl.constexpr):
-    """Rows [start_n, start_n + BLOCK_N) of one KV head's keys or values (unmasked: wholly inside the sequence)."""
-    if USE_TMA:
-        t = T.load([row0 + start_n, 0])
-    else:
-        t = tl.load(t_base + (start_n + offs_n)[:, None] * stride_tn + offs_d[None, :])
-    return t
-
-
-@triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
-    """The online-softmax update of an unmasked tile whose scores ``qk = q k^T`` are already computed."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_ij
-
-
-@triton.jit
 def _sparse_prefill_fwd(
     Q, K, V, O, COUNTS, IDS,
     KP, VP, COLS, COL_COUNTS, KEEP,
@@ -161,7 +138,6 @@ def _sparse_prefill_fwd(
     WARP_SPECIALIZE: tl.constexpr,
     HAS_COLUMNS: tl.constexpr,
     COLUMN_STAGES: tl.constexpr,
-    PIPE_QK: tl.constexpr,
 ):
     # --- which (batch, head, query block) this program owns: heads fastest, longest rows (last blocks) first
     pid_bh = tl.program_id(0)
@@ -235,32 +211,13 @@ def _sparse_prefill_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_ij
     # --- stage 1: key blocks wholly before the queries, no masking
-    n_stage1 = n_full * SPLIT
-    if PIPE_QK:
-        # Software-pipelined (FlashAttention-3's intra-warpgroup overlap): the scores of tile j are issued before
-        # the softmax and P V of tile j - 1, so the tensor cores work while the softmax runs.
-        if n_stage1 > 0:
-            start_n = tl.load(ids_row) * LAYOUT_BLOCK
-            qk = tl.dot(q, tl.trans(_load_rows(K, k_base, kv_row0, start_n, offs_n, offs_d, stride_kn, USE_TMA)))
-            prev_n = start_n
-            for j in tl.range(1, n_stage1):
-                start_n = tl.load(ids_row + j // SPLIT) * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
-                k = _load_rows(K, k_base, kv_row0, start_n, offs_n, offs_d, stride_kn, USE_TMA)
-                v = _load_rows(V, v_base, kv_row0, prev_n, offs_n, offs_d, stride_vn, USE_TMA)
-                qk_next = tl.dot(q, tl.trans(k))
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
-                qk = qk_next
-                prev_n = start_n
-            v = _load_rows(V, v_base, kv_row0, prev_n, offs_n, offs_d, stride_vn, USE_TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
-    else:
-        for j in tl.range(0, n_stage1, warp_specialize=WARP_SPECIALIZE):
-            kb = tl.load(ids_row + j // SPLIT)
-            start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
-            k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, False, USE_TMA)
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, MASKED=False)
+    for j in tl.range(0, n_full * SPLIT, warp_specialize=WARP_SPECIALIZE):
+        kb = tl.load(ids_row + j // SPLIT)
+        start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
+        k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, False, USE_TMA)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, MASKED=False)
     # --- stage 2: the diagonal (and key tail): token-level causal mask
-    for j in range(n_stage1, stage2_end):
+    for j in range(n_full * SPLIT, stage2_end):
         kb = tl.load(ids_row + j // SPLIT)
         start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
         k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, True, USE_TMA)
@@ -303,7 +260,6 @@ def sparse_prefill_triton(
     num_stages: int | None = None,
     use_tma: bool | None = None,
     warp_specialize: bool = False,
-    pipeline_qk: bool | None = None,
     out: torch.Tensor | None = None,
     density: float | None = None,
     columns: torch.Tensor | None = None,
@@ -316,8 +272,7 @@ def sparse_prefill_triton(
     benchmarking);
     ``use_tma`` (default :data:`USE_TMA` on Hopper or newer with contiguous K/V) loads K and V through
     tensor descriptors (the TMA copy engine) instead of pointer arithmetic; ``warp_specialize`` asks
-    Triton to warp-specialize the main loop (experimental, off by default); ``pipeline_qk`` (default
-    :data:`PIPE_QK`) issues each unmasked tile's scores before the previous tile's softmax;
+    Triton to warp-specialize the main loop (experimental, off by default);
     ``out`` (optional, q's shape and dtype, unit stride on the head dim) receives the result;
     ``density`` (share of the causal blocks kept, as :func:`patchattn.layout.to_ragged` returns it) picks the
     launch configuration; without it the longest row does.
@@ -408,7 +363,6 @@ def sparse_prefill_triton(
                 WARP_SPECIALIZE=warp_specialize,
                 HAS_COLUMNS=has_columns,
                 COLUMN_STAGES=COLUMN_STAGES,
-                PIPE_QK=PIPE_QK if pipeline_qk is None else pipeline_qk,
                 num_warps=num_warps,
                 num_stages=num_stages,
             )
