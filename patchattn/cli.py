@@ -187,9 +187,13 @@ def calibrate(
 
 
 def _print_recipe(recipe) -> None:
-    table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False)
     probe = recipe.calibration.get("probe")
-    columns = ("layer", "density", "kept mass", "output err", *(("probe drop", "weight") if probe else ()), "strategies")
+    caption = ("answer / NLL: what the layer's first-pass plan alone cost the probes (drop of the answer's log-probability, "
+               "rise of the text's NLL a token); weight: the layer's utility weight in the second allocation") if probe else None
+    table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False, caption=caption)
+    rises = probe.get("layer_nll_rise") if probe else None  # recipes probed before the NLL term have none
+    probe_cols = (("answer", *(("NLL",) if rises else ()), "weight") if probe else ())
+    columns = ("layer", "density", "kept mass", "output err", *probe_cols, "strategies")
     for col in columns:
         table.add_column(col, justify="right" if col != "strategies" else "left")
     for li, heads in enumerate(recipe.layers):
@@ -202,7 +206,7 @@ def _print_recipe(recipe) -> None:
             f"{mean([h.density for h in heads]):.3f}",
             f"{mean([h.kept_mass for h in heads]):.3f}",
             f"{mean([h.output_error for h in heads]):.3f}",
-            *((f"{probe['layer_drop'][li]:+.3f}", f"{probe['layer_weight'][li]:.2f}") if probe else ()),
+            *((f"{probe['layer_drop'][li]:+.3f}", *((f"{rises[li]:+.4f}",) if rises else ()), f"{probe['layer_weight'][li]:.2f}") if probe else ()),
             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         )
     console.print(table)

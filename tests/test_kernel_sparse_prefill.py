@@ -288,6 +288,23 @@ def test_kernel_columns_gpu(batch, hq, hkv, n, d, bs, kind, block_m, use_tma):
 
 @gpu
 @needs_cuda
+@pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernel_on_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over GPUs): the kernel launches on the tensors' GPU."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 8, 1000, 128, generator=gen).bfloat16()
+    k = torch.randn(1, 2, 1000, 128, generator=gen).bfloat16()
+    keep = make_layout("random", 1, 8, num_blocks(1000, 64), gen, device="cpu")
+    counts, ids = to_indices(keep)
+    ref = sparse_prefill_naive(q.float(), k.float(), k.float(), counts, ids, 64)
+    with torch.cuda.device(0):
+        out = kernel.sparse_prefill_triton(*(t.to("cuda:1") for t in (q, k, k, counts, ids)), 64)
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda:1") and rel_err(out.cpu(), ref) < 1e-2
+
+
+@gpu
+@needs_cuda
 def test_dense_layout_matches_sdpa_gpu():
     gen = torch.Generator().manual_seed(11)
     n, bs = 8192, 128

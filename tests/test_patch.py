@@ -176,10 +176,14 @@ def test_prompts_below_min_sparse_tokens_prefill_densely():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_layers_split_over_devices():
-    """A model whose layers accelerate placed on different devices (here half on the GPU, half on the CPU: what a
-    several-GPU map does, with one GPU): each layer runs its recipe where its tensors are (Triton kernels on the GPU,
-    the reference on the CPU), the logits match the one-device run, and generation with the budgeted KV cache works."""
+@pytest.mark.parametrize("second", ["cpu", 1])
+def test_layers_split_over_devices(second):
+    """A model whose layers accelerate placed on different devices (half on the first GPU, half on the CPU or on a
+    second GPU): each layer runs its recipe where its tensors are (Triton kernels on a GPU, launched on that GPU
+    whichever is current; the reference on the CPU), the logits match the one-device run, and generation with the
+    budgeted KV cache works."""
+    if second == 1 and torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
     import copy
 
     from accelerate import dispatch_model
@@ -195,7 +199,7 @@ def test_layers_split_over_devices():
     assert recipe.compresses_kv
     single = copy.deepcopy(model).to("cuda")
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
-                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+                  "model.layers.2": second, "model.layers.3": second, "model.norm": second, "lm_head": second}
     split = dispatch_model(model, device_map=device_map)
     ids = torch.randint(0, 256, (1, 1000), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), patchattn.patched(single, recipe), patchattn.patched(split, recipe):

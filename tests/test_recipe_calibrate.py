@@ -345,12 +345,18 @@ def test_layer_weights():
 
     torch.testing.assert_close(layer_weights(torch.tensor([0.0, 0.4, -0.1, 0.1, 0.0])), torch.tensor([1.0, 3.0, 1.0, 2.0, 1.0]))
     torch.testing.assert_close(layer_weights(torch.tensor([-0.2, 0.0])), torch.ones(2))
+    # the NLL term adds its own tempered share; negative rises (noise) count as 0
+    torch.testing.assert_close(
+        layer_weights(torch.tensor([0.0, 0.4, 0.0, 0.0]), torch.tensor([0.002, 0.0, -0.001, 0.006])),
+        torch.tensor([2.0, 3.0, 1.0, 1.0 + 3.0**0.5]),
+    )
+    torch.testing.assert_close(layer_weights(torch.zeros(3), torch.zeros(3)), torch.ones(3))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
 def test_layer_sensitivity_probes_only_sparse_layers(arch):
     from patchattn.calibrate import layer_sensitivity
-    from patchattn.calibrate.probe import answer_logprob
+    from patchattn.calibrate.probe import probe_scores
     from patchattn.recipe import HeadPlan
 
     tok, ids, needle_probes = _probe_setup(512)
@@ -359,15 +365,39 @@ def test_layer_sensitivity_probes_only_sparse_layers(arch):
     recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
     recipe.layers[0] = [HeadPlan("dense")] * len(recipe.layers[0])
     seen = []
-    drops, dense = layer_sensitivity(model, recipe, probes, on_layer=seen.append)
-    assert seen == [0, 1] and drops[0] == 0.0 and drops[1] != 0.0
-    assert dense == pytest.approx(sum(answer_logprob(model, p) for p in probes) / 2)
-    # the probe's log-probability is the sum over the answer's tokens, read as greedy decoding reads them
+    sens = layer_sensitivity(model, recipe, probes, on_layer=seen.append)
+    assert seen == [0, 1]
+    assert sens.answer_drop[0] == 0.0 and sens.answer_drop[1] != 0.0
+    assert sens.nll_rise[0] == 0.0 and sens.nll_rise[1] != 0.0
+    scores = [probe_scores(model, p) for p in probes]
+    assert sens.dense_answer_logprob == pytest.approx(sum(s[0] for s in scores) / 2)
+    assert sens.dense_nll == pytest.approx(sum(s[1] for s in scores) / 2)
+    # the answer's log-probability is the sum over its tokens, read as greedy decoding reads them; the NLL is the
+    # prompt's second half, teacher-forced
     p = probes[0]
     with torch.no_grad():
-        logits = model(torch.cat([p.prompt, p.answer], 1)).logits[0, p.prompt.shape[1] - 1 : -1]
-    expected = logits.float().log_softmax(-1).gather(-1, p.answer[0][:, None]).sum()
-    assert answer_logprob(model, p) == pytest.approx(float(expected), abs=1e-3)
+        logits = model(torch.cat([p.prompt, p.answer], 1)).logits[0].float()
+    n = p.prompt.shape[1]
+    expected = logits[n - 1 : -1].log_softmax(-1).gather(-1, p.answer[0][:, None]).sum()
+    expected_nll = torch.nn.functional.cross_entropy(logits[n // 2 : n - 1], p.prompt[0, n // 2 + 1 :])
+    answer, nll = probe_scores(model, p)
+    assert answer == pytest.approx(float(expected), abs=1e-3)
+    assert nll == pytest.approx(float(expected_nll), abs=1e-4)
+
+
+def test_probe_nll_reads_the_last_positions_on_long_prompts(monkeypatch):
+    """Past NLL_POSITIONS second-half positions the NLL reads the last ones (bounded logits memory)."""
+    import patchattn.calibrate.probe as probe_mod
+
+    tok, ids, needle_probes = _probe_setup(512)
+    model = tiny_model("llama")
+    p = needle_probes(tok, ids, 1, seed=2)[0]
+    monkeypatch.setattr(probe_mod, "NLL_POSITIONS", 50)
+    with torch.no_grad():
+        logits = model(p.prompt).logits[0].float()
+    n = p.prompt.shape[1]
+    expected = torch.nn.functional.cross_entropy(logits[n - 51 : n - 1], p.prompt[0, n - 50 :])
+    assert probe_mod.probe_scores(model, p)[1] == pytest.approx(float(expected), abs=1e-4)
 
 
 def test_calibrate_with_probes_moves_budget_to_the_layer_that_loses_most():
@@ -376,7 +406,7 @@ def test_calibrate_with_probes_moves_budget_to_the_layer_that_loses_most():
     plain = calibrate(model, ids, target_sparsity=0.6, block_size=32)
     probed = calibrate(model, ids, target_sparsity=0.6, block_size=32, probes=needle_probes(tok, ids, 2))
     stats = probed.calibration["probe"]
-    assert stats["prompts"] == 2 and len(stats["layer_drop"]) == len(probed.layers)
+    assert stats["prompts"] == 2 and len(stats["layer_drop"]) == len(stats["layer_nll_rise"]) == len(probed.layers)
     assert abs(probed.calibration["achieved_sparsity"] - 0.6) <= 0.02
     heavy = max(range(len(probed.layers)), key=lambda i: stats["layer_weight"][i])
     assert stats["layer_weight"][heavy] > 1.0

@@ -107,6 +107,13 @@ def test_markdown_has_every_section():
     for heading in ("## Variants", "## 1024 tokens", "## 2048 tokens", "## Speed and memory — CPU figures", "## lm-eval tasks", "## Plots"):
         assert heading in md
     assert "| task | dense | mine | mine-uniform |" in md and "![results.png](results.png)" in md
+    assert "transformers 5 on cpu (float32)" in md
+
+
+def test_markdown_names_every_device_of_a_spread_model():
+    results = synthetic_results()
+    results["environment"] = dict(results["environment"], device="cuda:0", devices=["cuda:0", "cuda:1"], dtype="bfloat16")
+    assert "on cuda:0 + cuda:1 (layers placed by accelerate) (bfloat16)" in render_markdown(results)
 
 
 # ---- plots ----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ for seed in range(4 * wanted):
         probes.append(Probe(ids.cpu(), torch.tensor([reply[:cut]]), p.depths[0]))
     if len(probes) == wanted:
         break
-drops, dense = layer_sensitivity(model, Recipe.load(recipe_path), probes)
-print(f"{task} at {length}, {len(probes)} prompts, dense reply log-probability {dense:.3f}")
-for layer, drop in enumerate(drops.tolist()):
-    print(f"layer {layer:2d}: drop {drop:+.3f}")
+sens = layer_sensitivity(model, Recipe.load(recipe_path), probes)
+print(f"{task} at {length}, {len(probes)} prompts, dense reply log-probability {sens.dense_answer_logprob:.3f}")
+for layer, (drop, rise) in enumerate(zip(sens.answer_drop.tolist(), sens.nll_rise.tolist())):
+    print(f"layer {layer:2d}: answer drop {drop:+.3f}, prompt NLL rise {rise * 1000:+.2f} millinats")

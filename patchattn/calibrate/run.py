@@ -177,13 +177,15 @@ def calibrate(
     choice = choose(utility)
     probe_stats = None
     if probes:
-        drops, dense_logprob = layer_sensitivity(model, build(choice), probes, on_probe)
-        weights = layer_weights(drops)
+        sens = layer_sensitivity(model, build(choice), probes, on_probe)
+        weights = layer_weights(sens.answer_drop, sens.nll_rise)
         choice = choose(utility * weights[:, None, None].to(utility.dtype))
         probe_stats = {
             "prompts": len(probes),
-            "dense_answer_logprob": round(dense_logprob, 4),
-            "layer_drop": [round(float(d), 4) for d in drops],
+            "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
+            "dense_nll": round(sens.dense_nll, 5),
+            "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
+            "layer_nll_rise": [round(float(d), 6) for d in sens.nll_rise],
             "layer_weight": [round(float(w), 4) for w in weights],
         }
     recipe = build(choice)

@@ -43,6 +43,12 @@ def markdown_table(table: ReportTable) -> list[str]:
     return lines + ([] if not table.note else ["", table.note])
 
 
+def _placement(env: dict) -> str:
+    """Where the model ran: its device, or every device of a model placed over several."""
+    devices = env.get("devices") or [env.get("device")]
+    return env.get("device") if len(devices) <= 1 else " + ".join(devices) + " (layers placed by accelerate)"
+
+
 def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
     has_base = BASELINE in results["variants"]
     env = results.get("environment", {})
@@ -50,7 +56,7 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
         "# patchattn eval",
         "",
         f"Model: {results['model']} · trials per task: {results['trials']} · seed: {results['seed']}"
-        + (f" · torch {env['torch']}, transformers {env['transformers']} on {env['device']} ({env.get('dtype')})" if env else ""),
+        + (f" · torch {env['torch']}, transformers {env['transformers']} on {_placement(env)} ({env.get('dtype')})" if env else ""),
         "",
         "Accuracy is the fraction of trials answered correctly (higher is better); perplexity is on held-out "
         "State of the Union prose (lower is better); sparsity is the share of causal query-key blocks the "

@@ -240,6 +240,8 @@ def _environment(model) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
+        # every device holding parameters (a model accelerate spread over several GPUs has more than one)
+        "devices": sorted({str(p.device) for p in model.parameters()}),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launches_on_input_device
+
 
 @triton.jit
 def _finalize_ragged(
@@ -50,6 +52,7 @@ def _finalize_ragged(
     tl.atomic_add(STATS + 1, count.to(tl.int64))
 
 
+@launches_on_input_device
 def finalize_ragged_triton(
     keep: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None, dense_rows: int = 0, sync: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:

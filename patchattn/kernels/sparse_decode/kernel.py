@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launches_on_input_device
+
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free
 
@@ -207,6 +209,7 @@ def choose_splits(n_seq_heads: int, n_tiles_max: int, n_sm: int, programs_per_sm
     return triton.cdiv(n_tiles_max, tiles_per_split), tiles_per_split
 
 
+@launches_on_input_device
 def sparse_decode_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,

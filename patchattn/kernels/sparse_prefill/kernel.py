@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launches_on_input_device
+
 try:  # host-side tensor descriptors (TMA), Triton >= 3.4; the pointer path needs nothing
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -245,6 +247,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     return None
 
 
+@launches_on_input_device
 def sparse_prefill_triton(
     q: torch.Tensor,
     k: torch.Tensor,

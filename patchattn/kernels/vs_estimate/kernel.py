@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import launches_on_input_device
+
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 1024  # chunks per (batch, head) are sized to give about this many programs
 
@@ -118,6 +120,7 @@ def unsupported_reason(q_last: torch.Tensor, k: torch.Tensor, block_size: int) -
     return None
 
 
+@launches_on_input_device
 def vertical_slash_scores_triton(q_last: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, n_blocks: int,
                                  columns: bool = False):
     batch, heads, n_last, dim = q_last.shape
