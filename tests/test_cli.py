@@ -249,3 +249,16 @@ def test_calibrate_writes_min_sparse_tokens(tiny_model_dir, calibration_text, tm
     result = invoke("calibrate", tiny_model_dir, "--min-sparse-tokens", -5, "-o", tmp_path / "bad.json")
     assert_clean_error(result, "--min-sparse-tokens, --dense-prefix-tokens and --probes must be 0 or more")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_calibrate_warns_when_the_recipe_is_far_from_dense(capsys):
+    """A recipe whose heads' outputs are off by more than HIGH_OUTPUT_ERROR on average gets a warning (the sparsity is
+    too high for the model at this length); a close one does not."""
+    from patchattn import cli
+
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    for error, warned in ((0.25, True), (0.05, False)):
+        recipe.calibration = {"target_sparsity": 0.8, "achieved_sparsity": 0.8, "mean_kept_mass": 0.8, "mean_output_error": error}
+        cli._print_recipe(recipe)
+        out = capsys.readouterr().out
+        assert ("warning: the heads' attention outputs are off by 25%" in " ".join(out.split())) == warned, out
