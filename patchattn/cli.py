@@ -108,7 +108,7 @@ def calibrate(
     ),
     dense_prefix_tokens: int = typer.Option(0, "--dense-prefix-tokens", help="The first N tokens' query rows read every causal block (cheap: (N / seq-len)^2 of the blocks; token budgets otherwise starve them). Calibration counts it in the sparsity."),
     probes: Optional[int] = typer.Option(
-        None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to an answer; the allocation is then weighed by it. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
+        None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to the answer and to the text's likelihood; the allocation is then weighed by both. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
     ),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),

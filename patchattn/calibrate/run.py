@@ -91,7 +91,7 @@ def calibrate(
 
     With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) the first allocation is probed layer by layer
     (``on_probe`` called after each) and allocated again with each layer's utility weighed by what its plan cost
-    the probes' answers (:mod:`patchattn.calibrate.probe`)."""
+    the probes: their answers' log-probability and their text's likelihood (:mod:`patchattn.calibrate.probe`)."""
     if objective not in OBJECTIVES:
         raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if not 0.0 <= target_sparsity < 1.0:
