@@ -30,6 +30,12 @@ def test_shipped_recipe_is_valid_and_true_to_its_stats(path):
     if probe:
         assert len(probe["layer_drop"]) == len(probe["layer_weight"]) == len(recipe.layers)
         assert min(probe["layer_weight"]) >= 1.0
+        from patchattn.calibrate.probe import layer_weights
+
+        rises = probe.get("layer_nll_rise")
+        expected = layer_weights(torch.tensor(probe["layer_drop"]), torch.tensor(rises) if rises is not None else None)
+        # (the costs are recorded rounded, so the weights agree to rounding)
+        assert probe["layer_weight"] == pytest.approx(expected.tolist(), abs=1e-2), "weights follow from the recorded costs"
 
 
 def test_shipped_recipes_fit_the_embedded_model(smollm):
