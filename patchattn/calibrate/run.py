@@ -185,7 +185,7 @@ def calibrate(
             "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
             "dense_nll": round(sens.dense_nll, 5),
             "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
-            "layer_nll_rise": [round(float(d), 6) for d in sens.nll_rise],
+            "layer_nll_rise": [round(float(d), 8) for d in sens.nll_rise],
             "layer_weight": [round(float(w), 4) for w in weights],
         }
     recipe = build(choice)
