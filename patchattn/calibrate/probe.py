@@ -70,7 +70,7 @@ NLL_POSITIONS = 4096
 @dataclass
 class Sensitivity:
     answer_drop: torch.Tensor  # (L,) mean drop of the answer's log-probability, one layer's plan at a time
-    nll_rise: torch.Tensor  # (L,) mean rise of the prompt's second-half NLL (nats a token), one layer's plan at a time
+    nll_rise: torch.Tensor  # (L,) mean rise of the NLL of the prompt's last tokens (nats a token; see probe_scores)
     dense_answer_logprob: float
     dense_nll: float
 
