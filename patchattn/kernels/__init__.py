@@ -1,7 +1,8 @@
 """Sparse attention kernels and their dispatch: block-sparse prefill and page-sparse decode.
 
 ``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64 or 128,
-block size 64 or 128, no ``attn_mask``) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
+block size 64 or 128, no ``attn_mask``; on Hopper GPUs with block size 128 and no token columns the
+warp-specialised Gluon kernel of :mod:`.sparse_prefill.hopper`, written in Triton's lower-level language) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
 mask). ``"auto"`` takes Triton whenever it can and the reference otherwise. Triton is an optional
 dependency: without it the package imports fine and only the torch backend exists.
 """
@@ -17,7 +18,7 @@ from . import ragged as _ragged_pkg
 from . import sparse_decode as _sparse_decode_pkg
 from . import vs_estimate as _vs_pkg
 from .sparse_decode import sparse_decode_naive, sparse_decode_triton
-from .sparse_prefill import load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
+from .sparse_prefill import load_hopper_kernel, load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -45,6 +46,23 @@ def triton_prefill_unsupported(q, k, v, block_size, attn_mask=None) -> str | Non
     return mod.unsupported_reason(q, k, v, block_size)
 
 
+def hopper_kernel_enabled() -> bool:
+    """Whether the Triton backend may use the Gluon kernel on Hopper GPUs (``PATCHATTN_GLUON=0`` turns it off)."""
+    return os.environ.get("PATCHATTN_GLUON", "1") != "0"
+
+
+def prefill_kernel(q, k, v, block_size, attn_mask=None, columns=None, backend="auto") -> str:
+    """Which implementation :func:`sparse_prefill` runs for these inputs: "gluon-hopper" (the warp-specialised
+    kernel of :mod:`.sparse_prefill.hopper`, Hopper GPUs, block size 128, no token columns), "triton" or "torch"."""
+    if backend == "torch" or triton_prefill_unsupported(q, k, v, block_size, attn_mask) is not None:
+        return "torch"
+    if columns is None and hopper_kernel_enabled():
+        hopper = load_hopper_kernel()
+        if hopper is not None and hopper.unsupported_reason(q, k, v, block_size) is None:
+            return "gluon-hopper"
+    return "triton"
+
+
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
                    columns=None):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
@@ -64,6 +82,8 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     if backend == "torch":
         return naive()
     reason = triton_prefill_unsupported(q, k, v, block_size, attn_mask)
+    if reason is None and prefill_kernel(q, k, v, block_size, attn_mask, columns) == "gluon-hopper":
+        return load_hopper_kernel().sparse_prefill_hopper(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale)
     if reason is None:
         return sparse_prefill_triton(
             q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density,
@@ -152,6 +172,8 @@ __all__ = [
     "sparse_prefill",
     "sparse_prefill_naive",
     "sparse_prefill_triton",
+    "prefill_kernel",
+    "hopper_kernel_enabled",
     "triton_prefill_unsupported",
     "vertical_slash_scores",
 ]

@@ -9,6 +9,8 @@ from .naive import sparse_prefill_naive
 _KERNEL = LazyKernel(__name__ + ".kernel")
 load_triton_kernel = _KERNEL.load
 triton_import_error = _KERNEL.import_error
+_HOPPER = LazyKernel(__name__ + ".hopper")
+load_hopper_kernel = _HOPPER.load  # the Gluon kernel for Hopper GPUs (None without a Triton that has Gluon)
 
 
 def sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, **kwargs):
@@ -16,4 +18,4 @@ def sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, sc
     return _KERNEL.require().sparse_prefill_triton(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, **kwargs)
 
 
-__all__ = ["load_triton_kernel", "sparse_prefill_naive", "sparse_prefill_triton", "triton_import_error"]
+__all__ = ["load_hopper_kernel", "load_triton_kernel", "sparse_prefill_naive", "sparse_prefill_triton", "triton_import_error"]
