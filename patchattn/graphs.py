@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -31,6 +32,17 @@ ENV = "PATCHATTN_CUDA_GRAPHS"
 MAX_TOKENS = 16384
 MAX_GRAPHS = 256  # per recipe; beyond it the oldest graph is dropped (prompts of many lengths each capture their own)
 _POOL = None  # one memory pool for every graph: layers replay one after another
+_LIVE: "weakref.WeakSet[GraphedAttention]" = weakref.WeakSet()  # the graphs captured into _POOL that still exist
+
+
+def _pool():
+    """The shared pool's handle. The caching allocator frees a private pool with the last graph captured into it, and
+    a capture into a freed pool's handle fails (an internal assert): once every graph is gone (a patch left, a cache
+    emptied), the next capture takes a new handle."""
+    global _POOL
+    if _POOL is None or not _LIVE:
+        _POOL = torch.cuda.graph_pool_handle()
+    return _POOL
 
 
 def enabled_by_env() -> bool:
@@ -42,7 +54,6 @@ class GraphedAttention:
     returns a copy of the output (the pool is shared with the next layer's graph)."""
 
     def __init__(self, fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        global _POOL
         self.inputs = [t.clone() for t in (q, k, v)]
         side = torch.cuda.Stream(device=q.device)
         side.wait_stream(torch.cuda.current_stream(q.device))
@@ -50,11 +61,10 @@ class GraphedAttention:
             for _ in range(2):
                 fn(*self.inputs)
         torch.cuda.current_stream(q.device).wait_stream(side)
-        if _POOL is None:
-            _POOL = torch.cuda.graph_pool_handle()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_POOL):
+        with torch.cuda.graph(self.graph, pool=_pool()):
             self.output = fn(*self.inputs)
+        _LIVE.add(self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         for static, new in zip(self.inputs, (q, k, v)):

@@ -89,6 +89,23 @@ def test_graphed_prefill_matches_eager_gpu():
     assert (graphed[0].float() - dense.float()).abs().max() > 1e-2, "the recipe should change the output"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_graphs_again_after_a_patch_released_its_own_gpu():
+    """A second patched session (same or another model) captures again: leaving the first freed its graphs and with
+    them the allocator's pool, whose handle must not be reused (found on an H100: the capture failed with an
+    allocator assert and ran eagerly)."""
+    model = _model("cuda", torch.bfloat16)
+    recipe = _recipe(model.config)
+    ids = torch.randint(0, 256, (1, 700), generator=torch.Generator().manual_seed(3)).cuda()
+    for _ in range(2):
+        with torch.no_grad(), patchattn.patched(model, recipe, cuda_graphs=True):
+            model(ids)
+            compiled = _compiled_for(model.config)
+            assert len(compiled.graphs) == model.config.num_hidden_layers
+            assert all(g is not None for g in compiled.graphs.values()), "capture failed"
+
+
 def test_graph_cache_is_bounded_and_failures_fall_back(monkeypatch, caplog):
     """A capture that fails is remembered as None (eager from then on, one warning); the cache keeps at most
     MAX_GRAPHS graphs, dropping the oldest."""

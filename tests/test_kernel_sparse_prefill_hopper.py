@@ -164,3 +164,47 @@ def test_noncontiguous_inputs_gpu():
     out = hopper.sparse_prefill_hopper(q, k, v, counts, ids, 128)
     assert torch.equal(out, hopper.sparse_prefill_hopper(q.contiguous(), k.contiguous(), v.contiguous(), counts, ids, 128))
     assert rel_err(out, sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, 128)) < 1e-2
+
+
+@gpu
+@needs_hopper
+def test_patched_model_gpu(monkeypatch):
+    """A tiny Llama with head dim 128 patched at block size 128 (streaming, block top-k and vertical-slash heads):
+    the Gluon kernel runs in the model (eager and replayed as CUDA graphs) and gives the PyTorch reference's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import patchattn
+    import patchattn.kernels as kernels
+    from patchattn.recipe import HeadPlan, Recipe
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config).eval().to("cuda", torch.bfloat16)
+    recipe = Recipe.uniform(config, "dense", block_size=128)
+    plans = [HeadPlan("streaming", {"sink_tokens": 128, "window_tokens": 256}, density=0.3),
+             HeadPlan("block_topk", {"threshold": 0.8}, density=0.3),
+             HeadPlan("vertical_slash", {"vertical_tokens": 128, "slash_tokens": 256}, density=0.3),
+             HeadPlan("dense", {}, density=1.0)]
+    recipe.layers = [list(plans) for _ in recipe.layers]
+    calls = []
+    real = hopper.sparse_prefill_hopper
+    monkeypatch.setattr(hopper, "sparse_prefill_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (1, 1500), generator=gen).cuda() for _ in range(2)]
+    with torch.no_grad():
+        with patchattn.patched(model, recipe, backend="torch"):
+            ref = [model(ids).logits.float() for ids in prompts]
+        with patchattn.patched(model, recipe):
+            eager = [model(ids).logits.float() for ids in prompts]
+        assert len(calls) == 2 * config.num_hidden_layers, "every layer's prefill should run the Gluon kernel"
+        with patchattn.patched(model, recipe, cuda_graphs=True):
+            graphed = [model(ids).logits.float() for ids in prompts]
+        dense = model(prompts[0]).logits.float()
+    for r, e, g in zip(ref, eager, graphed):
+        torch.testing.assert_close(e, r, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(g, e, atol=2e-2, rtol=2e-2)
+    assert (eager[0] - dense).abs().max() > 1e-2, "the recipe should change the output"
+    assert kernels.prefill_kernel(torch.zeros(1, 4, 8, 128, device="cuda", dtype=torch.bfloat16),
+                                  torch.zeros(1, 2, 8, 128, device="cuda", dtype=torch.bfloat16),
+                                  torch.zeros(1, 2, 8, 128, device="cuda", dtype=torch.bfloat16), 128) == "gluon-hopper"
