@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import graphs, stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
-from .kernels import BACKENDS, finalize_ragged, sparse_prefill, triton_prefill_unsupported
+from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, triton_prefill_unsupported
 from .layout import column_counts, column_tiles, finalize, num_blocks
 from .recipe import Recipe
 from .strategies import Strategy
@@ -190,7 +190,7 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         if prefill and stats.is_recording():
             n_blk = num_blocks(n_q, compiled.block_size)
             causal = n_blk * (n_blk + 1) / 2 * query.shape[0] * query.shape[1]
-            stats.report(layer_idx, causal, causal)
+            stats.report(layer_idx, causal, causal, kernel="sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
@@ -221,7 +221,8 @@ def _sparse_attention(
     elif stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
         n_blk = counts.shape[-1]
         kept = counts.sum() + (column_tiles(columns[1], block_size).sum() if columns is not None else 0)
-        stats.report(layer_idx, kept.item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1])
+        kernel = prefill_kernel(query, key, value, block_size, attn_mask, columns, backend)
+        stats.report(layer_idx, kept.item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1], kernel=kernel)
     return sparse_prefill(
         query, key, value, counts, ids, block_size, scale=scaling, attn_mask=attn_mask, backend=backend, density=density,
         columns=columns,

@@ -1,7 +1,7 @@
 """Achieved sparsity, as the patched attention actually ran it.
 
 The attention function reports, for every prefill call, how many causal blocks it computed out of how
-many there were; ``record_sparsity`` sums them over everything run inside it.
+many there were, and which implementation ran it; ``record_sparsity`` sums them over everything run inside it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ class SparsityRecord:
     causal_blocks: float = 0.0
     calls: int = 0
     per_layer: dict[int, list[float]] = field(default_factory=dict)  # layer -> [kept, causal]
+    kernels: dict[str, int] = field(default_factory=dict)  # prefill calls per implementation ("gluon-hopper", "triton", "torch", "sdpa")
 
     @property
     def density(self) -> float | None:
@@ -45,8 +46,10 @@ def is_recording() -> bool:
     return bool(_ACTIVE)
 
 
-def report(layer_idx: int, kept_blocks: float, causal_blocks: float) -> None:
+def report(layer_idx: int, kept_blocks: float, causal_blocks: float, kernel: str | None = None) -> None:
     for rec in _ACTIVE:
+        if kernel is not None:
+            rec.kernels[kernel] = rec.kernels.get(kernel, 0) + 1
         rec.kept_blocks += kept_blocks
         rec.causal_blocks += causal_blocks
         rec.calls += 1

@@ -163,9 +163,11 @@ def test_prompts_below_min_sparse_tokens_prefill_densely():
         with patchattn.patched(model, recipe), record_sparsity() as rec:
             out_short = model(short).logits
             assert rec.sparsity == pytest.approx(0.0)
+            assert rec.kernels == {"sdpa": model.config.num_hidden_layers}  # which implementation ran each prefill
         with patchattn.patched(model, recipe), record_sparsity() as rec:
             out_long = model(long).logits
             assert rec.sparsity > 0.5
+            assert rec.kernels == {"torch": model.config.num_hidden_layers}  # the reference: this is a CPU
     torch.testing.assert_close(out_short, ref_short, atol=1e-5, rtol=1e-5)
     assert (out_long - ref_long).abs().max() > 1e-3
     from patchattn.errors import RecipeError

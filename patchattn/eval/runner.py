@@ -208,6 +208,8 @@ def run_eval(
                     "prompt_tokens": [len(item) if task in ("ppl", "speed") else item.length_tokens for item in inputs],
                     "seconds": round(time.perf_counter() - started, 3),
                     "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
+                    # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
+                    "prefill_kernels": None if recipe is None else dict(record.kernels),
                 }
                 if speed is not None:
                     row.update(

@@ -127,6 +127,19 @@ def fmt_bytes(value: float | None, base: float | None = None) -> str:
     return text
 
 
+def fmt_kernels(results: dict, variant: str) -> str:
+    """'gluon-hopper 67% · sdpa 33%': how the variant's patched prefill calls split over implementations."""
+    counts: dict[str, int] = {}
+    for row in results["results"]:
+        if row["variant"] == variant:
+            for name, n in (row.get("prefill_kernels") or {}).items():
+                counts[name] = counts.get(name, 0) + n
+    total = sum(counts.values())
+    if not total:
+        return "–"
+    return " · ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def fmt_number(value) -> str:
     if value is None:
         return "–"
@@ -152,9 +165,13 @@ def summary_table(results: dict) -> ReportTable:
     base_tok = at_longest(BASELINE, SPEED_TASK, "ms_per_token") if has_base else None
     table = ReportTable(
         "Variants",
-        ["variant", "prefill sparsity", f"KV cache at {longest} tokens", f"time to first token at {longest} (ms)", f"ms per token at {longest}"],
+        ["variant", "prefill sparsity", f"KV cache at {longest} tokens", f"time to first token at {longest} (ms)", f"ms per token at {longest}",
+         "prefill kernels"],
         note=" ".join(
             ["Sparsity: mean over every row of the variant."]
+            + (["Prefill kernels: share of the patched layers' prefill calls each implementation ran (gluon-hopper: the "
+                "warp-specialised kernel for Hopper GPUs; triton; torch: the PyTorch reference; sdpa: layers the recipe keeps "
+                "dense)."] if any(r.get("prefill_kernels") for r in results["results"]) else [])
             + ([f"Brackets: change from `{BASELINE}` (speed: times faster)."] if has_base else [])
             + ([f"Speed: {device_label(results)}."] if speed_rows(results) else [])
         ),
@@ -168,6 +185,7 @@ def summary_table(results: dict) -> ReportTable:
             fmt_bytes(at_longest(v, None, "kv_bytes"), None if v == BASELINE else base_kv),
             "–" if ttft is None else f"{ttft:.1f}" + ("" if v == BASELINE else fmt_speedup(ttft, base_ttft)),
             "–" if per_token is None else f"{per_token:.2f}" + ("" if v == BASELINE else fmt_speedup(per_token, base_tok)),
+            fmt_kernels(results, v),
         ])
     keep = [i for i in range(len(table.columns)) if i < 2 or any(row[i] != "–" for row in table.rows)]  # drop unmeasured
     table.columns = [table.columns[i] for i in keep]

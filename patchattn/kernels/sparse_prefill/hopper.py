@@ -18,11 +18,11 @@ completing on mbarriers, and warp specialisation. Per program (one tile of 128 q
   consumer issues its two GEMMs only after the other has issued its own, through a pair of mbarriers, so one's
   GEMMs run while the other computes its softmax.
 
-Measured on an H100 (d=128, bf16, dense causal 32K; benchmarks/prefill_gluon_variants_h100_2026-11-25.json): 2 stages
-16.6 ms without turns, 16.5 with; 3 stages with turns 14.2 ms (618 TFLOP/s; SDPA's cuDNN 14.2 ms, the Triton kernel
-17.1): the deeper K/V ring is what pays. Within one consumer the softmax does not overlap its own ``P V``: ptxas
-places the wait for the ``P V`` before the exponentials whatever the order written (seen in the SASS), so any
-overlap comes from the other warpgroup.
+Measured on an H100 (d=128, bf16, dense causal 32K; benchmarks/prefill_gluon_variants*_h100_2026-11-25.json): 2 stages
+16.5 ms, 3 stages 14.1 ms (~620 TFLOP/s; SDPA's cuDNN 14.2 ms, the Triton kernel 17.2): the deeper K/V ring is what
+pays; the turns gain 10% on sink + window rows at 32K (4.30 -> 3.88 ms) and are within +-2% elsewhere. Within one
+consumer the softmax does not overlap its own ``P V``: ptxas places the wait for the ``P V`` before the exponentials
+whatever the order written (seen in the SASS), so any overlap comes from the other warpgroup.
 
 Masking is per tile: a key block that reaches a row's position (the diagonal) or the key tail is masked at token
 level, others not at all. Softmax in base 2, statistics and the output accumulated in float32.
