@@ -126,14 +126,16 @@ def test_schedules_match_reference_gpu(stages, pingpong):
 @gpu
 @needs_hopper
 def test_dispatch_gpu(monkeypatch):
-    """sparse_prefill runs the Gluon kernel on Hopper for block size 128 without token columns, the Triton kernel
-    otherwise (block size 64, columns, or PATCHATTN_GLUON=0), and all of them give the reference."""
+    """sparse_prefill runs the Gluon kernel on Hopper for block size 128 and head dim 128 without token columns, the
+    Triton kernel otherwise (block size 64, head dim 64, columns, or PATCHATTN_GLUON=0), and all of them give the
+    reference."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 8, 1000, 128, generator=gen).cuda().bfloat16()
     k = torch.randn(1, 2, 1000, 128, generator=gen).cuda().bfloat16()
     keep = layout("random", 1, 8, 1000, 1000, gen).cuda()
     counts, ids = to_indices(keep)
     assert prefill_kernel(q, k, k, 128) == "gluon-hopper"
+    assert prefill_kernel(q[..., :64], k[..., :64], k[..., :64], 128) == "triton"  # d=64: correct here, untimed, not dispatched
     out = sparse_prefill(q, k, k, counts, ids, 128)
     assert torch.equal(out, hopper.sparse_prefill_hopper(q, k, k, counts, ids, 128))
     ref = sparse_prefill_naive(q.float(), k.float(), k.float(), counts, ids, 128)

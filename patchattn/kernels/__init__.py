@@ -1,7 +1,7 @@
 """Sparse attention kernels and their dispatch: block-sparse prefill and page-sparse decode.
 
 ``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64 or 128,
-block size 64 or 128, no ``attn_mask``; on Hopper GPUs with block size 128 and no token columns the
+block size 64 or 128, no ``attn_mask``; on Hopper GPUs with block size 128, head dim 128 and no token columns the
 warp-specialised Gluon kernel of :mod:`.sparse_prefill.hopper`, written in Triton's lower-level language) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
 mask). ``"auto"`` takes Triton whenever it can and the reference otherwise. Triton is an optional
 dependency: without it the package imports fine and only the torch backend exists.
@@ -53,12 +53,13 @@ def hopper_kernel_enabled() -> bool:
 
 def prefill_kernel(q, k, v, block_size, attn_mask=None, columns=None, backend="auto") -> str:
     """Which implementation :func:`sparse_prefill` runs for these inputs: "gluon-hopper" (the warp-specialised
-    kernel of :mod:`.sparse_prefill.hopper`, Hopper GPUs, block size 128, no token columns), "triton" or "torch"."""
+    kernel of :mod:`.sparse_prefill.hopper`: Hopper GPUs, block size 128, head dim 128, no token columns), "triton" or
+    "torch"."""
     if backend == "torch" or triton_prefill_unsupported(q, k, v, block_size, attn_mask) is not None:
         return "torch"
     if columns is None and hopper_kernel_enabled():
         hopper = load_hopper_kernel()
-        if hopper is not None and hopper.unsupported_reason(q, k, v, block_size) is None:
+        if hopper is not None and q.shape[-1] in hopper.DISPATCH_HEAD_DIMS and hopper.unsupported_reason(q, k, v, block_size) is None:
             return "gluon-hopper"
     return "triton"
 

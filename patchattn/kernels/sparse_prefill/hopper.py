@@ -55,6 +55,9 @@ BLOCK_M = 128  # query rows per program: two warpgroups of 64
 STAGES = 3  # K/V ring depth: 3 x 64 KB at d=128 plus Q's 32 KB fits the 227 KB of an H100 (2 stages: 14.2 -> 16.5 ms)
 CONSUMER_REGS = 240
 PRODUCER_REGS = 24
+# Head dims sparse_prefill hands to this kernel: measured faster than the Triton kernel on an H100 at d=128; d=64 is
+# correct (tested) but untimed, so the Triton kernel keeps it until it is measured.
+DISPATCH_HEAD_DIMS = (128,)
 PINGPONG = True  # the consumers take turns issuing their GEMMs (FlashAttention-3's inter-warpgroup schedule)
 
 if HAVE_GLUON:
