@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import patchattn
-from patchattn.recipe import HeadPlan, Recipe
-from patchattn.stats import record_sparsity
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import patchattn  # noqa: E402
+from patchattn.recipe import HeadPlan, Recipe  # noqa: E402
+from patchattn.stats import record_sparsity  # noqa: E402
 
 
 def llama8b_config(layers: int):
@@ -121,6 +125,7 @@ def main() -> None:
                     model(ids, logits_to_keep=1, use_cache=False)
             row[f"{kind}_ms"] = round(patched_ms, 1)
             row[f"{kind}_sparsity"] = round(rec.sparsity or 0.0, 4)
+            row[f"{kind}_kernels"] = dict(rec.kernels)  # which implementation ran each layer's prefill
             row[f"{kind}_speedup"] = round(dense / patched_ms, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
