@@ -276,6 +276,7 @@ def evaluate(
     tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue,speed", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, multiquery, vartrack (variable tracking), speed (time to first token, ms per generated token, peak memory, KV bytes; always run unless --speed-runs 0)."),
     speed_runs: int = typer.Option(3, "--speed-runs", help="Timed runs per speed figure, after a warm-up run (medians are reported); 0 leaves speed out."),
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
+    ppl_windows: int = typer.Option(1, "--ppl-windows", help="Perplexity over this many windows of held-out text at each length (seeded starts), reported as the perplexity of all their tokens."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay each layer's short-prompt prefill attention as a CUDA graph (captured once per prompt shape; pays where lengths recur, as in the speed runs). Also PATCHATTN_CUDA_GRAPHS=1."),
@@ -304,6 +305,8 @@ def evaluate(
         task_list = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "speed"]
         if speed_runs < 0:
             raise PatchattnError(f"--speed-runs must be 0 or more, not {speed_runs}")
+        if ppl_windows < 1:
+            raise PatchattnError(f"--ppl-windows must be 1 or more, not {ppl_windows}")
         task_list += ["speed"] if speed_runs else []  # speed and memory are part of every run
         if backend not in BACKENDS:
             raise PatchattnError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -338,7 +341,7 @@ def evaluate(
             if baseline == "uniform":
                 variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
         with _progress() as progress:
-            total = eval_steps(variants, length_list, task_list, trials) + lmeval.lm_eval_steps(variants, length_list, lm_eval_names)
+            total = eval_steps(variants, length_list, task_list, trials, ppl_windows) + lmeval.lm_eval_steps(variants, length_list, lm_eval_names)
             task = progress.add_task("evaluating", total=total)
 
             def on_progress(advance: int, description: str) -> None:
@@ -352,7 +355,7 @@ def evaluate(
 
             try:
                 results = run_eval(
-                    lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed,
+                    lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, ppl_windows=ppl_windows,
                     progress=on_progress, backend=backend, on_row=save_partial, speed_runs=max(1, speed_runs),
                     cuda_graphs=True if cuda_graphs else None,
                 )

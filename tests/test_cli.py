@@ -4,6 +4,7 @@ Bad input must give one readable line, a non-zero exit code, no traceback, and n
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -197,6 +198,30 @@ def test_eval_interrupted_keeps_finished_rows(tiny_model_dir, tmp_path, monkeypa
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] is False and len(data["results"]) == 3
     assert "Partial results" in (out / "results.md").read_text()
+
+
+def test_eval_ppl_windows(tiny_model_dir, tmp_path):
+    """--ppl-windows N: perplexity over N windows of held-out text, the first being the one-window run's text; the
+    value is the perplexity of all their tokens (the windows' geometric mean). 0 is refused before anything runs."""
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.save(tmp_path / "r.json")
+    runs = {}
+    for windows in (1, 3):
+        out = tmp_path / f"w{windows}"
+        result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--lengths", 300, "--tasks", "ppl",
+                        "--speed-runs", 0, "--ppl-windows", windows, "-o", out)
+        assert result.exit_code == 0, result.output
+        data = json.loads((out / "results.json").read_text())
+        assert data["ppl_windows"] == windows
+        runs[windows] = {r["variant"]: r for r in data["results"]}
+    for variant in ("dense", "r"):
+        one, three = runs[1][variant], runs[3][variant]
+        assert len(three["scores"]) == 3 and len(set(three["scores"])) == 3  # three different texts
+        assert three["scores"][0] == pytest.approx(one["value"], rel=1e-6)
+        assert three["value"] == pytest.approx(math.exp(sum(math.log(x) for x in three["scores"]) / 3), rel=1e-9)
+    result = invoke("eval", tiny_model_dir, "--recipe", tmp_path / "r.json", "--ppl-windows", 0, "-o", tmp_path / "bad")
+    assert_clean_error(result, "--ppl-windows")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):

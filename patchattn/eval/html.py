@@ -65,6 +65,7 @@ def _run_info(results: dict) -> str:
         ("lengths (tokens)", ", ".join(str(n) for n in results.get("lengths", []))),
         ("tasks", ", ".join(results.get("tasks", []))),
         ("trials per task", results.get("trials")),
+        ("perplexity windows", results.get("ppl_windows")),
         ("timed runs per speed figure", results.get("speed_runs")),
         ("seed", results.get("seed")),
         ("schema", results.get("schema_version")),

@@ -56,6 +56,7 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
         "# patchattn eval",
         "",
         f"Model: {results['model']} · trials per task: {results['trials']} · seed: {results['seed']}"
+        + (f" · perplexity over {results['ppl_windows']} windows" if results.get("ppl_windows", 1) > 1 else "")
         + (f" · torch {env['torch']}, transformers {env['transformers']} on {_placement(env)} ({env.get('dtype')})" if env else ""),
         "",
         "Accuracy is the fraction of trials answered correctly (higher is better); perplexity is on held-out "

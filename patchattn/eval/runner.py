@@ -21,6 +21,8 @@ of that task at that length (0.0 for dense; None when nothing ran sparse).
 ``length`` None but for patchattn's own tasks, a ``stderr`` beside the value) and a top-level ``lm_eval`` with lm-eval's
 ``version``, the ``tasks`` asked for and the ``options`` passed.
 
+A ``ppl`` row's ``scores`` holds each window's perplexity (``ppl_windows`` of them; results written before it had one).
+
 Schema 1 had no ``speed_runs``, ``created``, ``peak_memory``, ``*_runs``, ``decode_tokens`` or ``device_name``,
 and a speed row's ``scores`` held the one median.
 """
@@ -28,6 +30,7 @@ and a speed row's ``scores`` held the one median.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
@@ -70,9 +73,10 @@ def _check_tasks(tasks: Sequence[str]) -> None:
         raise ValueError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
 
 
-def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = DEFAULT_TASKS, trials: int = 5) -> int:
+def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = DEFAULT_TASKS, trials: int = 5,
+               ppl_windows: int = 1) -> int:
     """How many progress steps ``run_eval`` reports in all (for a progress bar's total)."""
-    per_length = sum(1 if t in ("ppl", "speed") else trials for t in tasks)
+    per_length = sum(ppl_windows if t == "ppl" else 1 if t == "speed" else trials for t in tasks)
     return per_length * len(lengths) * len(variants)
 
 
@@ -130,6 +134,7 @@ def run_eval(
     on_row: Callable[[dict], None] | None = None,
     speed_runs: int = 3,
     cuda_graphs: bool | None = None,
+    ppl_windows: int = 1,
 ) -> dict:
     """Evaluate each variant on the same prompts. ``variants`` maps a display name to a Recipe, or to
     None for the unpatched model; name the baseline ``"dense"`` for the report's deltas.
@@ -138,10 +143,12 @@ def run_eval(
     results so far (``"complete": False`` until the last row), so a caller can save them as they come.
     ``speed_runs``: timed runs per speed measurement (after a warm-up); the medians are reported. The speed rows'
     sparsity comes from one more, untimed prefill (recording it reads counts back, which the timed runs must not pay).
-    ``cuda_graphs``: as :func:`patchattn.patch` (short prefills replayed as CUDA graphs; default: the environment)."""
+    ``cuda_graphs``: as :func:`patchattn.patch` (short prefills replayed as CUDA graphs; default: the environment).
+    ``ppl_windows``: perplexity over this many windows of held-out text (seeded starts; the first is the one-window
+    run's), reported as the perplexity of all their tokens together (the geometric mean of the windows')."""
     _check_tasks(tasks)
-    if trials < 1 or speed_runs < 1:
-        raise ValueError("trials and speed_runs must be at least 1")
+    if trials < 1 or speed_runs < 1 or ppl_windows < 1:
+        raise ValueError("trials, speed_runs and ppl_windows must be at least 1")
     if not variants:
         raise ValueError("no variants to evaluate")
     lengths = sorted(set(int(n) for n in lengths))
@@ -157,6 +164,7 @@ def run_eval(
         "trials": trials,
         "seed": seed,
         "speed_runs": speed_runs,
+        "ppl_windows": ppl_windows,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(model),
         "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
@@ -164,8 +172,8 @@ def run_eval(
     n_rows = len(lengths) * len(tasks) * len(variants)
     for length in lengths:
         for task in tasks:
-            if task == "ppl":
-                inputs: list = [ppl_input_ids(tokenizer, length, seed)]
+            if task == "ppl":  # window 0 is the text a one-window run reads; the others start elsewhere
+                inputs: list = [ppl_input_ids(tokenizer, length, seed if w == 0 else f"{seed}-window{w}") for w in range(ppl_windows)]
             elif task == "speed":  # the generation must fit in the context too
                 fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
                 inputs = [ppl_input_ids(tokenizer, fits, seed)]
@@ -200,7 +208,8 @@ def run_eval(
                     "task": task,
                     "variant": name,
                     "metric": {"ppl": "perplexity", "speed": "ttft_ms"}.get(task, "accuracy"),
-                    "value": scores[0] if task == "ppl" else speed.ttft_ms if speed else sum(scores) / len(scores),
+                    "value": (math.exp(sum(math.log(x) for x in scores) / len(scores)) if task == "ppl"
+                              else speed.ttft_ms if speed else sum(scores) / len(scores)),
                     "sparsity": None if sparsity is None else float(sparsity),
                     "trials": len(inputs),
                     "scores": scores,

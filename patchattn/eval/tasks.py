@@ -32,7 +32,7 @@ def _special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def ppl_input_ids(tokenizer, length_tokens: int, seed: int = 0) -> list[int]:
+def ppl_input_ids(tokenizer, length_tokens: int, seed: int | str = 0) -> list[int]:
     """``length_tokens`` tokens of held-out prose from a seeded start (tiled if the text is shorter)."""
     stream = _stream(tokenizer, PPL_TEXT)
     prefix = _special_prefix(tokenizer)
