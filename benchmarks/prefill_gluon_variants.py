@@ -1,7 +1,7 @@
 """The Gluon Hopper prefill kernel's launch variants (K/V ring depth, consumer turns, consumer registers): first its
 correctness against the PyTorch reference on small shapes (bf16/fp16, d 64/128, tails, GQA, queries after keys),
 then dense causal and sink 128 + window 4096 at 32K and 128K (B=1, 32/8 heads, d=128, bf16) against the Triton
-kernel, SDPA's default dispatch and FlexAttention. GPU (Hopper) only; writes $OUT/gl1.json.
+kernel, SDPA's default dispatch and FlexAttention. GPU (Hopper) only; writes $OUT/prefill_gluon_variants.json.
 
     python benchmarks/prefill_gluon_variants.py
 """
@@ -54,7 +54,7 @@ for dtype in (torch.bfloat16, torch.float16):
 print(f"checks {time.time()-t0:.0f}s", flush=True)
 ok = all(r["rel_err"] is not None and r["rel_err"] < 1e-2 and r["nan"] is False for r in res["checks"])
 print("ALL OK" if ok else "FAILURES", flush=True)
-json.dump(res, open(f"{OUT}/gl1.json", "w"), indent=1)
+json.dump(res, open(f"{OUT}/prefill_gluon_variants.json", "w"), indent=1)
 # ---- timing
 from prefill import static_layout, make_flex, other_sdpa
 warnings.filterwarnings("ignore")
@@ -95,7 +95,7 @@ for n in (32768, 131072):
                    hopper_vs_sdpa=sd / best if case == "dense" else None, hopper_vs_flex=row["flex_ms"] / best,
                    triton_vs_flex=row["flex_ms"] / row["triton_ms"])
         res["times"].append(row); print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items() if 'err' not in a or 'error' in a}), flush=True)
-        json.dump(res, open(f"{OUT}/gl1.json", "w"), indent=1)
+        json.dump(res, open(f"{OUT}/prefill_gluon_variants.json", "w"), indent=1)
     del q, k, v, ref_dense; torch.cuda.empty_cache()
 print("| N | case | SDPA | Flex | triton | hopper best | TF/s hopper | vs SDPA | vs Flex |")
 for r in res["times"]:

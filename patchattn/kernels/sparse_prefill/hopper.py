@@ -51,7 +51,6 @@ except ImportError:  # pragma: no cover - older Triton
 from .._device import launches_on_input_device
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 128  # query rows per program: two warpgroups of 64
 STAGES = 3  # K/V ring depth: 3 x 64 KB at d=128 plus Q's 32 KB fits the 227 KB of an H100 (2 stages: 14.2 -> 16.5 ms)
 CONSUMER_REGS = 240
 PRODUCER_REGS = 24
@@ -299,7 +298,7 @@ def sparse_prefill_hopper(q, k, v, kv_block_counts, kv_block_ids, block_size, sc
     smem_layout = gl.NVMMASharedLayout.get_default_for([block_size, head_dim], el)
     k_desc = TensorDescriptor.from_tensor(k.view(-1, head_dim), [block_size, head_dim], smem_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(-1, head_dim), [block_size, head_dim], smem_layout)
-    n_programs_m = n_q_blocks  # BLOCK_M == block_size
+    n_programs_m = n_q_blocks  # one program per layout row: 128 query rows, two warpgroups of 64
     grid = (batch * n_q_heads, n_programs_m)
     while True:
         try:
