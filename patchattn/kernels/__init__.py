@@ -51,17 +51,25 @@ def hopper_kernel_enabled() -> bool:
     return os.environ.get("PATCHATTN_GLUON", "1") != "0"
 
 
+def _prefill_choice(q, k, v, block_size, attn_mask, columns, backend) -> tuple[str, str | None]:
+    """(the implementation :func:`sparse_prefill` runs, why not Triton when it falls back to the reference)."""
+    if backend == "torch":
+        return "torch", None
+    reason = triton_prefill_unsupported(q, k, v, block_size, attn_mask)
+    if reason is not None:
+        return "torch", reason
+    if columns is None and hopper_kernel_enabled():
+        hopper = load_hopper_kernel()
+        if hopper is not None and q.shape[-1] in hopper.DISPATCH_HEAD_DIMS and hopper.hopper_reason(q, block_size) is None:
+            return "gluon-hopper", None
+    return "triton", None
+
+
 def prefill_kernel(q, k, v, block_size, attn_mask=None, columns=None, backend="auto") -> str:
     """Which implementation :func:`sparse_prefill` runs for these inputs: "gluon-hopper" (the warp-specialised
     kernel of :mod:`.sparse_prefill.hopper`: Hopper GPUs, block size 128, head dim 128, no token columns), "triton" or
     "torch"."""
-    if backend == "torch" or triton_prefill_unsupported(q, k, v, block_size, attn_mask) is not None:
-        return "torch"
-    if columns is None and hopper_kernel_enabled():
-        hopper = load_hopper_kernel()
-        if hopper is not None and q.shape[-1] in hopper.DISPATCH_HEAD_DIMS and hopper.unsupported_reason(q, k, v, block_size) is None:
-            return "gluon-hopper"
-    return "triton"
+    return _prefill_choice(q, k, v, block_size, attn_mask, columns, backend)[0]
 
 
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
@@ -80,12 +88,10 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     naive = lambda: sparse_prefill_naive(  # noqa: E731
         q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask, columns=cols, column_counts=col_counts
     )
-    if backend == "torch":
-        return naive()
-    reason = triton_prefill_unsupported(q, k, v, block_size, attn_mask)
-    if reason is None and prefill_kernel(q, k, v, block_size, attn_mask, columns) == "gluon-hopper":
+    kernel, reason = _prefill_choice(q, k, v, block_size, attn_mask, columns, backend)
+    if kernel == "gluon-hopper":
         return load_hopper_kernel().sparse_prefill_hopper(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale)
-    if reason is None:
+    if kernel == "triton":
         return sparse_prefill_triton(
             q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density,
             columns=cols, column_counts=col_counts, column_keep=col_keep,

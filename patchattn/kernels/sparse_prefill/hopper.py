@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 from .._device import launches_on_input_device
+from .kernel import unsupported_reason as triton_unsupported_reason
 
 LOG2E = 1.4426950408889634
 STAGES = 3  # K/V ring depth: 3 x 64 KB at d=128 plus Q's 32 KB fits the 227 KB of an H100 (2 stages: 14.2 -> 16.5 ms)
@@ -251,24 +252,20 @@ if HAVE_GLUON:
         )
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
-                       has_columns: bool = False) -> str | None:
-    """Why this kernel cannot take these inputs (None if it can): the Triton kernel serves the rest."""
+def hopper_reason(q: torch.Tensor, block_size: int) -> str | None:
+    """What this kernel needs beyond what the Triton kernel takes (None if met): Gluon, an sm90 GPU, block size 128."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not a Hopper (sm90) GPU"
-    if has_columns:
-        return "token columns"
     if block_size != 128:
         return f"block_size {block_size} (takes 128)"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}"
-    if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        return f"head dim {q.shape[-1]}"
-    if q.shape[1] % k.shape[1] != 0 or k.shape[2] < q.shape[2]:
-        return "heads or lengths"
     return None
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
+    """Why this kernel cannot take these inputs (None if it can): the Triton kernel's conditions, then Hopper's."""
+    return triton_unsupported_reason(q, k, v, block_size) or hopper_reason(q, block_size)
 
 
 @launches_on_input_device
