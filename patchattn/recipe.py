@@ -194,6 +194,19 @@ class Recipe:
                 counts[head.strategy] = counts.get(head.strategy, 0) + 1
         return counts
 
+    def plan_hash(self) -> str:
+        """A short hash of what the recipe makes the model do (block size, every head's strategy and parameters, the
+        KV plans, the dense thresholds), not of its name or calibration statistics: two reports ran the same plan
+        when their hashes agree."""
+        plan = {
+            "block_size": self.block_size,
+            "heads": [[[h.strategy, sorted(h.params.items())] for h in layer] for layer in self.layers],
+            "kv": [[p.to_dict() for p in layer] for layer in self.kv_plans()],  # written out or implied: the same
+            "min_sparse_tokens": self.min_sparse_tokens,
+            "dense_prefix_tokens": self.dense_prefix_tokens,
+        }
+        return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def check_model(self, config) -> None:
         """Raise RecipeError unless this recipe was made for a model of this geometry."""
         ident = model_identity(config)

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from patchattn.calibrate import calibrate, uniform_baseline
 from patchattn.calibrate.allocate import allocate
 from patchattn.errors import PatchattnError, RecipeError
-from patchattn.recipe import SCHEMA_VERSION, Recipe
+from patchattn.recipe import SCHEMA_VERSION, KVPlan, Recipe
 
 
 def test_recipe_round_trip(tmp_path):
@@ -21,6 +21,27 @@ def test_recipe_round_trip(tmp_path):
     assert loaded.to_dict() | {"name": ""} == recipe.to_dict() | {"name": ""}
     assert loaded.name == "vertical_slash"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "a temporary file was left behind"
+
+
+def test_plan_hash_follows_the_plan_not_the_name_or_stats(tmp_path):
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    loaded = Recipe.load(recipe.save(tmp_path / "r.json"))
+    loaded.name, loaded.calibration = "other", {"seq_len": 4096}
+    loaded.layers[0][0].density = 0.5
+    assert loaded.plan_hash() == recipe.plan_hash()
+    loaded.layers[1][3].params["window_tokens"] = 96
+    assert loaded.plan_hash() != recipe.plan_hash()
+    for change in (dict(block_size=64), dict(min_sparse_tokens=512), dict(dense_prefix_tokens=64)):
+        other = Recipe.load(tmp_path / "r.json")
+        for key, value in change.items():
+            setattr(other, key, value)
+        assert other.plan_hash() != recipe.plan_hash(), change
+    other = Recipe.load(tmp_path / "r.json")
+    other.kv_layers = [list(layer) for layer in other.kv_plans()]  # the implied KV plans written out: the same plan
+    assert other.plan_hash() == recipe.plan_hash()
+    other.kv_layers[0][0] = KVPlan("full")
+    assert other.plan_hash() != recipe.plan_hash()
 
 
 @pytest.mark.parametrize(

@@ -54,3 +54,31 @@ def test_shipped_recipes_fit_the_embedded_model(smollm):
         if any(h.strategy != "dense" for layer in recipe.layers for h in layer):
             assert kl > 0.0, f"{path.stem} changed nothing"
         assert kl < 0.5, f"{path.stem}: KL {kl:.3f} from dense on the last 64 tokens"
+
+
+REPORT = Path(__file__).resolve().parents[1] / "examples" / "smollm2-8k-s80" / "results.json"
+
+
+def test_the_8k_report_ran_the_shipped_recipes():
+    """examples/smollm2-8k-s80 (issue #2's report) must describe the recipes shipped now: recalibrating one of them
+    without running the report again fails here."""
+    import json
+
+    report = json.loads(REPORT.read_text())
+    assert report["complete"] and report["lengths"] == [8192] and report["trials"] == 100 and report["ppl_windows"] == 4
+    names = {"smollm2-135m-instruct-8k-s80-probed", "smollm2-135m-instruct-8k-s80-uniform"}
+    assert set(report["variants"]) == names | {"dense"}
+    for name in names:
+        recipe, info = Recipe.load(RECIPES[0].parent / f"{name}.json"), report["variants"][name]
+        assert info["strategy_counts"] == recipe.strategy_counts(), name
+        assert info["block_size"] == recipe.block_size and info["calibrated_sparsity"] == recipe.calibration["achieved_sparsity"]
+        if "plan_hash" in info:  # reports from before plan hashes were recorded compare by their counts
+            assert info["plan_hash"] == recipe.plan_hash(), name
+        if recipe.compresses_kv:
+            kv = {}
+            for layer in recipe.kv_plans():
+                for plan in layer:
+                    kv[plan.policy] = kv.get(plan.policy, 0) + 1
+            assert info["kv_policy_counts"] == kv, name
+    rows = {(r["task"], r["variant"]) for r in report["results"]}
+    assert rows == {(t, v) for t in ("ppl", "passkey", "single") for v in names | {"dense"}}

@@ -93,6 +93,7 @@ def _variant_info(recipe: Recipe | None) -> dict:
         "mean_density": recipe.mean_density,
         "calibration_seq_len": calibration.get("seq_len"),
         "calibrated_sparsity": calibration.get("achieved_sparsity"),
+        "plan_hash": recipe.plan_hash(),
     }
     if len(heads) == 1 and next(iter(heads))[0] != "dense":
         strategy, params = next(iter(heads))
