@@ -28,15 +28,26 @@ def diagonal_blocks(n_blocks: int, device=None) -> torch.Tensor:
     return torch.eye(n_blocks, dtype=torch.bool, device=device)
 
 
-def finalize(keep: torch.Tensor, dense_rows: int = 0) -> torch.Tensor:
+def window_blocks(window: int, block_size: int) -> int:
+    """How many key blocks back (the diagonal included) a query block can see through a sliding window of ``window``
+    positions (query p sees keys > p - window): the blocks holding a key inside its first query's window. 0: none."""
+    return 0 if not window else (window + block_size - 2) // block_size + 1
+
+
+def finalize(keep: torch.Tensor, dense_rows: int = 0, window_rows: int = 0) -> torch.Tensor:
     """Clip a layout to causal blocks, force the diagonal in, and make the last query block dense, and the first
-    ``dense_rows`` query blocks too (a recipe's dense prefix)."""
+    ``dense_rows`` query blocks too (a recipe's dense prefix). ``window_rows`` > 0 (:func:`window_blocks`, a model's
+    sliding window): row i keeps only key blocks j > i - window_rows."""
     n = keep.shape[-1]
     keep = keep.clone()
     keep[..., -1, :] = True
     if dense_rows > 0:
         keep[..., :dense_rows, :] = True
-    return (keep & causal_blocks(n, keep.device)) | diagonal_blocks(n, keep.device)
+    allowed = causal_blocks(n, keep.device)
+    if window_rows > 0:
+        idx = torch.arange(n, device=keep.device)
+        allowed = allowed & (idx[None, :] > idx[:, None] - window_rows)
+    return (keep & allowed) | diagonal_blocks(n, keep.device)
 
 
 def to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,13 +37,15 @@ def raw_layout(kind: str, batch: int, heads: int, n: int, gen: torch.Generator) 
     raise ValueError(kind)
 
 
-def check(kind, batch, heads, n, seed, dense_rows=0):
+def check(kind, batch, heads, n, seed, dense_rows=0, window_rows=0):
     gen = torch.Generator().manual_seed(seed)
     keep = raw_layout(kind, batch, heads, n, gen).to(DEVICE)
-    ref_counts, ref_ids, ref_density = finalize_ragged_naive(keep, dense_rows)
+    ref_counts, ref_ids, ref_density = finalize_ragged_naive(keep, dense_rows, window_rows)
+    if window_rows:
+        assert int(ref_counts.max()) <= window_rows, "a row reaches past the window"
     counts = torch.full((batch, heads, n), -7, dtype=torch.int32, device=DEVICE)
     ids = torch.full((batch, heads, n, n), -7, dtype=torch.int32, device=DEVICE)
-    out_counts, out_ids, density = kernel.finalize_ragged_triton(keep, out=(counts, ids), dense_rows=dense_rows)
+    out_counts, out_ids, density = kernel.finalize_ragged_triton(keep, out=(counts, ids), dense_rows=dense_rows, window_rows=window_rows)
     assert torch.equal(out_counts, ref_counts)
     assert out_ids.shape == ref_ids.shape and torch.equal(out_ids, ref_ids)
     assert (ids[..., out_ids.shape[-1]:] == 0).all(), "padding past the longest row must be zeros, not poison"
@@ -57,6 +59,7 @@ def check(kind, batch, heads, n, seed, dense_rows=0):
 def test_kernel_matches_reference(kind, batch, heads, n):
     check(kind, batch, heads, n, seed=batch * 100 + n)
     check(kind, batch, heads, n, seed=batch * 100 + n, dense_rows=n // 3)  # a recipe's dense prefix
+    check(kind, batch, heads, n, seed=batch * 100 + n, dense_rows=n // 3, window_rows=3)  # a model's sliding window
 
 
 @runs_kernel

@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 from patchattn.kernels import available_backends, sparse_prefill  # noqa: E402
 from patchattn.kernels.sparse_prefill.naive import sparse_prefill_naive  # noqa: E402
-from patchattn.layout import causal_blocks, column_counts, finalize, num_blocks, to_indices, token_mask  # noqa: E402
+from patchattn.layout import causal_blocks, column_counts, finalize, num_blocks, to_indices, token_mask, window_blocks  # noqa: E402
 
 kernel = importlib.import_module("patchattn.kernels.sparse_prefill.kernel")
 INTERPRETED = is_interpreted(kernel._sparse_prefill_fwd)
@@ -27,8 +27,9 @@ runs_kernel = runs_kernel_mark(INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Generator, device=DEVICE) -> torch.Tensor:
-    """A finalized (causal, diagonal kept) block layout of one of a few shapes."""
+def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Generator, device=DEVICE, window_rows: int = 0) -> torch.Tensor:
+    """A finalized (causal, diagonal kept; with ``window_rows`` clipped to a sliding window) block layout of one of a
+    few shapes."""
     q_blk = torch.arange(n_blocks)[:, None]
     k_blk = torch.arange(n_blocks)[None, :]
     if kind == "dense":
@@ -46,7 +47,13 @@ def make_layout(kind: str, batch: int, heads: int, n_blocks: int, gen: torch.Gen
         keep = torch.zeros(batch, heads, n_blocks, n_blocks, dtype=torch.bool)
     else:
         raise ValueError(kind)
-    return finalize(keep.contiguous()).to(device)
+    return finalize(keep.contiguous(), window_rows=window_rows).to(device)
+
+
+def window_mask(n: int, window: int, device="cpu") -> torch.Tensor:
+    """(n, n) bool: query t sees key s when t - window < s <= t (transformers' sliding window)."""
+    pos = torch.arange(n, device=device)
+    return (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
 
 
 def make_columns(batch: int, heads: int, n: int, gen: torch.Generator, share: float = 0.15, device=DEVICE) -> torch.Tensor:
@@ -86,7 +93,8 @@ def check_kernel_columns(batch, n_q_heads, n_kv_heads, n, d, block_size, kind, d
 
 
 def check_kernel(
-    batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_n=None, n_k=None, use_tma=None, block_m=None, tol=1e-2
+    batch, n_q_heads, n_kv_heads, n, d, block_size, kind, dtype, seed, block_n=None, n_k=None, use_tma=None, block_m=None, tol=1e-2,
+    window=0,
 ):
     gen = torch.Generator().manual_seed(seed)
     n_k = n if n_k is None else n_k
@@ -94,19 +102,22 @@ def check_kernel(
     k = torch.randn(batch, n_kv_heads, n_k, d, generator=gen).to(DEVICE, dtype)
     v = torch.randn(batch, n_kv_heads, n_k, d, generator=gen).to(DEVICE, dtype)
     if n_k == n:
-        keep = make_layout(kind, batch, n_q_heads, num_blocks(n, block_size), gen)
+        keep = make_layout(kind, batch, n_q_heads, num_blocks(n, block_size), gen, window_rows=window_blocks(window, block_size))
     else:  # queries at the end of a longer key sequence (chunked prefill): every key block up to the row's last query
         last_pos = (torch.arange(num_blocks(n, block_size)) * block_size + block_size - 1).clamp(max=n - 1) + (n_k - n)
         keep = torch.arange(num_blocks(n_k, block_size))[None, :] * block_size <= last_pos[:, None]
         keep = keep.expand(batch, n_q_heads, -1, -1).contiguous().to(DEVICE)
     counts, ids = to_indices(keep)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out)
-    ref = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size)
+    kernel.sparse_prefill_triton(q, k, v, counts, ids, block_size, block_m=block_m, block_n=block_n, use_tma=use_tma, out=out, window=window)
+    ref = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size, window=window)
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
     err = rel_err(out, ref)
-    print(f"\n  B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} Nk={n_k} d={d} bs={block_size} bm={block_m} bn={block_n} {kind} {dtype} tma={use_tma}: rel err {err:.2e}")
+    print(f"\n  B={batch} Hq={n_q_heads} Hkv={n_kv_heads} N={n} Nk={n_k} d={d} bs={block_size} bm={block_m} bn={block_n} {kind} {dtype} tma={use_tma} window={window}: rel err {err:.2e}")
     assert err < tol, f"relative error {err:.3e} >= {tol}"
+    if window:
+        unwindowed = sparse_prefill_naive(q.float(), k.float(), v.float(), counts, ids, block_size)
+        assert rel_err(unwindowed, ref) > 10 * tol, "the window should change the output (else this test checks nothing)"
     return err
 
 
@@ -129,6 +140,26 @@ def test_naive_matches_masked_sdpa(batch, hq, hkv, n, d, bs, kind):
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
     )
     assert rel_err(out, ref) < 1e-5  # the reference computes in float32 whatever the input dtype
+
+
+@pytest.mark.parametrize("window,bs,kind", [(40, 32, "dense"), (64, 32, "random"), (100, 16, "vertical_slash"), (7, 16, "dense")])
+def test_naive_window_matches_masked_sdpa(window, bs, kind):
+    """A model's sliding window: the reference given its size equals SDPA masked with the layout and the window,
+    and equals the reference given the window as a mask; the layout finished with the window loses no key of it."""
+    gen = torch.Generator().manual_seed(window)
+    n, hq, hkv = 150, 4, 2
+    q, k, v = (torch.randn(1, h, n, 16, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    n_blk = num_blocks(n, bs)
+    keep = make_layout(kind, 1, hq, n_blk, torch.Generator().manual_seed(window), device="cpu", window_rows=window_blocks(window, bs))
+    full = make_layout(kind, 1, hq, n_blk, torch.Generator().manual_seed(window), device="cpu")  # the same, unclipped
+    counts, ids = to_indices(keep)
+    out = sparse_prefill_naive(q, k, v, counts, ids, bs, window=window)
+    mask = token_mask(keep, n, n, bs) & window_mask(n, window)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    assert rel_err(out, ref) < 1e-5
+    as_mask = sparse_prefill_naive(q, k, v, *to_indices(full), bs, attn_mask=window_mask(n, window)[None, None])
+    assert (token_mask(full, n, n, bs) & window_mask(n, window)).equal(mask), "window_rows dropped a key inside the window"
+    assert rel_err(as_mask, out) < 1e-5
 
 
 @pytest.mark.parametrize("batch,hq,hkv,n,bs,kind", [(1, 4, 2, 200, 32, "vertical_slash"), (2, 2, 1, 97, 16, "streaming"), (1, 2, 2, 130, 32, "dense")])
@@ -194,6 +225,27 @@ def test_kernel_columns_match_reference(batch, hq, hkv, n, d, bs, kind, block_m,
 
 
 @runs_kernel
+@pytest.mark.parametrize(
+    "n,d,bs,window,block_m,block_n,kind",
+    [
+        (300, 64, 64, 100, None, None, "dense"),  # window between one and two blocks
+        (300, 64, 64, 40, None, None, "dense"),  # window inside one block: the diagonal stage masks it
+        (400, 64, 64, 192, 32, 32, "random"),  # window a multiple of the block, partial query and key tiles
+        (333, 128, 128, 200, 64, 64, "streaming"),
+        (260, 256, 64, 130, None, None, "dense"),  # Gemma 3's head dim
+        (200, 256, 128, 64, None, None, "vertical_slash"),
+    ],
+)
+def test_kernel_window_matches_reference(n, d, bs, window, block_m, block_n, kind):
+    check_kernel(1, 4, 1, n, d, bs, kind, SMALL_DTYPE, seed=n + window, block_m=block_m, block_n=block_n, window=window)
+
+
+@runs_kernel
+def test_kernel_head_dim_256():
+    check_kernel(1, 4, 2, 200, 256, 64, "random", SMALL_DTYPE, seed=256)
+
+
+@runs_kernel
 def test_kernel_queries_after_keys():
     check_kernel(1, 2, 1, 100, 64, 64, "dense", SMALL_DTYPE, seed=4, n_k=230)  # query t at Nk - N + t
     check_kernel(1, 2, 1, 200, 64, 128, "dense", SMALL_DTYPE, seed=5, n_k=301, block_m=64)
@@ -202,7 +254,7 @@ def test_kernel_queries_after_keys():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernel_in_interpreter_subprocess():
     """Triton was imported before the interpreter could be switched on: run this file's kernel tests anew."""
-    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes or kernel_columns", timeout_s=900)
+    rerun_interpreted(__file__, "kernel_matches_reference or queries_after_keys or tile_shapes or kernel_columns or kernel_window or head_dim_256", timeout_s=900)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -272,6 +324,18 @@ def test_kernel_load_paths_gpu(batch, hq, hkv, n, d, bs, kind, block_n, use_tma,
     if block_m is not None and block_m > bs:
         pytest.skip("block_m larger than the layout block")
     check_kernel(batch, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + 1, block_n=block_n, use_tma=use_tma, block_m=block_m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize(
+    "hq,hkv,n,d,bs,window,kind",
+    [(4, 1, 8192, 256, 64, 512, "dense"), (4, 1, 5000, 256, 128, 512, "random"), (32, 8, 4100, 128, 64, 4096, "dense"),
+     (16, 4, 3001, 128, 128, 1000, "vertical_slash"), (8, 2, 2049, 64, 64, 96, "streaming")],
+)
+def test_kernel_window_gpu(hq, hkv, n, d, bs, window, kind, use_tma):
+    check_kernel(1, hq, hkv, n, d, bs, kind, torch.bfloat16, seed=n + window, use_tma=use_tma, window=window)
 
 
 @gpu

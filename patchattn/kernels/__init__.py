@@ -1,6 +1,6 @@
 """Sparse attention kernels and their dispatch: block-sparse prefill and page-sparse decode.
 
-``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64 or 128,
+``sparse_prefill`` picks a backend: ``"triton"`` (the fused GPU kernel, fp16/bf16, head dim 64, 128 or 256,
 block size 64 or 128, no ``attn_mask``; on Hopper GPUs with block size 128, head dim 128 and no token columns the
 warp-specialised Gluon kernel of :mod:`.sparse_prefill.hopper`, written in Triton's lower-level language) or ``"torch"`` (the plain-PyTorch reference, any device, dtype and
 mask). ``"auto"`` takes Triton whenever it can and the reference otherwise. Triton is an optional
@@ -51,50 +51,53 @@ def hopper_kernel_enabled() -> bool:
     return os.environ.get("PATCHATTN_GLUON", "1") != "0"
 
 
-def _prefill_choice(q, k, v, block_size, attn_mask, columns, backend) -> tuple[str, str | None]:
+def _prefill_choice(q, k, v, block_size, attn_mask, columns, backend, window=0) -> tuple[str, str | None]:
     """(the implementation :func:`sparse_prefill` runs, why not Triton when it falls back to the reference)."""
     if backend == "torch":
         return "torch", None
     reason = triton_prefill_unsupported(q, k, v, block_size, attn_mask)
     if reason is not None:
         return "torch", reason
-    if columns is None and hopper_kernel_enabled():
+    if columns is None and not window and hopper_kernel_enabled():
         hopper = load_hopper_kernel()
         if hopper is not None and q.shape[-1] in hopper.DISPATCH_HEAD_DIMS and hopper.hopper_reason(q, block_size) is None:
             return "gluon-hopper", None
     return "triton", None
 
 
-def prefill_kernel(q, k, v, block_size, attn_mask=None, columns=None, backend="auto") -> str:
+def prefill_kernel(q, k, v, block_size, attn_mask=None, columns=None, backend="auto", window=0) -> str:
     """Which implementation :func:`sparse_prefill` runs for these inputs: "gluon-hopper" (the warp-specialised
     kernel of :mod:`.sparse_prefill.hopper`: Hopper GPUs, block size 128, head dim 128, no token columns), "triton" or
     "torch"."""
-    return _prefill_choice(q, k, v, block_size, attn_mask, columns, backend)[0]
+    return _prefill_choice(q, k, v, block_size, attn_mask, columns, backend, window)[0]
 
 
 def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=None, attn_mask=None, backend="auto", density=None,
-                   columns=None):
+                   columns=None, window=0):
     """Block-sparse causal attention; same contract as :func:`sparse_prefill_naive`.
 
     ``backend``: "auto" (Triton when q is on CUDA, Triton imports, dtype is fp16/bf16, head dim and block
     size are supported and there is no ``attn_mask``; the torch reference otherwise), "torch" or "triton"
     (raises ValueError saying why when the input is unsupported). ``density``: the share of causal blocks the layout
     keeps (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes. ``columns``: token
-    columns besides the blocks, as ``(columns, column_counts, keep)`` (see :func:`sparse_prefill_triton`).
+    columns besides the blocks, as ``(columns, column_counts, keep)`` (see :func:`sparse_prefill_triton`). ``window``:
+    the model's sliding window in positions (0: none); the layout must be finished with it
+    (:func:`patchattn.layout.finalize`'s ``window_blocks``).
     """
     cols, col_counts, col_keep = columns if columns is not None else (None, None, None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     naive = lambda: sparse_prefill_naive(  # noqa: E731
-        q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask, columns=cols, column_counts=col_counts
+        q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, attn_mask=attn_mask, columns=cols, column_counts=col_counts,
+        window=window,
     )
-    kernel, reason = _prefill_choice(q, k, v, block_size, attn_mask, columns, backend)
+    kernel, reason = _prefill_choice(q, k, v, block_size, attn_mask, columns, backend, window)
     if kernel == "gluon-hopper":
         return load_hopper_kernel().sparse_prefill_hopper(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale)
     if kernel == "triton":
         return sparse_prefill_triton(
             q, k, v, kv_block_counts, kv_block_ids, block_size, scale=scale, density=density,
-            columns=cols, column_counts=col_counts, column_keep=col_keep,
+            columns=cols, column_counts=col_counts, column_keep=col_keep, window=window,
         )
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run this input: {reason}")
@@ -102,7 +105,7 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
 
 
 def finalize_ragged(
-    keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0, sync: bool = True
+    keep: torch.Tensor, backend: str = "auto", dense_rows: int = 0, sync: bool = True, window_rows: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """A raw layout finished for the kernels: :func:`patchattn.layout.finalize` then :func:`patchattn.layout.to_ragged`,
     as one Triton launch on CUDA (``backend`` "auto" or "triton"; the PyTorch reference elsewhere or with "torch").
@@ -111,10 +114,10 @@ def finalize_ragged(
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     use_triton = backend != "torch" and (keep.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton")
     if use_triton and _ragged_pkg.load_triton_kernel() is not None:
-        return _ragged_pkg.finalize_ragged_triton(keep, dense_rows, sync=sync)
+        return _ragged_pkg.finalize_ragged_triton(keep, dense_rows, sync=sync, window_rows=window_rows)
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot finish this layout: {_ragged_pkg.triton_import_error() or 'not a CUDA tensor'}")
-    return _ragged_pkg.finalize_ragged_naive(keep, dense_rows)
+    return _ragged_pkg.finalize_ragged_naive(keep, dense_rows, window_rows)
 
 
 def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int, columns: bool = False):

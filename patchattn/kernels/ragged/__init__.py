@@ -11,9 +11,9 @@ load_triton_kernel = _KERNEL.load
 triton_import_error = _KERNEL.import_error
 
 
-def finalize_ragged_triton(keep, dense_rows: int = 0, sync: bool = True):
+def finalize_ragged_triton(keep, dense_rows: int = 0, sync: bool = True, window_rows: int = 0):
     """The Triton kernel; see :mod:`patchattn.kernels.ragged.kernel`. Raises ImportError without Triton."""
-    return _KERNEL.require().finalize_ragged_triton(keep, dense_rows=dense_rows, sync=sync)
+    return _KERNEL.require().finalize_ragged_triton(keep, dense_rows=dense_rows, sync=sync, window_rows=window_rows)
 
 
 __all__ = ["finalize_ragged_naive", "finalize_ragged_triton", "load_triton_kernel", "triton_import_error"]

@@ -5,7 +5,7 @@ Contract (identical to :func:`patchattn.kernels.ragged.naive.finalize_ragged_nai
     finalize_ragged_triton(keep) -> (kv_block_counts, kv_block_ids, density)
 
 ``keep`` (B, H, n, n) bool, any strides. Row ``i`` keeps key block ``j`` when ``j <= i`` and (``keep[..., i, j]``
-or ``j == i`` or ``i == n - 1`` or ``i < dense_rows``); its kept ids are written in ascending order, then zeros. Counts are int32
+or ``j == i`` or ``i == n - 1`` or ``i < dense_rows``), and ``j > i - window_rows`` when ``window_rows`` > 0; its kept ids are written in ascending order, then zeros. Counts are int32
 (B, H, n); ids int32 (B, H, n, max_count) (a view of an (B, H, n, n) buffer); ``density`` = kept blocks / causal blocks.
 
 What it replaces: finalize (clone, causal and diagonal masks) + to_ragged (sum, sort, where) ~17 small launches
@@ -27,7 +27,7 @@ from .._device import launches_on_input_device
 def _finalize_ragged(
     KEEP, COUNTS, IDS, STATS,
     stride_kb, stride_kh, stride_kq,
-    n_heads, n_blocks, dense_rows,
+    n_heads, n_blocks, dense_rows, window_rows,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (batch * heads) * n_blocks + row
@@ -40,6 +40,7 @@ def _finalize_ragged(
     raw = tl.load(KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row.to(tl.int64) * stride_kq + cols,
                   mask=in_row, other=0)
     kept = ((raw != 0) | (cols == row) | (row == n_blocks - 1) | (row < dense_rows)) & (cols <= row)
+    kept = kept & ((window_rows == 0) | (cols > row - window_rows))
     kept_i = kept.to(tl.int32)
     rank = tl.cumsum(kept_i, axis=0) - kept_i  # kept entries before this one
     count = tl.sum(kept_i, axis=0)
@@ -54,11 +55,13 @@ def _finalize_ragged(
 
 @launches_on_input_device
 def finalize_ragged_triton(
-    keep: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None, dense_rows: int = 0, sync: bool = True
+    keep: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None, dense_rows: int = 0, sync: bool = True,
+    window_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """``out``: optional (counts, ids) buffers of shapes (B, H, n) and (B, H, n, n), int32, contiguous;
     ``dense_rows``: the first rows read every causal block (a recipe's dense prefix); ``sync=False`` reads nothing back
-    (for CUDA graphs): the ids come full width (B, H, n, n) and the density as None."""
+    (for CUDA graphs): the ids come full width (B, H, n, n) and the density as None; ``window_rows``: a sliding
+    window's reach in blocks (:func:`patchattn.layout.window_blocks`)."""
     if keep.dim() != 4 or keep.shape[-1] != keep.shape[-2] or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a (B, H, n, n) bool layout, got {tuple(keep.shape)} {keep.dtype}")
     batch, heads, n, _ = keep.shape
@@ -78,7 +81,7 @@ def finalize_ragged_triton(
     _finalize_ragged[(batch * heads * n,)](
         keep, counts, ids, stats,
         keep.stride(0), keep.stride(1), keep.stride(2),
-        heads, n, int(dense_rows),
+        heads, n, int(dense_rows), int(window_rows),
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )

@@ -11,7 +11,8 @@ Contract (identical to :func:`patchattn.kernels.sparse_prefill.naive.sparse_pref
   max_count) int32, as :func:`patchattn.layout.to_indices` makes them: the first ``count`` ids of a row are
   the kept key blocks in ascending order. Layouts are causal and keep the diagonal block.
 * Query token ``t`` sits at absolute position ``Nk - N + t`` and sees keys at positions <= its own.
-* fp16 or bf16, head dim 64 or 128, ``block_size`` 64 or 128, any N (tails are masked), Nk >= N.
+* fp16 or bf16, head dim 64, 128 or 256, ``block_size`` 64 or 128, any N (tails are masked), Nk >= N.
+* ``window`` (optional): a sliding window of that many positions (Gemma, Mistral), masked in the kernel.
 * Returns q's dtype; softmax statistics and the output are accumulated in float32.
 
 How it runs: one program per (batch, query head, tile of BLOCK_M query rows; BLOCK_M divides block_size,
@@ -57,7 +58,7 @@ LOG2E = 1.4426950408889634
 USE_TMA = True
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (64, 128)
 
 # Launch configurations: BLOCK_M (query rows per program, divides block_size), BLOCK_N (keys per tile,
@@ -72,6 +73,10 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     (64, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
     (128, 64): {"dense": (64, 64, 4, 5), "sparse": (64, 64, 4, 5)},
     (128, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
+    # d=256 (Gemma 3): a (64, 256) fp32 accumulator per program and 32-key tiles keep registers and shared memory in
+    # bounds (FlashAttention-2's shape for d=256); untuned.
+    (256, 64): {"dense": (64, 32, 8, 2), "sparse": (64, 32, 8, 2)},
+    (256, 128): {"dense": (64, 32, 8, 2), "sparse": (64, 32, 8, 2)},
 }
 # Software-pipeline depth of the token-column gather loop (index load -> K/V row gathers); None: the launch's
 # num_stages. Measured on an H100 (10% token vertical-slash, 128K, bs 128): None 46.8 ms, 1: 63.8, 2: 55.5, 3: 47.7.
@@ -80,12 +85,15 @@ DENSE_FRACTION = 0.5  # "dense" config when the layout keeps this share of the c
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, MASKED: tl.constexpr):
-    """One BLOCK_N tile of keys: update the running max ``m_i``, sum ``l_i`` and output ``acc``."""
+def _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, window, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One BLOCK_N tile of keys: update the running max ``m_i``, sum ``l_i`` and output ``acc``. Masked tiles keep
+    the causal keys before ``n_k`` and, with a window, those less than ``window`` positions back."""
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         k_pos = start_n + offs_n
         allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < n_k)[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         qk = qk * qk_scale + tl.where(allowed, 0.0, -1.0e6)
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
@@ -131,7 +139,7 @@ def _sparse_prefill_fwd(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_iq,
     stride_colb, stride_colh, stride_ccb, stride_cch, stride_keb, stride_keh, stride_keq,
-    n_q_heads, kv_group, n_q, n_k, n_programs_m, qk_scale,
+    n_q_heads, kv_group, n_q, n_k, n_programs_m, qk_scale, window,
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -140,6 +148,7 @@ def _sparse_prefill_fwd(
     WARP_SPECIALIZE: tl.constexpr,
     HAS_COLUMNS: tl.constexpr,
     COLUMN_STAGES: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     # --- which (batch, head, query block) this program owns: heads fastest, longest rows (last blocks) first
     pid_bh = tl.program_id(0)
@@ -212,18 +221,32 @@ def _sparse_prefill_fwd(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_ij
-    # --- stage 1: key blocks wholly before the queries, no masking
-    for j in tl.range(0, n_full * SPLIT, warp_specialize=WARP_SPECIALIZE):
+    # --- stage 1a (sliding window): the row's first one or two blocks, which reach past the window's left edge for
+    # some of this program's queries (the layout holds only blocks inside its first query's window): masked
+    n_lead = 0
+    if HAS_WINDOW:
+        edge = q_last - window  # keys at or before it lie outside the last query's window
+        first_id = tl.load(ids_row)
+        second_id = tl.load(ids_row + 1, mask=count >= 2, other=0)
+        n_lead = (first_id * LAYOUT_BLOCK <= edge).to(tl.int32) + ((count >= 2) & (second_id * LAYOUT_BLOCK <= edge)).to(tl.int32)
+        n_lead = tl.minimum(n_lead, n_full)
+        for j in range(0, n_lead * SPLIT):
+            kb = tl.load(ids_row + j // SPLIT)
+            start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
+            k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, False, USE_TMA)
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, window, MASKED=True, HAS_WINDOW=True)
+    # --- stage 1: key blocks wholly before the queries (and inside the window), no masking
+    for j in tl.range(n_lead * SPLIT, n_full * SPLIT, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(ids_row + j // SPLIT)
         start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
         k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, False, USE_TMA)
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, MASKED=False)
-    # --- stage 2: the diagonal (and key tail): token-level causal mask
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, window, MASKED=False, HAS_WINDOW=False)
+    # --- stage 2: the diagonal (and key tail): token-level causal mask (and the window's, for small windows)
     for j in range(n_full * SPLIT, stage2_end):
         kb = tl.load(ids_row + j // SPLIT)
         start_n = kb * LAYOUT_BLOCK + (j % SPLIT) * BLOCK_N
         k, v = _load_kv(K, V, k_base, v_base, kv_row0, start_n, offs_n, offs_d, stride_kn, stride_vn, n_k, True, USE_TMA)
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, MASKED=True)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, start_n, offs_n, q_pos, n_k, qk_scale, window, MASKED=True, HAS_WINDOW=HAS_WINDOW)
 
     acc = acc / l_i[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
@@ -268,6 +291,7 @@ def sparse_prefill_triton(
     columns: torch.Tensor | None = None,
     column_counts: torch.Tensor | None = None,
     column_keep: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Block-sparse causal attention (see the module docstring for the contract).
 
@@ -283,6 +307,10 @@ def sparse_prefill_triton(
     (B, Hq, n_q_blocks) how many of them each query block reads (:func:`patchattn.layout.column_counts`), and
     ``column_keep`` (B, Hq, n_q_blocks, n_k_blocks) bool, the block layout (raw or finished): a column in a block it
     holds is skipped, so a row reads the union of its blocks and its columns, as the reference does.
+    ``window`` > 0 (prefill, Nk == N): a sliding window, as transformers' models define theirs: query ``t`` sees key
+    ``s`` only if ``t - window < s <= t``. The layout must then hold only blocks with a key inside the window of their
+    row's first query (:func:`patchattn.layout.finalize` with ``window_blocks``), as it keeps the window masks to the
+    first two blocks of a row.
     """
     reason = unsupported_reason(q, k, v, block_size)
     if reason is not None:
@@ -327,6 +355,9 @@ def sparse_prefill_triton(
     else:
         cols, col_counts, keep_u8 = counts, counts, counts  # unused
         col_strides = (0,) * 7
+    window = int(window or 0)
+    if window < 0 or window and n_k != n_q:
+        raise ValueError(f"window {window}: a sliding window must be >= 0 and is for prefill (Nk == N)")
     fill = ids.shape[-1] / n_k_blocks if density is None else density
     kind = "dense" if fill >= DENSE_FRACTION else "sparse"
     cfg_m, cfg_n, cfg_w, cfg_s = CONFIGS[(head_dim, block_size)][kind]
@@ -357,7 +388,7 @@ def sparse_prefill_triton(
                 counts.stride(0), counts.stride(1),
                 ids.stride(0), ids.stride(1), ids.stride(2),
                 *col_strides,
-                n_q_heads, n_q_heads // n_kv_heads, n_q, n_k, n_programs_m, scale * LOG2E,
+                n_q_heads, n_q_heads // n_kv_heads, n_q, n_k, n_programs_m, scale * LOG2E, window,
                 HEAD_DIM=head_dim,
                 LAYOUT_BLOCK=block_size,
                 BLOCK_M=block_m,
@@ -366,6 +397,7 @@ def sparse_prefill_triton(
                 WARP_SPECIALIZE=warp_specialize,
                 HAS_COLUMNS=has_columns,
                 COLUMN_STAGES=COLUMN_STAGES,
+                HAS_WINDOW=window > 0,
                 num_warps=num_warps,
                 num_stages=num_stages,
             )

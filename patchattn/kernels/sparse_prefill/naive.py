@@ -22,6 +22,7 @@ def sparse_prefill_naive(
     attn_mask: torch.Tensor | None = None,
     columns: torch.Tensor | None = None,
     column_counts: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Block-sparse causal attention.
 
@@ -30,7 +31,8 @@ def sparse_prefill_naive(
     ``kv_block_ids`` (B, Hq, ceil(N / block_size), max_count) int, first ``count`` entries valid.
     Query token t sits at absolute position ``Nk - N + t`` (prefill: Nk == N) and sees keys at positions
     <= its own. ``attn_mask`` (optional) is a bool (B, 1 or Hq, N, Nk) mask, True = may attend (the model's
-    own padding or sliding window), applied on top of the layout. Returns (B, Hq, N, D) in q's dtype,
+    own padding or sliding window), applied on top of the layout; ``window`` > 0 the model's sliding window given as
+    its size instead (query position p sees keys at positions > p - window). Returns (B, Hq, N, D) in q's dtype,
     accumulated in float32.
 
     Token columns (optional, prefill only: Nk == N): ``columns`` (B, Hq, C) ascending key positions and
@@ -79,6 +81,8 @@ def sparse_prefill_naive(
 
         q_pos = torch.arange(row0, row1, device=device) + q_shift
         allowed = (k_pos[:, :, None, :] <= q_pos[:, None]) & (slot_valid & (k_pos < n_k))[:, :, None, :]
+        if window:
+            allowed &= k_pos[:, :, None, :] > q_pos[:, None] - window
         if attn_mask is not None:
             mask_rows = attn_mask[:, :, row0:row1].expand(batch, n_q_heads, row1 - row0, n_k)
             gathered = torch.gather(mask_rows, -1, k_pos.clamp(max=n_k - 1)[:, :, None, :].expand(-1, -1, row1 - row0, -1))
