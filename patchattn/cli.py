@@ -180,7 +180,7 @@ def calibrate(
             baseline = uniform_baseline(recipe)
             baseline.name = baseline_output.stem
             baseline.save(baseline_output)
-            head = baseline.layers[0][0]
+            head = next((h for layer in baseline.layers for h in layer if h.strategy != "dense"), baseline.layers[0][0])
             console.print(f"uniform baseline ({head.strategy} {head.params}, sparsity {baseline.calibration['achieved_sparsity']:.3f}) written to [bold]{baseline_output}[/]")
 
     _run(body)
@@ -201,6 +201,7 @@ def _print_recipe(recipe) -> None:
     columns = ("layer", "density", "kept mass", "output err", *probe_cols, "strategies")
     for col in columns:
         table.add_column(col, justify="right" if col != "strategies" else "left")
+    windows = recipe.calibration.get("model_windows", {})
     for li, heads in enumerate(recipe.layers):
         counts: dict[str, int] = {}
         for h in heads:
@@ -212,7 +213,7 @@ def _print_recipe(recipe) -> None:
             f"{mean([h.kept_mass for h in heads]):.3f}",
             f"{mean([h.output_error for h in heads]):.3f}",
             *((f"{probe['layer_drop'][li]:+.3f}", *((f"{rises[li]:+.4f}",) if rises else ()), f"{probe['layer_weight'][li]:.2f}") if probe else ()),
-            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            f"the model's own window of {windows[str(li)]}" if str(li) in windows else ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         )
     console.print(table)
     cal = recipe.calibration

@@ -31,7 +31,7 @@ from . import graphs, stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, triton_prefill_unsupported
-from .layout import column_counts, column_tiles, finalize, num_blocks
+from .layout import column_counts, column_tiles, finalize, num_blocks, window_blocks
 from .recipe import Recipe
 from .strategies import Strategy
 
@@ -179,14 +179,65 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     return out, None
 
 
+def _model_window(attention_mask, n_q: int, n_k: int, kwargs) -> int:
+    """The model's sliding window this call must apply itself (0: none): the mask builder registered for patchattn
+    (:func:`_mask_for_patchattn`) leaves a plain sliding-window prefill's mask out, and the layer names its window."""
+    window = kwargs.get("sliding_window") or 0
+    return int(window) if attention_mask is None and window and n_q == n_k and n_k > window else 0
+
+
+def _window_band_blocks(n_blk: int, window_rows: int) -> int:
+    """Causal blocks a sliding window reaches in an n_blk-row layout (row i: min(i + 1, window_rows))."""
+    full = min(n_blk, window_rows)
+    return full * (full + 1) // 2 + (n_blk - full) * window_rows
+
+
+_WINDOW_LAYOUTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _window_layout(batch: int, heads: int, n_blk: int, rows: int, device) -> tuple:
+    """The finished layout of a sliding window alone (counts, ids, density), kept for the next call of that shape:
+    it depends on nothing else, and building it reads a count back from the GPU."""
+    key = (batch, heads, n_blk, rows, str(device))
+    hit = _WINDOW_LAYOUTS.get(key)
+    if hit is None:
+        every = torch.ones(1, 1, n_blk, n_blk, dtype=torch.bool, device=device).expand(batch, heads, -1, -1)
+        hit = _WINDOW_LAYOUTS[key] = finalize_ragged(every, window_rows=rows)
+        while len(_WINDOW_LAYOUTS) > 8:
+            _WINDOW_LAYOUTS.popitem(last=False)
+    return hit
+
+
+def _windowed_dense(module, query, key, value, scaling, dropout, window, layer_idx, block_size, backend, kwargs):
+    """Dense attention under the model's sliding window (no mask given): the kernel over the window's blocks where
+    it runs (what the window saves, unlike SDPA with a mask), else SDPA with the window as a mask."""
+    n = query.shape[2]
+    rows = window_blocks(window, block_size)
+    kernel = prefill_kernel(query, key, value, block_size, backend=backend, window=window) if dropout == 0.0 and kwargs.get("softcap") is None else "sdpa"
+    if stats.is_recording():
+        band = _window_band_blocks(num_blocks(n, block_size), rows) * query.shape[0] * query.shape[1]
+        stats.report(layer_idx, band, band, kernel=kernel if kernel != "torch" else "sdpa")
+    if kernel in ("triton", "gluon-hopper"):
+        counts, ids, density = _window_layout(query.shape[0], query.shape[1], num_blocks(n, block_size), rows, query.device)
+        out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, backend=backend, density=density, window=window)
+        return out.transpose(1, 2).contiguous()
+    pos = torch.arange(n, device=query.device)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling, **kwargs)[0]
+
+
 def _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs):
     compiled = _compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
+    window = _model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
     sparse_ok = sparse_ok and n_q >= compiled.recipe.min_sparse_tokens
     plan = compiled.layers[layer_idx] if sparse_ok else None
     if plan is None or plan.all_dense:
+        if window:
+            block_size = compiled.block_size if compiled is not None else 64
+            return _windowed_dense(module, query, key, value, scaling, dropout, window, layer_idx, block_size, backend, kwargs)
         if prefill and stats.is_recording():
             n_blk = num_blocks(n_q, compiled.block_size)
             causal = n_blk * (n_blk + 1) / 2 * query.shape[0] * query.shape[1]
@@ -194,6 +245,9 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
 
     block_size = compiled.block_size
+    if window:
+        out = _sparse_attention(plan, query, key, value, block_size, scaling, backend, None, layer_idx=layer_idx, window=window)
+        return out.transpose(1, 2).contiguous()
     if _graphable(module.config, query, key, value, attention_mask, backend, block_size):
         graphed = graphs.graph_for(
             compiled.graphs, (layer_idx, tuple(query.shape), tuple(key.shape), query.dtype, query.device, scaling),
@@ -207,12 +261,15 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
 
 def _sparse_attention(
     plan: LayerPlan, query, key, value, block_size: int, scaling, backend: str, attn_mask=None, graphed: bool = False,
-    layer_idx: int = 0,
+    layer_idx: int = 0, window: int = 0,
 ) -> torch.Tensor:
     """One layer's sparse prefill: its layout (blocks and token columns), finished and run by the kernels. ``graphed``:
-    for capture in a CUDA graph, nothing is read back (full-width ids; the tiles follow the calibrated density)."""
+    for capture in a CUDA graph, nothing is read back (full-width ids; the tiles follow the calibrated density).
+    ``window``: the model's sliding window, which clips the layout and the token columns; sparsity is then counted
+    against the blocks the window reaches."""
     keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
-    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed)
+    rows = window_blocks(window, block_size)
+    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed, window_rows=rows)
     columns = None
     if cols is not None:
         columns = (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
@@ -221,11 +278,12 @@ def _sparse_attention(
     elif stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
         n_blk = counts.shape[-1]
         kept = counts.sum() + (column_tiles(columns[1], block_size).sum() if columns is not None else 0)
-        kernel = prefill_kernel(query, key, value, block_size, attn_mask, columns, backend)
-        stats.report(layer_idx, kept.item(), n_blk * (n_blk + 1) / 2 * counts.shape[0] * counts.shape[1], kernel=kernel)
+        kernel = prefill_kernel(query, key, value, block_size, attn_mask, columns, backend, window=window)
+        reach = _window_band_blocks(n_blk, rows) if window else n_blk * (n_blk + 1) / 2
+        stats.report(layer_idx, kept.item(), reach * counts.shape[0] * counts.shape[1], kernel=kernel)
     return sparse_prefill(
         query, key, value, counts, ids, block_size, scale=scaling, attn_mask=attn_mask, backend=backend, density=density,
-        columns=columns,
+        columns=columns, window=window,
     )
 
 
@@ -306,13 +364,40 @@ def _remove_cache_hooks(model) -> None:
         delattr(model, HOOKS_ATTR)
 
 
+def _plain_sliding_prefill(kwargs) -> bool:
+    """Whether transformers asks for the mask of an unpadded prefill under the model's own sliding window, and nothing
+    else (no chunked attention, packed sequences or extra mask functions: those turn ``allow_is_causal_skip`` off)."""
+    config = kwargs.get("config")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = kwargs.get("local_size")
+    if not window or not kwargs.get("allow_is_causal_skip", True) or text is None or "q_length" not in kwargs:
+        return False
+    if getattr(text, "sliding_window", None) != window or getattr(text, "attention_chunk_size", None):
+        return False
+    if kwargs["q_length"] != kwargs.get("kv_length") or kwargs.get("q_offset", 0) or kwargs.get("kv_offset", 0):
+        return False
+    padding = kwargs.get("attention_mask")
+    return padding is None or bool(padding.all())
+
+
+def _mask_for_patchattn(*args, **kwargs):
+    """transformers' SDPA mask builder, except for a plain sliding-window prefill: no mask, and the attention function
+    applies the window itself (``sliding_window``), so the kernels compute only the blocks the window reaches."""
+    from transformers.masking_utils import sdpa_mask
+
+    if not args and _plain_sliding_prefill(kwargs):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def register() -> None:
-    """Register the attention function (and transformers' SDPA mask builder for it). Idempotent."""
+    """Register the attention function (and its mask builder: transformers' SDPA one, see :func:`_mask_for_patchattn`).
+    Idempotent."""
     AttentionInterface.register(ATTN_NAME, patchattn_attention)
     try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _mask_for_patchattn)
     except ImportError:  # older transformers build masks from the implementation name alone
         pass
 

@@ -173,8 +173,12 @@ class Recipe:
     # ---- queries ------------------------------------------------------------------------------
     @property
     def mean_density(self) -> float | None:
-        values = [h.density for layer in self.layers for h in layer]
-        return None if any(v is None for v in values) else sum(values) / len(values)
+        """Mean calibrated density over the heads that have one (a model's own sliding-window layers have none: they
+        keep the model's window and are not counted against a sparsity target); None when a head the recipe
+        chose for has none."""
+        windowed = {int(i) for i in (self.calibration or {}).get("model_windows", {})}
+        values = [h.density for li, layer in enumerate(self.layers) if li not in windowed for h in layer]
+        return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
     def kv_plans(self) -> list[list[KVPlan]]:
         """Per layer, per KV head: the recipe's own decode plans, or those its prefill plans imply."""

@@ -28,12 +28,16 @@ def tiny_config(arch: str):
         return tf.MistralConfig(num_key_value_heads=1, sliding_window=96, **TINY)
     if arch == "phi3":
         return tf.Phi3Config(num_key_value_heads=4, pad_token_id=0, **TINY)
+    if arch == "gemma3":  # a sliding-window layer (its own window of 48 tokens) then a full-attention one
+        return tf.Gemma3TextConfig(
+            num_key_value_heads=1, head_dim=16, sliding_window=48, layer_types=["sliding_attention", "full_attention"], **TINY
+        )
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048, vocab_size=256)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gpt2"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3", "gpt2"]
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):

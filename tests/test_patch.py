@@ -62,6 +62,75 @@ def test_sparse_recipe_changes_output_and_reports_sparsity(arch):
     torch.testing.assert_close(out[:, :96], ref[:, :96], atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize(
+    "strategy,params",
+    [("dense", {}), ("streaming", {"sink_tokens": 32, "window_tokens": 64}), ("block_topk", {"threshold": 0.9}),
+     ("vertical_slash_tokens", {"vertical_tokens": 64, "slash_tokens": 64})],
+)
+def test_model_window_applied_by_size_equals_the_models_mask(strategy, params, monkeypatch):
+    """Gemma 3's sliding layer: patchattn drops transformers' window mask and applies the window itself (so the
+    kernels compute only the blocks it reaches); the logits equal those with the window given as a mask, and with a
+    dense recipe those of the unpatched model. Sparsity is counted against the window's blocks."""
+    import sys
+
+    patch_mod = sys.modules["patchattn.patch"]
+    model = tiny_model("gemma3")
+    recipe = Recipe.uniform(model.config, strategy, block_size=32, **params)
+    ids = _ids(n=400, batch=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, recipe, backend="torch"), record_sparsity() as by_size:
+            out = model(ids).logits
+        monkeypatch.setattr(patch_mod, "_plain_sliding_prefill", lambda kwargs: False)
+        with patchattn.patched(model, recipe, backend="torch"), record_sparsity() as as_mask:
+            masked = model(ids).logits
+    torch.testing.assert_close(out, masked, atol=2e-5, rtol=2e-5)
+    n_blk, reach = 13, 3  # 400 tokens in blocks of 32; a 48-token window reaches 3 blocks back (diagonal included)
+    band = sum(min(i + 1, reach) for i in range(n_blk)) * 2 * 4
+    assert by_size.per_layer[0][1] == band and as_mask.per_layer[0][1] == n_blk * (n_blk + 1) / 2 * 2 * 4
+    if strategy == "dense":
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert by_size.per_layer[0][0] == band
+
+
+def test_model_window_with_padding_and_decode_keeps_the_models_mask():
+    """Padded rows and decode steps get transformers' mask as before: the dense recipe reproduces the model."""
+    model = tiny_model("gemma3")
+    ids = _ids(n=200, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        plain = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
+        with patchattn.patched(model, Recipe.uniform(model.config, "dense", block_size=32)):
+            out = model(ids, attention_mask=mask).logits
+            gen = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 37:], ref[0, 37:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, plain)
+
+
+def test_mask_builder_leaves_out_only_a_plain_sliding_prefill():
+    import sys
+
+    from transformers.masking_utils import sdpa_mask
+
+    patch_mod = sys.modules["patchattn.patch"]
+    config = tiny_model("gemma3").config
+    base = dict(batch_size=1, q_length=100, kv_length=100, q_offset=0, kv_offset=0, local_size=48, config=config)
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
+    base["mask_function"] = and_masks(sliding_window_overlay(48), causal_mask_function)
+    assert patch_mod._mask_for_patchattn(**base) is None
+    padded = torch.ones(1, 100, dtype=torch.bool)
+    padded[0, :5] = False
+    for change in (dict(attention_mask=padded), dict(q_length=1, q_offset=99), dict(allow_is_causal_skip=False), dict(local_size=64)):
+        out = patch_mod._mask_for_patchattn(**(base | change))
+        assert isinstance(out, torch.Tensor), change
+        assert torch.equal(out, sdpa_mask(**(base | change)))
+    assert patch_mod._mask_for_patchattn(**(base | dict(local_size=None, mask_function=causal_mask_function))) is None  # full layer: causal skip
+
+
 def test_generate_prefill_sparse_decode_dense():
     model = tiny_model("llama")
     recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
@@ -295,3 +364,36 @@ def test_token_columns_end_to_end_equal_masked_attention():
     assert (out - dense).abs().max() > 1e-3
     assert rec.density == pytest.approx(expected["kept"] / expected["causal"], rel=1e-6)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy,params", [("dense", {}), ("block_topk", {"threshold": 0.9}), ("vertical_slash_tokens", {"vertical_tokens": 128, "slash_tokens": 256})])
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_model_window_on_gpu_runs_the_kernel(strategy, params, head_dim):
+    """A Gemma 3 shaped model in bf16 on the GPU: its sliding layers run the Triton kernel over the window's blocks
+    (dense recipes included) and give the logits of the PyTorch reference."""
+    from transformers import Gemma3TextConfig
+
+    from conftest import TINY
+
+    config = Gemma3TextConfig(**(TINY | dict(hidden_size=256, num_hidden_layers=3, max_position_embeddings=4096)), num_key_value_heads=1,
+                              head_dim=head_dim, sliding_window=300, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    config.architectures = ["Gemma3ForCausalLM"]
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16).eval()
+    recipe = Recipe.uniform(config, strategy, block_size=64, **params)
+    ids = _ids(n=2000, batch=1).cuda()
+    with torch.no_grad():
+        with patchattn.patched(model, recipe, backend="torch"):
+            ref = model(ids).logits.float()
+        with patchattn.patched(model, recipe), record_sparsity() as rec:
+            out = model(ids).logits.float()
+        dense = model(ids).logits.float()
+    assert rec.kernels.get("triton", 0) >= 2, rec.kernels
+    # data-dependent layouts are estimated from each layer's input, which bf16 kernels and the float32 reference round
+    # differently: a selection flips here and there (the kernels alone: test_kernel_window_gpu)
+    assert ((out - ref).norm() / ref.norm()).item() < (2e-2 if strategy == "dense" else 6e-2)
+    if strategy == "dense":
+        assert ((out - dense).norm() / dense.norm()).item() < 2e-2

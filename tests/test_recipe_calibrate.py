@@ -109,6 +109,35 @@ def test_calibrate_meets_target(target):
     assert len({(h.strategy, tuple(sorted(h.params.items()))) for layer in baseline.layers for h in layer}) == 1
 
 
+def test_calibrate_leaves_a_models_own_window_layers_alone():
+    """Gemma 3's sliding-window layers attend 48 tokens back whatever the recipe: they keep the model's window, are
+    not scored, and the sparsity target is met on the full-attention layer alone."""
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    scored = []
+    recipe = calibrate(model, ids, target_sparsity=0.6, block_size=32, on_layer=lambda i, s: scored.append((i, s is not None)))
+    assert scored == [(0, False), (1, True)]
+    assert recipe.calibration["model_windows"] == {"0": 48}
+    assert all(h.strategy == "dense" and h.density is None for h in recipe.layers[0])
+    assert any(h.strategy != "dense" for h in recipe.layers[1])
+    achieved = recipe.calibration["achieved_sparsity"]
+    assert 0.6 - 1e-6 <= achieved <= 0.62
+    assert recipe.mean_density == pytest.approx(1 - achieved, abs=1e-4)
+    assert recipe.calibration["layer_density"][0] is None
+    baseline = uniform_baseline(recipe)
+    assert all(h.strategy == "dense" for h in baseline.layers[0]) and baseline.layers[1][0].strategy != "dense"
+    from patchattn.calibrate.run import model_windows
+
+    assert model_windows(model.config, 1024) == [48, None] and model_windows(model.config, 48) == [None, None]
+
+
+def test_calibrate_refuses_a_model_of_window_layers_only():
+    model = tiny_model("mistral")  # every layer slides a 96-token window
+    ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PatchattnError, match="own sliding window"):
+        calibrate(model, ids, target_sparsity=0.5, block_size=32)
+
+
 def test_retrieval_rows_continue_a_copied_passage_outside_the_last_block():
     from patchattn.calibrate.kv import EVAL_ROWS, with_copy_tail
     from patchattn.calibrate.run import retrieval_rows

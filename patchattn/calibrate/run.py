@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputTooLongError, PatchattnError
+from ..cache import sliding_windows
 from ..layout import num_blocks
 from ..models import context_length, prefill
 from ..patch import ATTN_NAME, capture, check_supported
@@ -110,11 +111,19 @@ def calibrate(
     n_tokens = input_ids.shape[1]
     if n_tokens < 4 * block_size:
         raise PatchattnError(f"calibration needs at least {4 * block_size} tokens at block size {block_size}; raise --seq-len")
+    windows = model_windows(model.config, n_tokens)
+    free = [i for i, w in enumerate(windows) if w is None]  # the layers the allocation chooses for
+    if not free:
+        raise PatchattnError(
+            f"every layer of this model attends through its own sliding window (at most {max(windows)} tokens) at "
+            f"--seq-len {n_tokens}: there is nothing to make sparse; it already runs on the window's blocks"
+        )
     candidates = candidate_grid(strategies, n_tokens, block_size)
     rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
     row_weights = None
     n_layers = _num_layers(model.config)
     scores: dict[int, LayerScores] = {}
+    seen: set[int] = set()
     kv_scores: dict[int, KVScores] = {}
     kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
     if kv_budget is not None and n_tokens < 8 * EVAL_ROWS:
@@ -130,17 +139,19 @@ def calibrate(
         input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(seed), eval_rows=EVAL_ROWS + block_size)
 
     def hook(module, query, key, value):
-        layer = getattr(module, "layer_idx", len(scores))
-        if query.shape[2] != key.shape[2] or layer in scores:
+        layer = getattr(module, "layer_idx", len(seen))
+        if query.shape[2] != key.shape[2] or layer in seen:
             return
+        seen.add(layer)
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
-        scores[layer] = score_layer(
-            query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), num_blocks(dense_prefix_tokens, block_size)
-        )
+        if windows[layer] is None:  # a layer under the model's own window keeps it: nothing to score
+            scores[layer] = score_layer(
+                query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), num_blocks(dense_prefix_tokens, block_size)
+            )
         if kv_cands:
             kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
         if on_layer is not None:
-            on_layer(layer, scores[layer])
+            on_layer(layer, scores.get(layer))
 
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
@@ -149,29 +160,32 @@ def calibrate(
             prefill(model, input_ids)
     finally:
         model.set_attn_implementation(original)
-    if len(scores) != n_layers:
-        raise PatchattnError(f"captured {len(scores)} of {n_layers} layers; this model's attention is not fully routed through the registry")
+    if len(seen) != n_layers:
+        raise PatchattnError(f"captured {len(seen)} of {n_layers} layers; this model's attention is not fully routed through the registry")
 
-    if objective == "residual" and any(scores[i].residual_error is None for i in range(n_layers)):
+    if objective == "residual" and any(scores[i].residual_error is None for i in free):
         raise PatchattnError("--objective residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
-    density = torch.stack([scores[i].density for i in range(n_layers)])  # (L, H, C)
-    mass = torch.stack([scores[i].kept_mass for i in range(n_layers)])
-    error = torch.stack([scores[i].output_error for i in range(n_layers)])
+    # (F, H, C) over the free layers: the sparsity target is theirs, a model's own windows are not ours to count
+    density = torch.stack([scores[i].density for i in free])
+    mass = torch.stack([scores[i].kept_mass for i in free])
+    error = torch.stack([scores[i].output_error for i in free])
     n_heads, n_cand = density.shape[1], density.shape[2]
     if objective == "mass":
         utility = mass
     elif objective == "output":
         utility = 1.0 - error
     else:
-        utility = 1.0 - torch.stack([scores[i].residual_error for i in range(n_layers)])
+        utility = 1.0 - torch.stack([scores[i].residual_error for i in free])
 
     def choose(utility: torch.Tensor) -> torch.Tensor:
-        return allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(n_layers, n_heads)
+        return allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(len(free), n_heads)
 
     def build(choice: torch.Tensor) -> Recipe:
+        chosen = dict(zip(free, _head_plans(candidates, choice, density, mass, error)))
+        layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(n_layers)]
         return Recipe(
-            model=model_identity(model.config), layers=_head_plans(candidates, choice, density, mass, error),
-            block_size=block_size, name="calibrated", dense_prefix_tokens=dense_prefix_tokens,
+            model=model_identity(model.config), layers=layers, block_size=block_size, name="calibrated",
+            dense_prefix_tokens=dense_prefix_tokens,
         )
 
     choice = choose(utility)
@@ -179,7 +193,7 @@ def calibrate(
     if probes:
         sens = layer_sensitivity(model, build(choice), probes, on_probe)
         weights = layer_weights(sens.answer_drop, sens.nll_rise)
-        choice = choose(utility * weights[:, None, None].to(utility.dtype))
+        choice = choose(utility * weights[free][:, None, None].to(utility.dtype))
         probe_stats = {
             "prompts": len(probes),
             "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
@@ -192,6 +206,7 @@ def calibrate(
     chosen_density = torch.gather(density, -1, choice[..., None]).squeeze(-1)
     chosen_mass = torch.gather(mass, -1, choice[..., None]).squeeze(-1)
     chosen_error = torch.gather(error, -1, choice[..., None]).squeeze(-1)
+    layer_density = dict(zip(free, chosen_density.mean(-1).tolist()))
     calibration = {
         "patchattn_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -206,7 +221,8 @@ def calibrate(
         "retrieval_rows": 0 if copy_rows is None else int(copy_rows.numel()),
         "retrieval_weight": retrieval_weight if copy_rows is not None else 0.0,
         "strategies": list(strategies),
-        "layer_density": [round(float(x), 6) for x in chosen_density.mean(-1)],
+        "layer_density": [round(float(layer_density[i]), 6) if i in layer_density else None for i in range(n_layers)],
+        **({"model_windows": {str(i): w for i, w in enumerate(windows) if w is not None}} if len(free) < n_layers else {}),
         **({"probe": probe_stats} if probe_stats is not None else {}),
         "candidates": [
             {
@@ -224,6 +240,13 @@ def calibrate(
         kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages, decode_recall)
     recipe.calibration, recipe.kv_layers = calibration, kv_layers
     return recipe
+
+
+def model_windows(config, n_tokens: int) -> list[int | None]:
+    """Per layer, the sliding window the model itself attends through (None: full attention), where it is shorter
+    than ``n_tokens``: such layers keep their window (the kernels compute only the blocks it reaches) and are left
+    out of the allocation."""
+    return [w if w is not None and w < n_tokens else None for w in sliding_windows(config)]
 
 
 def _head_plans(candidates: list[Strategy], choice: torch.Tensor, density, mass, error) -> list[list[HeadPlan]]:
@@ -312,9 +335,14 @@ def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:
     objective = recipe.calibration.get("objective", "mass")
     score = (lambda c: c["mean_kept_mass"]) if objective == "mass" else (lambda c: -c.get("mean_output_error", 0.0))
     best = max(near, key=score) if near else min(cands, key=lambda c: abs(c["mean_density"] - target))
-    layers = [[HeadPlan(best["strategy"], dict(best["params"])) for _ in layer] for layer in recipe.layers]
+    windowed = {int(i) for i in recipe.calibration.get("model_windows", {})}  # layers that keep the model's window
+    layers = [
+        [HeadPlan("dense") if li in windowed else HeadPlan(best["strategy"], dict(best["params"])) for _ in layer]
+        for li, layer in enumerate(recipe.layers)
+    ]
     calibration = {
         "baseline_of": recipe.name,
+        **({"model_windows": recipe.calibration["model_windows"]} if windowed else {}),
         "seq_len": recipe.calibration.get("seq_len"),
         "achieved_sparsity": round(1.0 - best["mean_density"], 6),
         "mean_kept_mass": best["mean_kept_mass"],

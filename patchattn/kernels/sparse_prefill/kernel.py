@@ -73,10 +73,11 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     (64, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
     (128, 64): {"dense": (64, 64, 4, 5), "sparse": (64, 64, 4, 5)},
     (128, 128): {"dense": (64, 64, 4, 5), "sparse": (128, 128, 8, 3)},
-    # d=256 (Gemma 3): a (64, 256) fp32 accumulator per program and 32-key tiles keep registers and shared memory in
-    # bounds (FlashAttention-2's shape for d=256); untuned.
-    (256, 64): {"dense": (64, 32, 8, 2), "sparse": (64, 32, 8, 2)},
-    (256, 128): {"dense": (64, 32, 8, 2), "sparse": (64, 32, 8, 2)},
+    # d=256 (Gemma 3): swept on an H100 over Gemma 3 270M's sliding layers at 32K (window 512; 4 q / 1 KV head;
+    # benchmarks/prefill_window.py --sweep): 64 x 64 tiles, 4 warps, no pipelining 0.226 ms (the first guess,
+    # 64 x 32 / 8 warps / 2 stages, 0.507); at block 128, 128 x 64 / 8 warps / 3 stages 0.234. Dense rows untimed.
+    (256, 64): {"dense": (64, 64, 4, 1), "sparse": (64, 64, 4, 1)},
+    (256, 128): {"dense": (64, 64, 4, 1), "sparse": (128, 64, 8, 3)},
 }
 # Software-pipeline depth of the token-column gather loop (index load -> K/V row gathers); None: the launch's
 # num_stages. Measured on an H100 (10% token vertical-slash, 128K, bs 128): None 46.8 ms, 1: 63.8, 2: 55.5, 3: 47.7.
@@ -215,6 +216,8 @@ def _sparse_prefill_fwd(
             k = tl.load(kp_base + rows[:, None] * stride_kn + offs_d[None, :], mask=use[:, None], other=0.0)
             v = tl.load(vp_base + rows[:, None] * stride_vn + offs_d[None, :], mask=use[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(use, 0.0, -1.0e6)[None, :]
+            if HAS_WINDOW:  # columns behind the sliding window of a query are not its keys
+                qk = qk + tl.where(col[None, :] > q_pos[:, None] - window, 0.0, -1.0e6)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
