@@ -83,6 +83,39 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
+def _gguf_field(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None or not field.data:
+        return None
+    value = field.parts[field.data[0]].tolist()
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def check_gguf_tokenizer(gguf: Path, tokenizer) -> None:
+    """Raise ModelLoadError when the tokenizer transformers built from ``gguf`` leaves out the BOS token the file says
+    to add. transformers 5.17 does that for Gemma 3 (and splits its words into the wrong pieces): the model then reads
+    text it was never trained on (perplexity ~1900 instead of 17) with no error anywhere."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        add_bos, bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token"), _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    except Exception as exc:  # noqa: BLE001 (an unreadable header was reported by transformers already)
+        logger.debug("could not read the tokenizer fields of %s: %s", gguf, exc)
+        return
+    if not add_bos or bos is None:
+        return
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if not ids or ids[0] != bos:
+        import transformers
+
+        raise ModelLoadError(
+            f"the tokenizer transformers {transformers.__version__} builds from {gguf.name} does not add its BOS token "
+            f"(id {bos}), which the file asks for: this transformers reads this GGUF's tokenizer wrongly; upgrade "
+            "transformers (5.23 works), or load a converted model directory"
+        )
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a cached safetensors directory (float32); reuse it when present."""
     target = _gguf_cache_path(gguf)
@@ -96,6 +129,7 @@ def convert_gguf(gguf: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable GGUF
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from None
+    check_gguf_tokenizer(gguf, tokenizer)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**cfg)
