@@ -138,6 +138,32 @@ def test_unwritable_output(tiny_model_dir, tmp_path):
     assert blocker.read_text() == "x"
 
 
+def test_a_model_with_its_own_windows_calibrates_exports_and_loads(calibration_text, tmp_path):
+    """Gemma 3 (a sliding-window layer and a full one): calibrate says the window layer keeps the model's window, and
+    the exported directory loads back patched, the window applied by patchattn, with the patched model's logits."""
+    model_dir = tmp_path / "tiny-gemma3"
+    tiny_model("gemma3").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    recipe_path = tmp_path / "g.json"
+    result = invoke("calibrate", model_dir, "--target-sparsity", 0.6, "--seq-len", 1024, "--block-size", 32,
+                    "--text", calibration_text, "-o", recipe_path, "--probes", 0)
+    assert result.exit_code == 0, result.output
+    assert "own window of 48" in result.output
+    recipe = Recipe.load(recipe_path)
+    assert recipe.calibration["model_windows"] == {"0": 48} and abs(recipe.calibration["achieved_sparsity"] - 0.6) <= 0.02
+    out_dir = tmp_path / "patched"
+    assert invoke("export", model_dir, "--recipe", recipe_path, "-o", out_dir).exit_code == 0
+
+    import patchattn
+
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(0))
+    model, _ = patchattn.load(out_dir, device="cpu")
+    reference = tiny_model("gemma3")
+    with torch.no_grad(), patchattn.patched(reference, recipe):
+        expected = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected)
+
+
 def test_export_refuses_non_empty_dir(tiny_model_dir, tmp_path):
     Recipe.uniform(tiny_model("llama").config, "dense").save(tmp_path / "r.json")
     target = tmp_path / "taken"
