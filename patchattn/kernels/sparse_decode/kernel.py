@@ -13,7 +13,7 @@ Contract (identical to :func:`patchattn.kernels.sparse_decode.naive.sparse_decod
   last page may be partial). The per-head form lets several heads share one pool of pages: pass the pool as
   ``k_cache = pool.unsqueeze(1).expand(B, Hkv, S, D)`` (a zero head stride, nothing copied), each head's pages as
   pool pages and its limit as the end of its own valid run (the head-budgeted cache does this).
-* fp16 or bf16, head dim 64 or 128, ``page_size`` 16, 32, 64 or 128. Returns q's dtype; softmax statistics and
+* fp16 or bf16, head dim 64, 128 or 256, ``page_size`` 16, 32, 64 or 128. Returns q's dtype; softmax statistics and
   the output are accumulated in float32. A head whose list selects no token gets a zero output.
 
 How it runs: decode reads every selected K/V byte once and does ~2 FLOP per byte, so the kernel is a
@@ -44,12 +44,12 @@ LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128)
 
 # Launch configuration per head dim: (BLOCK_N list tokens per tile, num_warps, num_stages). BLOCK_N is raised
 # to the page size when a page is larger. Measured on an H100: benchmarks/NOTES_decode.md.
-CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3)}
+CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}  # 256 (Gemma 3): untimed
 TARGET_PROGRAMS_PER_SM = 4  # splits are chosen so that B * Hkv * splits reaches this many programs per SM
 MIN_TILES_PER_SPLIT = 2  # ...but no split gets fewer tiles than this (tiny lists run unsplit)
 CPU_SM_COUNT = 4  # stands in for the SM count under Triton's CPU interpreter
