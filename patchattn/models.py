@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,10 +92,33 @@ def _gguf_field(reader, name: str):
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
+WORD_TOKEN = re.compile("[\u2581\u0120][a-z]{5,12}")  # a whole lowercase word after SentencePiece's or byte-level BPE's space
+WORDS_CHECKED = 200
+MIN_WORDS_WHOLE = 0.5
+
+
+def _whole_word_share(reader, tokenizer) -> float | None:
+    """Of up to 200 whole-word tokens of the file's vocabulary (evenly spread), the share the tokenizer encodes as that
+    one token, with or without the leading space. None without such tokens."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    words = [(i, text) for i, part in enumerate(field.data) if WORD_TOKEN.fullmatch(text := bytes(field.parts[part]).decode("utf-8", "replace"))]
+    if not words:
+        return None
+    sample = words[:: max(1, len(words) // WORDS_CHECKED)][:WORDS_CHECKED]
+    whole = sum(
+        any(tokenizer(text, add_special_tokens=False)["input_ids"] == [i] for text in (" " + word[1:], word[1:]))
+        for i, word in sample
+    )
+    return whole / len(sample)
+
+
 def check_gguf_tokenizer(gguf: Path, tokenizer) -> None:
-    """Raise ModelLoadError when the tokenizer transformers built from ``gguf`` leaves out the BOS token the file says
-    to add. transformers 5.17 does that for Gemma 3 (and splits its words into the wrong pieces): the model then reads
-    text it was never trained on (perplexity ~1900 instead of 17) with no error anywhere."""
+    """Raise ModelLoadError when the tokenizer transformers built from ``gguf`` is not the file's: it leaves out the
+    BOS token the file says to add, or splits most of the file's whole-word tokens into pieces. transformers 5.17 does
+    both for Gemma 3: the model then reads text it was never trained on (perplexity ~1900 instead of 17) with no error
+    anywhere."""
     try:
         from gguf import GGUFReader
 
@@ -103,16 +127,21 @@ def check_gguf_tokenizer(gguf: Path, tokenizer) -> None:
     except Exception as exc:  # noqa: BLE001 (an unreadable header was reported by transformers already)
         logger.debug("could not read the tokenizer fields of %s: %s", gguf, exc)
         return
-    if not add_bos or bos is None:
-        return
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if not ids or ids[0] != bos:
-        import transformers
+    import transformers
 
+    advice = "upgrade transformers (5.23 works), or load a converted model directory"
+    if add_bos and bos is not None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        if not ids or ids[0] != bos:
+            raise ModelLoadError(
+                f"the tokenizer transformers {transformers.__version__} builds from {gguf.name} does not add its BOS "
+                f"token (id {bos}), which the file asks for: this transformers reads this GGUF's tokenizer wrongly; {advice}"
+            )
+    share = _whole_word_share(reader, tokenizer)
+    if share is not None and share < MIN_WORDS_WHOLE:
         raise ModelLoadError(
-            f"the tokenizer transformers {transformers.__version__} builds from {gguf.name} does not add its BOS token "
-            f"(id {bos}), which the file asks for: this transformers reads this GGUF's tokenizer wrongly; upgrade "
-            "transformers (5.23 works), or load a converted model directory"
+            f"the tokenizer transformers {transformers.__version__} builds from {gguf.name} splits {1 - share:.0%} of the "
+            f"file's whole-word tokens into pieces: this transformers reads this GGUF's tokenizer wrongly; {advice}"
         )
 
 
