@@ -61,7 +61,8 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
         "",
         "Accuracy is the fraction of trials answered correctly (higher is better); perplexity is on held-out "
         "State of the Union prose (lower is better); sparsity is the share of causal query-key blocks the "
-        "variant skipped in prefill attention."
+        "variant skipped in prefill attention (on layers with the model's own sliding window, of the blocks the window "
+        "reaches)."
         + (f" Brackets: difference from `{BASELINE}` on the same prompts; for accuracy, how many prompts `{BASELINE}` "
            "answered that the variant missed (lost) and the reverse (won): a difference of one-way flips is the "
            "variant's, one of as many won as lost is noise." if has_base else ""),
