@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from prefill import bench, rel_err  # noqa: E402 (the prefill benchmark's timing and error, shared)
 from patchattn.kernels import finalize_ragged, prefill_kernel, sparse_prefill  # noqa: E402
 from patchattn.layout import num_blocks, window_blocks  # noqa: E402
 
@@ -32,16 +33,6 @@ SHAPES = {
     "gemma3-270m": dict(hq=4, hkv=1, d=256, window=512),
     "mistral-7b-v0.1": dict(hq=32, hkv=8, d=128, window=4096),
 }
-
-
-def bench(fn, rep_ms=300):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
@@ -97,7 +88,6 @@ def run_one(name, n, bs, hq, hkv, d, window, flex_ok=True, sweep=False):
         row["sdpa_causal_flash_ms"] = bench(causal)
     except Exception as exc:  # noqa: BLE001
         row["sdpa_causal_flash_error"] = str(exc)[:200]
-    del mask, kr, vr
     if flex_ok:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -144,7 +134,7 @@ def main():
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=__import__("triton").__version__)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"\n| shape | N | bs | kernel | with layout ms | kernel ms | TF/s | SDPA+mask ms | Flex ms | causal flash ms | vs SDPA+mask | vs Flex | rel err |")
+    print("\n| shape | N | bs | kernel | with layout ms | kernel ms | TF/s | SDPA+mask ms | Flex ms | causal flash ms | vs SDPA+mask | vs Flex | rel err |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:

@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import graphs, stats
 from .cache import HeadBudgetCache
 from .errors import UnsupportedModelError
-from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, triton_prefill_unsupported
+from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, sparse_prefill_triton, triton_prefill_unsupported
 from .layout import column_counts, column_tiles, finalize, num_blocks, window_blocks
 from .recipe import Recipe
 from .strategies import Strategy
@@ -209,17 +209,19 @@ def _window_layout(batch: int, heads: int, n_blk: int, rows: int, device) -> tup
 
 
 def _windowed_dense(module, query, key, value, scaling, dropout, window, layer_idx, block_size, backend, kwargs):
-    """Dense attention under the model's sliding window (no mask given): the kernel over the window's blocks where
-    it runs (what the window saves, unlike SDPA with a mask), else SDPA with the window as a mask."""
+    """Dense attention under the model's sliding window (no mask given): the Triton kernel over the window's blocks
+    where it runs (what the window saves, unlike SDPA with a mask; the Hopper kernel takes no window), else SDPA with
+    the window as a mask."""
     n = query.shape[2]
     rows = window_blocks(window, block_size)
-    kernel = prefill_kernel(query, key, value, block_size, backend=backend, window=window) if dropout == 0.0 and kwargs.get("softcap") is None else "sdpa"
+    use_kernel = backend != "torch" and dropout == 0.0 and kwargs.get("softcap") is None
+    use_kernel = use_kernel and triton_prefill_unsupported(query, key, value, block_size) is None
     if stats.is_recording():
         band = _window_band_blocks(num_blocks(n, block_size), rows) * query.shape[0] * query.shape[1]
-        stats.report(layer_idx, band, band, kernel=kernel if kernel != "torch" else "sdpa")
-    if kernel in ("triton", "gluon-hopper"):
+        stats.report(layer_idx, band, band, kernel="triton" if use_kernel else "sdpa")
+    if use_kernel:
         counts, ids, density = _window_layout(query.shape[0], query.shape[1], num_blocks(n, block_size), rows, query.device)
-        out = sparse_prefill(query, key, value, counts, ids, block_size, scale=scaling, backend=backend, density=density, window=window)
+        out = sparse_prefill_triton(query, key, value, counts, ids, block_size, scale=scaling, density=density, window=window)
         return out.transpose(1, 2).contiguous()
     pos = torch.arange(n, device=query.device)
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)

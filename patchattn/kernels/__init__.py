@@ -82,7 +82,7 @@ def sparse_prefill(q, k, v, kv_block_counts, kv_block_ids, block_size, scale=Non
     keeps (:func:`patchattn.layout.to_ragged`), which picks the Triton kernel's tile shapes. ``columns``: token
     columns besides the blocks, as ``(columns, column_counts, keep)`` (see :func:`sparse_prefill_triton`). ``window``:
     the model's sliding window in positions (0: none); the layout must be finished with it
-    (:func:`patchattn.layout.finalize`'s ``window_blocks``).
+    (``window_rows`` of :func:`patchattn.layout.finalize`, from :func:`patchattn.layout.window_blocks`).
     """
     cols, col_counts, col_keep = columns if columns is not None else (None, None, None)
     if backend not in BACKENDS:

@@ -312,7 +312,7 @@ def sparse_prefill_triton(
     holds is skipped, so a row reads the union of its blocks and its columns, as the reference does.
     ``window`` > 0 (prefill, Nk == N): a sliding window, as transformers' models define theirs: query ``t`` sees key
     ``s`` only if ``t - window < s <= t``. The layout must then hold only blocks with a key inside the window of their
-    row's first query (:func:`patchattn.layout.finalize` with ``window_blocks``), as it keeps the window masks to the
+    row's first query (:func:`patchattn.layout.finalize` with ``window_rows``, from :func:`~patchattn.layout.window_blocks`), as it keeps the window masks to the
     first two blocks of a row.
     """
     reason = unsupported_reason(q, k, v, block_size)
