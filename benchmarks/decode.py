@@ -25,6 +25,7 @@ import time
 import torch
 
 import patchattn
+from patchattn import hf
 from patchattn.cache import HeadBudgetCache
 from patchattn.recipe import HeadPlan, KVPlan, Recipe
 
@@ -94,7 +95,7 @@ def time_steps(model, cache, batch: int, n_tokens: int, steps: int, warmup: int 
         pos = torch.tensor([n_tokens + i], device="cuda")
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, position_ids=pos[None].expand(batch, 1), use_cache=True)
+        out = model(input_ids=ids, **{hf.cache_argument(model): cache}, cache_position=pos, position_ids=pos[None].expand(batch, 1), use_cache=True)
         ids = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         if i >= warmup:

@@ -16,6 +16,7 @@ import time
 import torch
 
 import patchattn
+from patchattn import hf
 from patchattn.eval.tasks import cache_bytes, ppl_input_ids
 from patchattn.models import load_model
 from patchattn.recipe import KVPlan, Recipe
@@ -47,7 +48,7 @@ def main():
         with torch.no_grad(), patchattn.patched(model, recipe):
             out = model.generate(ids, **greedy)
         seconds = time.perf_counter() - started
-        runs[name] = (out.sequences[0, prompt_len:], cache_bytes(out.past_key_values), seconds)
+        runs[name] = (out.sequences[0, prompt_len:], cache_bytes(hf.output_cache(out)), seconds)
 
     reference = runs["dense"][0]
     print(f"prompt {prompt_len} tokens, {args.new} new tokens, greedy\n")

@@ -7,8 +7,8 @@ recipe from ``module.config`` at call time, so a model saved with the recipe in 
 
 Prefill calls (as many queries as keys) run the recipe's block layouts through the sparse kernels.
 When the recipe's KV plans keep or read less than the full cache (streaming KV heads, SnapKV budgets, Quest
-page budgets), a forward pre-hook on the model gives every cached forward (``generate`` included) a
-:class:`~patchattn.cache.HeadBudgetCache` in place of an empty ``DynamicCache``; the attention function then
+page budgets), the model's forward hooks (:mod:`patchattn.cache_hooks`) give every cached forward (``generate``
+included) a :class:`~patchattn.cache.HeadBudgetCache` in place of a fresh one; the attention function then
 compresses the prompt's keys and values after prefill and runs each decode step through the page-sparse
 decode kernel. Everything else (no cache, padded batches, dropout, softcapping) runs transformers' own SDPA.
 """
@@ -16,104 +16,28 @@ decode kernel. Everything else (no cache, padded batches, dropout, softcapping) 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import graphs, stats
-from .cache import HeadBudgetCache
+from . import cache_hooks, graphs, hf, stats
+from .compiled import RECIPE_KEY, CompiledRecipe, LayerPlan, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, sparse_prefill_triton, triton_prefill_unsupported
 from .layout import column_counts, column_tiles, finalize, num_blocks, window_blocks
 from .recipe import Recipe
-from .strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "patchattn"
-RECIPE_KEY = "patchattn_recipe"
 BACKEND_KEY = "patchattn_backend"
 ORIGINAL_KEY = "patchattn_original_attn"
 GRAPHS_KEY = "patchattn_cuda_graphs"
-HOOKS_ATTR = "_patchattn_cache_hooks"
-
-# The head-budgeted cache of the forward running now (set by the model's pre-hook, cleared after it).
-_ACTIVE_CACHE: contextvars.ContextVar[HeadBudgetCache | None] = contextvars.ContextVar("patchattn_cache", default=None)
-
-
-@dataclass
-class HeadGroup:
-    """The heads of one layer whose strategies share a class: one estimate, one vectorized layout."""
-
-    strategies: list[Strategy]  # one per head, in head order
-    head_ids: torch.Tensor  # query heads of this group, ascending (CPU)
-    all_heads: bool  # the group is the whole layer (no head selection needed)
-    _on_device: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def kind(self) -> type[Strategy]:
-        return type(self.strategies[0])
-
-    def head_ids_on(self, device: torch.device) -> torch.Tensor:
-        ids = self._on_device.get(device)
-        if ids is None:
-            ids = self._on_device[device] = self.head_ids.to(device)
-        return ids
-
-
-@dataclass
-class LayerPlan:
-    groups: list[HeadGroup]
-    all_dense: bool
-    dense_rows: int = 0  # the recipe's dense prefix, in query blocks
-    density: float | None = None  # the heads' mean calibrated density (None when the recipe has none)
-
-
-class CompiledRecipe:
-    """A recipe turned into per-layer head groups (one per strategy class), cached per recipe dict."""
-
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-        self.block_size = recipe.block_size
-        self.layers: list[LayerPlan] = []
-        for heads in recipe.layers:
-            by_kind: dict[type[Strategy], list[tuple[int, Strategy]]] = {}
-            for h, plan in enumerate(heads):
-                strategy = plan.build()
-                by_kind.setdefault(type(strategy), []).append((h, strategy))
-            groups = [
-                HeadGroup([s for _, s in members], torch.tensor([h for h, _ in members]), len(members) == len(heads))
-                for members in by_kind.values()
-            ]
-            known = [plan.density for plan in heads if plan.density is not None]
-            density = sum(known) / len(known) if known and len(known) == len(heads) else None
-            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
-        self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
-
-
-_COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
-_COMPILED_MAX = 16
 _CAPTURE_HOOKS: list[Callable] = []
-
-
-def _compiled_for(config) -> CompiledRecipe | None:
-    data = getattr(config, RECIPE_KEY, None)
-    if data is None:
-        return None
-    hit = _COMPILED.get(id(data))
-    if hit is None or hit[0] is not data:
-        hit = (data, CompiledRecipe(Recipe.from_dict(data)))
-        _COMPILED[id(data)] = hit
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
-    return hit[1]
 
 
 def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -168,7 +92,7 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     for hook in _CAPTURE_HOOKS:
         hook(module, query, key, value)
     layer_idx = getattr(module, "layer_idx", 0) or 0
-    cache = _ACTIVE_CACHE.get()
+    cache = cache_hooks.active_cache()
     cache_layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
     backend = getattr(module.config, BACKEND_KEY, "auto")
     if cache_layer is not None and cache_layer.incoming is not None:  # decode steps: the budgeted cache
@@ -229,7 +153,7 @@ def _windowed_dense(module, query, key, value, scaling, dropout, window, layer_i
 
 
 def _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs):
-    compiled = _compiled_for(module.config)
+    compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     window = _model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
@@ -298,79 +222,11 @@ def _graphable(config, query, key, value, attention_mask, backend, block_size) -
     return triton_prefill_unsupported(query, key, value, block_size) is None
 
 
-def _is_padded(attention_mask) -> bool:
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
-
-
-MAX_KV_KEPT = 0.9  # plans keeping more of a prompt than this (and no Quest heads): the full cache is the better deal
-
-
-def _worth_budgeting(kv_plans, n_tokens: int) -> bool:
-    """Whether the head-budgeted cache pays on a prompt of ``n_tokens``: it holds at most 90% of the prompt's keys
-    and values, or some head reads Quest-selected pages. Short prompts under long windows keep nearly everything,
-    and then the full cache decodes faster and, having no page headroom, holds less."""
-    plans = [p for layer in kv_plans for p in layer]
-    if not plans or n_tokens <= 0 or any(p.decode_pages > 0 for p in plans):
-        return bool(plans)
-    return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
-
-
-def _budget_cache_for(model, kwargs) -> HeadBudgetCache | None:
-    """The head-budgeted cache this forward of a patched model runs with: the one it was given, or a new one in
-    place of an empty ``DynamicCache`` (written into ``kwargs``) when its recipe compresses the KV cache."""
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, HeadBudgetCache):
-        return cache
-    compiled = _compiled_for(model.config)
-    use_cache = kwargs.get("use_cache")
-    use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
-    fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
-    if compiled is None or not use_cache or not fresh or not compiled.recipe.compresses_kv:
-        return None
-    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if prompt is not None and not _worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
-        logger.debug("a %d-token prompt: the KV plans would keep over %.0f%% of it, using the full cache", prompt.shape[1], 100 * MAX_KV_KEPT)
-        return None
-    if _is_padded(kwargs.get("attention_mask")):
-        logger.warning("padded batch: the head-budgeted KV cache needs unpadded rows, using the full cache")
-        return None
-    cache = kwargs["past_key_values"] = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
-    return cache
-
-
-def _install_cache_hooks(model) -> None:
-    if getattr(model, HOOKS_ATTR, None):
-        return
-    tokens: list = []
-
-    def pre(module, args, kwargs):
-        tokens.append(_ACTIVE_CACHE.set(_budget_cache_for(module, kwargs)))
-        return args, kwargs
-
-    def post(module, args, kwargs, output):
-        if tokens:
-            _ACTIVE_CACHE.reset(tokens.pop())
-        return output
-
-    handles = [
-        model.register_forward_pre_hook(pre, with_kwargs=True),
-        model.register_forward_hook(post, with_kwargs=True, always_call=True),
-    ]
-    setattr(model, HOOKS_ATTR, handles)
-
-
-def _remove_cache_hooks(model) -> None:
-    for handle in getattr(model, HOOKS_ATTR, None) or []:
-        handle.remove()
-    if hasattr(model, HOOKS_ATTR):
-        delattr(model, HOOKS_ATTR)
-
-
 def _plain_sliding_prefill(kwargs) -> bool:
     """Whether transformers asks for the mask of an unpadded prefill under the model's own sliding window, and nothing
     else (no chunked attention, packed sequences or extra mask functions: those turn ``allow_is_causal_skip`` off)."""
     config = kwargs.get("config")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = hf.text_config(config)
     window = kwargs.get("local_size")
     if not window or not kwargs.get("allow_is_causal_skip", True) or text is None or "q_length" not in kwargs:
         return False
@@ -431,7 +287,7 @@ def patch(model, recipe: Recipe, backend: str = "auto", cuda_graphs: bool | None
     setattr(config, BACKEND_KEY, backend)
     setattr(config, GRAPHS_KEY, graphs.enabled_by_env() if cuda_graphs is None else bool(cuda_graphs))
     model.set_attn_implementation(ATTN_NAME)
-    _install_cache_hooks(model)
+    cache_hooks.install(model)
     logger.info("patched %s with recipe %r (%s)", type(model).__name__, recipe.name, recipe.strategy_counts())
     return model
 
@@ -445,14 +301,14 @@ def unpatch(model):
         if hasattr(config, key):
             delattr(config, key)
     model.set_attn_implementation(original)
-    _remove_cache_hooks(model)
+    cache_hooks.remove(model)
     return model
 
 
 def _drop_graphs(config) -> None:
     """Release the CUDA graphs (and the memory they hold) of the recipe on ``config``: the compiled recipe itself stays
     cached for the next patch with the same recipe data, its graphs would otherwise outlive the patch."""
-    compiled = _compiled_for(config)
+    compiled = compiled_for(config)
     if compiled is not None:
         compiled.graphs.clear()
 
@@ -471,13 +327,13 @@ def patched(model, recipe: Recipe | None, backend: str = "auto", cuda_graphs: bo
     keys = (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY)
     saved = {k: getattr(config, k) for k in keys if hasattr(config, k)}
     saved_impl = config._attn_implementation
-    had_hooks = bool(getattr(model, HOOKS_ATTR, None))
+    had_hooks = bool(getattr(model, cache_hooks.HOOKS_ATTR, None))
     patch(model, recipe, backend, cuda_graphs)
     try:
         yield model
     finally:
         if not had_hooks:
-            _remove_cache_hooks(model)
+            cache_hooks.remove(model)
         _drop_graphs(config)
         for k in keys:
             if hasattr(config, k):

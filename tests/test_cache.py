@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_model
 
 import patchattn
+from patchattn import hf
 from patchattn.cache import BudgetLayer, HeadBudgetCache, respect_sliding_window, sliding_windows
 from patchattn.recipe import KVPlan, Recipe, RecipeError
 
@@ -176,7 +177,7 @@ def test_generate_with_everything_kept_matches_dense(arch):
     recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(n_kv)] for _ in recipe.layers]
     with patchattn.patched(model, recipe, backend="torch"):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, HeadBudgetCache)
+    assert isinstance(hf.output_cache(out), HeadBudgetCache)
     assert torch.equal(out.sequences, dense)
 
 
@@ -187,12 +188,12 @@ def test_generate_with_budgets_frees_memory_and_survives_wrap():
     assert all(p.policy == "window" for layer in recipe.kv_plans() for p in layer)  # derived from the streaming heads
     with patchattn.patched(model, recipe, backend="torch"):
         out = model.generate(ids, max_new_tokens=150, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = hf.output_cache(out)
     assert out.sequences.shape[1] == 450 and cache.get_seq_length() == 449
     assert cache.kv_bytes() < 0.25 * cache.dense_kv_bytes()
     # Unpatched again: generate uses transformers' own cache.
     plain = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-    assert not isinstance(plain.past_key_values, HeadBudgetCache)
+    assert not isinstance(hf.output_cache(plain), HeadBudgetCache)
 
 
 def test_prompts_the_plans_barely_shrink_keep_the_full_cache():
@@ -203,11 +204,11 @@ def test_prompts_the_plans_barely_shrink_keep_the_full_cache():
     recipe = Recipe.uniform(model.config, "streaming", sink_tokens=16, window_tokens=280)
     with patchattn.patched(model, recipe, backend="torch"):
         out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert recipe.compresses_kv and not isinstance(out.past_key_values, HeadBudgetCache)
+    assert recipe.compresses_kv and not isinstance(hf.output_cache(out), HeadBudgetCache)
     recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(2)] for _ in recipe.layers]
     with patchattn.patched(model, recipe, backend="torch"):
         out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, HeadBudgetCache)
+    assert isinstance(hf.output_cache(out), HeadBudgetCache)
 
 
 def test_recipe_kv_plans_round_trip_and_validate(tmp_path):
@@ -240,7 +241,7 @@ def test_beam_search_through_the_budgeted_cache_matches_dense():
     recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(2)] for _ in recipe.layers]
     with patchattn.patched(model, recipe, backend="torch"):
         out = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, HeadBudgetCache)
+    assert isinstance(hf.output_cache(out), HeadBudgetCache)
     assert torch.equal(out.sequences, dense)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import patchattn
-from patchattn.patch import GRAPHS_KEY, _compiled_for
+from patchattn.compiled import compiled_for
+from patchattn.patch import GRAPHS_KEY
 from patchattn.recipe import HeadPlan, Recipe
 
 ON_GPU = torch.cuda.is_available()
@@ -52,16 +53,16 @@ def test_switch_from_argument_and_environment(monkeypatch):
         ids = torch.randint(0, 256, (1, 300))
         with torch.no_grad():
             model(ids)  # on the CPU the switch changes nothing: eager reference path
-        assert not _compiled_for(model.config).graphs
+        assert not compiled_for(model.config).graphs
     with patchattn.patched(model, recipe, cuda_graphs=False):
         assert getattr(model.config, GRAPHS_KEY) is False
-        compiled = _compiled_for(model.config)
+        compiled = compiled_for(model.config)
         compiled.graphs["stand-in"] = object()
     assert not hasattr(model.config, GRAPHS_KEY)
     assert not compiled.graphs, "leaving the patch releases its graphs (and their memory)"
     patchattn.patch(model, recipe)
-    _compiled_for(model.config).graphs["stand-in"] = object()
-    compiled = _compiled_for(model.config)
+    compiled_for(model.config).graphs["stand-in"] = object()
+    compiled = compiled_for(model.config)
     patchattn.unpatch(model)
     assert not compiled.graphs
 
@@ -78,7 +79,7 @@ def test_graphed_prefill_matches_eager_gpu():
             eager = [model(ids).logits for ids in prompts]
         with patchattn.patched(model, recipe, cuda_graphs=True):
             graphed = [model(ids).logits for ids in prompts]  # the first captures, the others replay
-            compiled = _compiled_for(model.config)
+            compiled = compiled_for(model.config)
             assert len(compiled.graphs) == model.config.num_hidden_layers
             assert all(g is not None for g in compiled.graphs.values()), "capture failed"
         assert not compiled.graphs, "leaving the patch releases its graphs"
@@ -101,7 +102,7 @@ def test_graphs_again_after_a_patch_released_its_own_gpu():
     for _ in range(2):
         with torch.no_grad(), patchattn.patched(model, recipe, cuda_graphs=True):
             model(ids)
-            compiled = _compiled_for(model.config)
+            compiled = compiled_for(model.config)
             assert len(compiled.graphs) == model.config.num_hidden_layers
             assert all(g is not None for g in compiled.graphs.values()), "capture failed"
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from patchattn import hf
 from patchattn.calibrate import calibrate, tokens_from_text
 from patchattn.eval.runner import run_eval
 from patchattn.text import load_text
@@ -61,7 +62,7 @@ def test_long_generation_through_the_window_wrap(smollm):
     window.kv_layers = [[KVPlan("window", sink_tokens=32, window_tokens=128) for _ in range(3)] for _ in range(30)]
     with patchattn.patched(model, window):
         out = model.generate(ids, max_new_tokens=300, min_new_tokens=300, **greedy)
-    cache = out.past_key_values
+    cache = hf.output_cache(out)
     total = n_prompt + 299  # the last generated token was never fed back
     assert out.sequences.shape[1] == n_prompt + 300 and cache.get_seq_length() == total
     assert cache.kv_bytes() < 0.15 * cache.dense_kv_bytes()

@@ -11,7 +11,8 @@ import json, sys, time
 import torch
 from patchattn.calibrate import needle_probes, tokens_from_text
 from patchattn.models import load_model
-from patchattn.patch import ATTN_NAME, capture, patched, _compiled_for, _sparse_attention
+from patchattn.compiled import compiled_for
+from patchattn.patch import ATTN_NAME, capture, patched, _sparse_attention
 from patchattn.recipe import Recipe
 from patchattn.text import load_text
 
@@ -58,7 +59,7 @@ for pi, probe in enumerate(probes):
     g_nll = torch.autograd.grad(nll, [outs[i] for i in order])
     fwdbwd = time.time() - t
     with patched(model, recipe, backend="torch"):
-        compiled = _compiled_for(model.config)
+        compiled = compiled_for(model.config)
         for li in order:
             plan = compiled.layers[li]
             if plan.all_dense:

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import hf
 from ..errors import PatchattnError
 from ..recipe import HeadPlan, Recipe
 
@@ -92,7 +93,8 @@ def probe_scores(model, probe: Probe) -> tuple[float, float]:
     nll = torch.nn.functional.cross_entropy(logits[:-1], prompt[0, n - scored :].to(logits.device))
     answer_logits = [logits[-1:]]
     if answer.shape[1] > 1:
-        answer_logits.append(model(answer[:, :-1], past_key_values=out.past_key_values, use_cache=True).logits[0].float())
+        cached = {hf.cache_argument(model): hf.output_cache(out)}
+        answer_logits.append(model(answer[:, :-1], use_cache=True, **cached).logits[0].float())
     logp = torch.cat([lg.to(logits.device) for lg in answer_logits]).log_softmax(-1)
     return float(logp.gather(-1, answer[0][:, None].to(logits.device)).sum()), float(nll)
 

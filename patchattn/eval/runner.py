@@ -5,7 +5,7 @@ The results dict is versioned and JSON-serialisable::
     {"schema_version": 2, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
      "speed_runs": int, "created": ISO-8601 UTC str, "environment": {...}, "variants": {name: {...}}, "complete": bool,
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
-                  "replies", "prompt_tokens", "seconds", "kv_bytes"}]}
+                  "replies", "prompt_tokens", "seconds", "kv_bytes", "kv_cache"}]}
 
 ``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` and ``"accuracy"`` (mean score over
 trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` timed
@@ -14,7 +14,10 @@ greedy generations after a warm-up (``scores`` holds each run); it also has ``ms
 ``peak_memory`` (what that measures: ``"cuda_allocated"``, ``"process_rss"`` on a CPU, or None) and
 ``device``. ``environment`` has ``device`` and ``device_name`` (the GPU's or CPU's model) and ``threads``.
 ``kv_bytes`` is the mean size of the KV cache at the end of each generation (None for perplexity), the
-patched variants' through the head-budgeted cache. ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
+patched variants' through the head-budgeted cache. ``kv_cache`` says whether that cache held them: ``"budgeted"``, or
+``"full: <why>"`` when a recipe that compresses the KV cache ran on the full one (a short prompt, a padded batch, a
+cache it did not replace), so its bytes are not the recipe's; None for dense and for recipes that keep every token.
+``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
 
 ``patchattn eval --lm-eval-tasks`` adds lm-eval's rows (lmeval.py: ``task`` is ``"lmeval:" + its lm-eval name``,
@@ -184,7 +187,7 @@ def run_eval(
                 description = f"{length} tokens · {task} · {name}"
                 report(0, description)
                 started = time.perf_counter()
-                scores, replies, kv_bytes, speed = [], [], [], None
+                scores, replies, kv_bytes, kv_cache, speed = [], [], [], set(), None
                 with patched(model, recipe, backend, cuda_graphs), record_sparsity() as record:
                     for item in inputs:
                         if task == "ppl":
@@ -196,12 +199,14 @@ def run_eval(
                             scores.extend(speed.ttft_runs_ms)
                             if speed.kv_bytes is not None:
                                 kv_bytes.append(speed.kv_bytes)
+                            kv_cache.add(speed.kv_cache)
                         else:
                             result = answer(model, tokenizer, item)
                             scores.append(result.score)
                             replies.append(result.reply)
                             if result.kv_bytes is not None:
                                 kv_bytes.append(result.kv_bytes)
+                            kv_cache.add(result.kv_cache)
                         report(1, description)
                 sparsity = 0.0 if recipe is None else record.sparsity
                 row = {
@@ -218,6 +223,7 @@ def run_eval(
                     "prompt_tokens": [len(item) if task in ("ppl", "speed") else item.length_tokens for item in inputs],
                     "seconds": round(time.perf_counter() - started, 3),
                     "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
+                    "kv_cache": _kv_cache_of(kv_cache),
                     # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
                     "prefill_kernels": None if recipe is None else dict(record.kernels),
                 }
@@ -241,6 +247,13 @@ def _model_name(model) -> str:
         or getattr(model, "name_or_path", None)
         or type(model).__name__
     )
+
+
+def _kv_cache_of(statuses: set) -> str | None:
+    """A row's KV cache status from its generations' (see :func:`patchattn.cache_hooks.kv_cache_status`): the first
+    reason any of them ran on the full cache, else ``"budgeted"``, else None (the recipe keeps the full cache)."""
+    full = sorted(s for s in statuses if s and s != "budgeted")
+    return full[0] if full else ("budgeted" if "budgeted" in statuses else None)
 
 
 def _environment(model) -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import hf
+from ..cache_hooks import kv_cache_status
 from .haystack import Prompt, _stream, score
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class NeedleResult:
     score: float
     reply: str
     kv_bytes: int | None = None  # what the KV cache held at the end of generation
+    kv_cache: str | None = None  # "budgeted", "full: <why>" when the recipe's KV plans were not in effect, else None
 
 
 def cache_bytes(cache) -> int | None:
@@ -122,7 +125,8 @@ def answer(model, tokenizer, prompt: Prompt) -> NeedleResult:
     config = GenerationConfig(max_new_tokens=prompt.max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, return_dict_in_generate=True)
     reply = tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
-    result = NeedleResult(score(prompt, reply), reply, cache_bytes(getattr(out, "past_key_values", None)))
+    cache = hf.output_cache(out)
+    result = NeedleResult(score(prompt, reply), reply, cache_bytes(cache), kv_cache_status(model, cache))
     logger.debug("%s %d tokens: expected %s, reply %r -> %s", prompt.task, prompt.length_tokens, prompt.answers, reply, result.score)
     return result
 
@@ -137,6 +141,7 @@ class SpeedResult:
     device: str
     ttft_runs_ms: list[float]  # each timed run's, warm-up excluded
     ms_per_token_runs: list[float]  # each timed run's, warm-up excluded
+    kv_cache: str | None = None  # as NeedleResult.kv_cache
 
 
 def _sync(device) -> None:
@@ -224,7 +229,7 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
     greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0,
                   max_new_tokens=n_new, min_new_tokens=n_new)
     memory = _PeakMemory(device)
-    ttft_runs, per_token_runs, peaks, kv = [], [], [], None
+    ttft_runs, per_token_runs, peaks, kv, kv_cache = [], [], [], None, None
     for run in range(repeats + 1):  # run 0 is the warm-up
         clock = _TokenClock(device)
         memory.reset()
@@ -236,7 +241,8 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
         ttft_runs.append((clock.times[0] - start) * 1e3)
         per_token_runs.append((clock.times[-1] - clock.times[0]) * 1e3 / (len(clock.times) - 1))
         peaks.append(memory.peak_bytes())
-        kv = cache_bytes(getattr(out, "past_key_values", None))
+        cache = hf.output_cache(out)
+        kv, kv_cache = cache_bytes(cache), kv_cache_status(model, cache)
     peak = None if None in peaks else int(statistics.median(peaks))
     return SpeedResult(
         ttft_ms=round(statistics.median(ttft_runs), 3),
@@ -247,4 +253,5 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
         device=str(device),
         ttft_runs_ms=[round(x, 3) for x in ttft_runs],
         ms_per_token_runs=[round(x, 3) for x in per_token_runs],
+        kv_cache=kv_cache,
     )

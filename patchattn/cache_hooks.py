@@ -1,0 +1,165 @@
+"""How a patched model's forwards get the head-budgeted KV cache, and the warning when one does not.
+
+transformers offers no supported way for a library to supply its own cache class to ``generate`` (its
+``cache_implementation`` is a closed set, checked by ``GenerationConfig.validate``), so a forward pre-hook on the
+patched model decides, once per forward and for every caller alike (``generate``, a plain ``model(...,
+use_cache=True)``, lm-eval): a fresh cache -- none, or transformers' empty ``DynamicCache`` under whichever keyword
+the installed release uses (:mod:`patchattn.hf`) -- becomes a :class:`~patchattn.cache.HeadBudgetCache` when the
+recipe compresses the KV cache and the budget pays. The forward's post-hook checks what the forward actually ran
+on: a recipe that compresses the KV cache finishing on any other cache is said once per model and reason (a logged
+warning), and :func:`kv_cache_status` tells ``patchattn eval`` so its KV figures are not reported as the recipe's.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import weakref
+
+import torch
+from transformers import __version__ as transformers_version
+from transformers.cache_utils import DynamicCache
+
+from . import hf
+from .cache import HeadBudgetCache
+from .compiled import compiled_for
+
+logger = logging.getLogger(__name__)
+
+HOOKS_ATTR = "_patchattn_cache_hooks"
+REASON_ATTR = "_patchattn_kv_bypass"  # (weak ref to the cache, reason) of the last forward that ran on another cache
+WARNED_ATTR = "_patchattn_kv_warned"  # the reasons already said for this model
+MAX_KV_KEPT = 0.9  # plans keeping more of a prompt than this (and no Quest heads): the full cache is the better deal
+
+# The head-budgeted cache of the forward running now (set by the model's pre-hook, cleared after it).
+_ACTIVE_CACHE: contextvars.ContextVar[HeadBudgetCache | None] = contextvars.ContextVar("patchattn_cache", default=None)
+
+
+def active_cache() -> HeadBudgetCache | None:
+    """The head-budgeted cache of the patched forward running now, if it has one."""
+    return _ACTIVE_CACHE.get()
+
+
+def worth_budgeting(kv_plans, n_tokens: int) -> bool:
+    """Whether the head-budgeted cache pays on a prompt of ``n_tokens``: it holds at most 90% of the prompt's keys
+    and values, or some head reads Quest-selected pages. Short prompts under long windows keep nearly everything,
+    and then the full cache decodes faster and, having no page headroom, holds less."""
+    plans = [p for layer in kv_plans for p in layer]
+    if not plans or n_tokens <= 0 or any(p.decode_pages > 0 for p in plans):
+        return bool(plans)
+    return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
+
+
+def _is_padded(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
+
+
+def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple[str, str] | None]:
+    """The head-budgeted cache this forward of a patched model runs with: the one it was given, or a new one in
+    place of a fresh cache (written into ``kwargs`` under the keyword it came in, else the model's own). Returns
+    ``(cache, None)``, or ``(None, (kind, message))`` saying why the forward keeps another cache (``None`` reason
+    when the recipe keeps the full cache anyway or the forward caches nothing)."""
+    name, cache = hf.given_cache(kwargs)
+    if isinstance(cache, HeadBudgetCache):
+        return cache, None
+    compiled = compiled_for(model.config)
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+    if compiled is None or not compiled.recipe.compresses_kv or not use_cache:
+        return None, None
+    last = getattr(model, REASON_ATTR, None)
+    if cache is not None and last is not None and last[0]() is cache:  # a later step of a generation already told
+        return None, last[1]
+    if cache is not None and type(cache) is not DynamicCache:
+        return None, ("given", f"the forward was given a {type(cache).__name__} (a cache_implementation or a cache passed "
+                               "in), which patchattn does not replace")
+    if cache is not None and cache.get_seq_length() > 0:
+        return None, ("filled", "the forward was given a DynamicCache that already holds tokens (filled without the patch)")
+    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
+        return None, ("short", f"on a {prompt.shape[1]}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
+                               "so the full cache (faster, no page headroom) is used")
+    if _is_padded(kwargs.get("attention_mask")):
+        return None, ("padded", "a padded batch: the head-budgeted KV cache needs unpadded rows, so the full cache is used")
+    budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
+    kwargs[name or hf.cache_argument(model)] = budget
+    return budget, None
+
+
+def _bypassed(model, output, chosen: HeadBudgetCache | None, reason):
+    """(kind, message) when this forward of a model whose recipe compresses the KV cache ran on another cache."""
+    ran_on = hf.output_cache(output)
+    if ran_on is None or isinstance(ran_on, HeadBudgetCache):
+        return None
+    if chosen is not None:  # we gave it one and the model used another: transformers changed how caches travel
+        return ("ignored", f"transformers {transformers_version} ran the forward on its own {type(ran_on).__name__}, not "
+                           f"the head-budgeted cache patchattn passed as `{hf.cache_argument(model)}`; please report this")
+    compiled = compiled_for(model.config)
+    if compiled is None or not compiled.recipe.compresses_kv:
+        return None
+    return reason or ("unknown", f"the forward ran on a {type(ran_on).__name__}")
+
+
+def _say_once(model, reason) -> None:
+    kind, message = reason
+    warned = getattr(model, WARNED_ATTR, None)
+    if warned is None:
+        warned = set()
+        setattr(model, WARNED_ATTR, warned)
+    if kind not in warned:
+        warned.add(kind)
+        logger.warning("the recipe's KV plans are not in effect (the cache is kept in full): %s", message)
+
+
+def kv_cache_status(model, cache) -> str | None:
+    """What the cache a patched forward or generation ended on means for the recipe's KV plans: ``"budgeted"``,
+    ``"full: <reason>"`` when the recipe compresses the KV cache but ``cache`` is another one, or None when the
+    recipe keeps the full cache anyway (or there is no recipe, or no cache)."""
+    if cache is None:
+        return None
+    if isinstance(cache, HeadBudgetCache):
+        return "budgeted"
+    compiled = compiled_for(model.config)
+    if compiled is None or not compiled.recipe.compresses_kv:
+        return None
+    last = getattr(model, REASON_ATTR, None)
+    reason = last[1] if last is not None and last[0]() is cache else None
+    return "full: " + (reason[1] if reason else f"the generation ran on a {type(cache).__name__}")
+
+
+def install(model) -> None:
+    """Hook ``model``'s forward (idempotent): see the module docstring."""
+    if getattr(model, HOOKS_ATTR, None):
+        return
+    tokens: list = []
+    chosen: list = []
+
+    def pre(module, args, kwargs):
+        cache, reason = budget_cache_for(module, kwargs)
+        tokens.append(_ACTIVE_CACHE.set(cache))
+        chosen.append((cache, reason))
+        return args, kwargs
+
+    def post(module, args, kwargs, output):
+        if tokens:
+            _ACTIVE_CACHE.reset(tokens.pop())
+        cache, reason = chosen.pop() if chosen else (None, None)
+        bypass = _bypassed(module, output, cache, reason)
+        if bypass is not None:
+            setattr(module, REASON_ATTR, (weakref.ref(hf.output_cache(output)), bypass))
+            _say_once(module, bypass)
+        return output
+
+    handles = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
+    setattr(model, HOOKS_ATTR, handles)
+
+
+def remove(model) -> None:
+    for handle in getattr(model, HOOKS_ATTR, None) or []:
+        handle.remove()
+    for attr in (HOOKS_ATTR, REASON_ATTR, WARNED_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)

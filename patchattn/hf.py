@@ -1,0 +1,50 @@
+"""The transformers internals patchattn reads that changed name between releases, answered in one place.
+
+patchattn is tested on the transformers range ``pyproject.toml`` states (5.17 to 5.25). Across it the KV cache
+travels under two names: up to 5.2x a model's ``forward`` takes ``past_key_values``; 5.25 takes ``cache`` (and
+renames a ``past_key_values`` it is given, with a deprecation warning), and ``generate`` passes ``cache``. Every
+other module asks here rather than naming either; ``tests/test_hf_internals.py`` fails loudly when a release moves
+what this module, the mask builder or the cache layer contract relies on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the newest name first
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    return CACHE_ARGUMENTS[-1]  # a model without either (no cache at all): the name older releases read
+
+
+def cache_argument(model) -> str:
+    """The keyword this model's ``forward`` takes its KV cache under (``cache`` or ``past_key_values``)."""
+    return _cache_argument_of(type(model))
+
+
+def given_cache(kwargs: dict) -> tuple[str | None, object]:
+    """(keyword, cache) of the cache a forward call was given under either name; (None, None) when none was."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def output_cache(output):
+    """The cache a model output or ``generate`` result carries (``cache`` on 5.25, ``past_key_values`` before).
+    Outputs are dicts of their set fields: reading the key, not the attribute, avoids 5.25's deprecated alias."""
+    if not isinstance(output, dict):
+        return None
+    return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
+
+
+def text_config(config):
+    """The text (decoder) part of a model config: multimodal configs nest it, plain ones are it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
