@@ -56,7 +56,7 @@ def _is_padded(attention_mask) -> bool:
 
 def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple[str, str] | None]:
     """The head-budgeted cache this forward of a patched model runs with: the one it was given, or a new one in
-    place of a fresh cache (written into ``kwargs`` under the keyword it came in, else the model's own). Returns
+    place of a fresh cache (written into ``kwargs`` under the keyword the model's forward reads). Returns
     ``(cache, None)``, or ``(None, (kind, message))`` saying why the forward keeps another cache (``None`` reason
     when the recipe keeps the full cache anyway or the forward caches nothing)."""
     name, cache = hf.given_cache(kwargs)
@@ -82,7 +82,8 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     if _is_padded(kwargs.get("attention_mask")):
         return None, ("padded", "a padded batch: the head-budgeted KV cache needs unpadded rows, so the full cache is used")
     budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
-    kwargs[name or hf.cache_argument(model)] = budget
+    kwargs.pop(name, None)
+    kwargs[hf.cache_argument(model)] = budget
     return budget, None
 
 

@@ -201,7 +201,9 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
         if task == "ppl":
             assert row["kv_bytes"] is None
         elif variant == "streaming":  # streaming KV heads keep sink + window only: the budgeted cache holds less
-            assert 0 < row["kv_bytes"] < other["kv_bytes"]
+            assert 0 < row["kv_bytes"] < other["kv_bytes"] and row["kv_cache"] == "budgeted"
+        if variant == "dense" or task == "ppl":
+            assert row["kv_cache"] is None
     # the patched model was restored after the eval
     assert tiny_model.config._attn_implementation == "sdpa"
     json.dumps(results)

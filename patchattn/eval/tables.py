@@ -127,6 +127,22 @@ def fmt_bytes(value: float | None, base: float | None = None) -> str:
     return text
 
 
+NOT_BUDGETED = " · full cache†"
+NOT_BUDGETED_NOTE = ("†: the recipe compresses the KV cache but these generations ran on the full one (why: each row's "
+                     "`kv_cache` in results.json), so the bytes are not the recipe's.")
+
+
+def fmt_kv(rows: list[dict], base: float | None = None) -> str:
+    """The mean KV bytes of ``rows`` (change from ``base``), marked when any ran on the full cache though its recipe
+    compresses it (see :func:`patchattn.cache_hooks.kv_cache_status`)."""
+    text = fmt_bytes(mean_of(rows, "kv_bytes"), base)
+    return text + NOT_BUDGETED if any(str(r.get("kv_cache") or "").startswith("full") for r in rows) else text
+
+
+def _kv_note(rows) -> list[str]:
+    return [NOT_BUDGETED_NOTE] if any(str(r.get("kv_cache") or "").startswith("full") for r in rows) else []
+
+
 def fmt_kernels(results: dict, variant: str) -> str:
     """'gluon-hopper 67% · sdpa 33%': how the variant's patched prefill calls split over implementations."""
     counts: dict[str, int] = {}
@@ -156,9 +172,11 @@ def summary_table(results: dict) -> ReportTable:
     longest = max(results["lengths"]) if results["lengths"] else None
     has_base = BASELINE in variants
 
+    def cells_at_longest(variant: str, task: str | None = None) -> list[dict]:
+        return [r for (n, t, v), r in rows.items() if n == longest and v == variant and (task is None or t == task)]
+
     def at_longest(variant: str, task: str | None, key: str):
-        cells = [r for (n, t, v), r in rows.items() if n == longest and v == variant and (task is None or t == task)]
-        return mean_of(cells, key)
+        return mean_of(cells_at_longest(variant, task), key)
 
     base_kv = at_longest(BASELINE, None, "kv_bytes") if has_base else None
     base_ttft = at_longest(BASELINE, SPEED_TASK, "value") if has_base else None
@@ -174,6 +192,7 @@ def summary_table(results: dict) -> ReportTable:
                 "dense)."] if any(r.get("prefill_kernels") for r in results["results"]) else [])
             + ([f"Brackets: change from `{BASELINE}` (speed: times faster)."] if has_base else [])
             + ([f"Speed: {device_label(results)}."] if speed_rows(results) else [])
+            + _kv_note([r for v in variants for r in cells_at_longest(v)])
         ),
     )
     for v in variants:
@@ -182,7 +201,7 @@ def summary_table(results: dict) -> ReportTable:
         table.rows.append([
             v,
             fmt_sparsity(variant_sparsity(results, v)),
-            fmt_bytes(at_longest(v, None, "kv_bytes"), None if v == BASELINE else base_kv),
+            fmt_kv(cells_at_longest(v), None if v == BASELINE else base_kv),
             "–" if ttft is None else f"{ttft:.1f}" + ("" if v == BASELINE else fmt_speedup(ttft, base_ttft)),
             "–" if per_token is None else f"{per_token:.2f}" + ("" if v == BASELINE else fmt_speedup(per_token, base_tok)),
             fmt_kernels(results, v),
@@ -212,7 +231,8 @@ def accuracy_tables(results: dict) -> list[ReportTable]:
         kv = [mean_of(at_length(v), "kv_bytes") for v in variants]
         if any(x is not None for x in kv):
             base_kv = kv[variants.index(BASELINE)] if has_base else None
-            table.rows.append(["*KV cache at end of generation*", *[fmt_bytes(x, base_kv) for x in kv]])
+            table.rows.append(["*KV cache at end of generation*", *[fmt_kv(at_length(v), base_kv) for v in variants]])
+            table.note = " ".join(filter(None, [table.note, *_kv_note([r for v in variants for r in at_length(v)])]))
         tables.append(table)
     return tables
 
@@ -244,8 +264,9 @@ def speed_table(results: dict) -> ReportTable | None:
             f"{row['value']:.1f}" + fmt_speedup(row["value"], b and b["value"]),
             "–" if row.get("ms_per_token") is None else f"{row['ms_per_token']:.2f}" + fmt_speedup(row["ms_per_token"], b and b.get("ms_per_token")),
             fmt_bytes(row.get("peak_bytes")),
-            fmt_bytes(row.get("kv_bytes"), b and b.get("kv_bytes")),
+            fmt_kv([row], b and b.get("kv_bytes")),
         ])
+    table.note = " ".join([table.note, *_kv_note(speed)])
     return table
 
 

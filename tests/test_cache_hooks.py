@@ -1,0 +1,126 @@
+"""How a patched model's forwards get the head-budgeted cache, on whichever transformers is installed, and what is said
+when they do not. CI runs this file on the newest transformers the range allows and on the oldest (5.17)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+from transformers.cache_utils import DynamicCache
+
+import patchattn
+from patchattn import cache_hooks, hf
+from patchattn.cache import HeadBudgetCache
+from patchattn.eval.tables import NOT_BUDGETED, fmt_kv
+from patchattn.recipe import Recipe
+
+WARNING = "the recipe's KV plans are not in effect"
+
+
+def streaming_recipe(model):
+    """Every KV head on sink 16 + window 64: a 300-token prompt keeps under a third of its cache."""
+    recipe = Recipe.uniform(model.config, "streaming", sink_tokens=16, window_tokens=64)
+    assert recipe.compresses_kv
+    return recipe
+
+
+def prompt(n=300, batch=1, seed=1):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_bytes(model, ids, new_tokens):
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+    cache = hf.output_cache(out)
+    assert type(cache) is DynamicCache
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_with_a_kv_compressing_recipe_keeps_fewer_bytes_than_dense(arch, caplog):
+    """The installed transformers' generate (``cache=`` on 5.25, ``past_key_values=`` on 5.17) runs on the budgeted
+    cache, with no warning."""
+    model = tiny_model(arch)
+    ids = prompt()
+    dense = dense_bytes(model, ids, 20)
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, streaming_recipe(model), backend="torch"):
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+        cache = hf.output_cache(out)
+        assert cache_hooks.kv_cache_status(model, cache) == "budgeted"
+    assert isinstance(cache, HeadBudgetCache) and cache.get_seq_length() == 319
+    assert 0 < cache.kv_bytes() < 0.5 * dense
+    assert WARNING not in caplog.text
+
+
+@pytest.mark.parametrize("keyword", hf.CACHE_ARGUMENTS)
+def test_plain_forwards_get_the_budgeted_cache_under_either_keyword(keyword):
+    """A forward with ``use_cache=True`` and no cache, or an empty ``DynamicCache`` under either name the range has
+    used, gets the budgeted cache; the next forward with that cache decodes through it."""
+    model = tiny_model("llama")
+    if keyword not in (hf.cache_argument(model), "past_key_values"):  # 5.25 reads both, older releases the old one
+        pytest.skip(f"transformers {transformers.__version__} does not read `{keyword}`")
+    ids = prompt()
+    with patchattn.patched(model, streaming_recipe(model), backend="torch"):
+        first = model(ids, use_cache=True)
+        assert isinstance(hf.output_cache(first), HeadBudgetCache)
+        out = model(ids, use_cache=True, **{keyword: DynamicCache()})
+        cache = hf.output_cache(out)
+        assert isinstance(cache, HeadBudgetCache)
+        step = model(ids[:, -1:], use_cache=True, **{keyword: cache})
+        assert hf.output_cache(step) is cache and cache.get_seq_length() == 301
+
+
+def test_a_padded_batch_runs_on_the_full_cache_and_says_so_once(caplog):
+    model = tiny_model("llama")
+    ids = prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, streaming_recipe(model), backend="torch"):
+        for _ in range(2):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        cache = hf.output_cache(out)
+        status = cache_hooks.kv_cache_status(model, cache)
+    assert not isinstance(cache, HeadBudgetCache)
+    assert status.startswith("full: a padded batch")
+    said = [r for r in caplog.records if WARNING in r.getMessage()]
+    assert len(said) == 1 and "padded batch" in said[0].getMessage()  # once per model and reason, not per step
+
+
+def test_a_cache_the_model_ignores_is_said(monkeypatch, caplog):
+    """If a transformers release stops reading the keyword patchattn passes its cache under (as 5.25 did with
+    ``past_key_values`` before this module), the forward runs on transformers' own cache: that is said, naming it."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(hf, "cache_argument", lambda model: "a_keyword_no_release_reads")
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, streaming_recipe(model), backend="torch"):
+        out = model(prompt(), use_cache=True)
+        status = cache_hooks.kv_cache_status(model, hf.output_cache(out))
+    assert type(hf.output_cache(out)) is DynamicCache
+    assert status.startswith("full: transformers") and "please report" in status
+    assert WARNING in caplog.text and "a_keyword_no_release_reads" in caplog.text
+
+
+def test_a_filled_or_foreign_cache_is_kept_and_said(caplog):
+    model = tiny_model("llama")
+    ids = prompt()
+    filled = hf.output_cache(model(ids, use_cache=True))  # unpatched: transformers' own cache, holding the prompt
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, streaming_recipe(model), backend="torch"):
+        out = model(ids[:, -1:], use_cache=True, **{hf.cache_argument(model): filled})
+        assert hf.output_cache(out) is filled
+        assert cache_hooks.kv_cache_status(model, filled).startswith("full: the forward was given a DynamicCache that already holds")
+    assert "already holds tokens" in caplog.text
+
+
+def test_recipes_that_keep_every_token_say_nothing(caplog):
+    model = tiny_model("llama")
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, Recipe.uniform(model.config, "dense"), backend="torch"):
+        out = model.generate(prompt(), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert cache_hooks.kv_cache_status(model, hf.output_cache(out)) is None
+    assert WARNING not in caplog.text
+
+
+def test_report_marks_kv_figures_that_are_not_the_recipes():
+    rows = [{"kv_bytes": 2**20, "kv_cache": "budgeted"}, {"kv_bytes": 2**20, "kv_cache": "full: a padded batch"}]
+    assert fmt_kv(rows[:1]) == "1.0 MiB"
+    assert fmt_kv(rows).endswith(NOT_BUDGETED) and fmt_kv(rows).startswith("1.0 MiB")
