@@ -19,6 +19,8 @@ from patchattn import hf
 from patchattn.cache import BudgetLayer, HeadBudgetCache, respect_sliding_window, sliding_windows
 from patchattn.recipe import KVPlan, Recipe, RecipeError
 
+pytestmark = pytest.mark.internals  # CI runs these on the oldest supported transformers too
+
 BACKENDS = ["torch", "triton"]
 
 

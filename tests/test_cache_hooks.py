@@ -17,6 +17,8 @@ from patchattn.cache import HeadBudgetCache
 from patchattn.eval.tables import NOT_BUDGETED, fmt_kv
 from patchattn.recipe import Recipe
 
+pytestmark = pytest.mark.internals  # CI runs these on the oldest supported transformers too
+
 WARNING = "the recipe's KV plans are not in effect"
 
 

@@ -40,6 +40,7 @@ def calibration_text(tmp_path):
     return path
 
 
+@pytest.mark.internals
 def test_calibrate_then_export_then_load(tiny_model_dir, calibration_text, tmp_path):
     recipe_path = tmp_path / "out" / "my.json"
     result = invoke("calibrate", tiny_model_dir, "--target-sparsity", 0.7, "--seq-len", 1024, "--block-size", 32,
@@ -138,6 +139,7 @@ def test_unwritable_output(tiny_model_dir, tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.internals
 def test_a_model_with_its_own_windows_calibrates_exports_and_loads(calibration_text, tmp_path):
     """Gemma 3 (a sliding-window layer and a full one): calibrate says the window layer keeps the model's window, and
     the exported directory loads back patched, the window applied by patchattn, with the patched model's logits."""
@@ -250,6 +252,7 @@ def test_eval_ppl_windows(tiny_model_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.internals
 def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
     recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)
     recipe.save(tmp_path / "r.json")

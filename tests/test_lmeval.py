@@ -18,6 +18,8 @@ pytest.importorskip("lm_eval")
 # a tiny random Llama and BPE tokenizers with a BOS (and a chat template), built offline
 from test_eval import chat_tokenizer, plain_tokenizer, tiny_model  # noqa: E402,F401  (fixtures)
 
+pytestmark = pytest.mark.internals  # CI runs these on the oldest supported transformers too
+
 LENGTH = 400
 
 

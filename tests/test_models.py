@@ -5,6 +5,8 @@ import pytest
 from patchattn.errors import ModelLoadError
 from patchattn.models import check_gguf_tokenizer
 
+pytestmark = pytest.mark.internals  # CI runs these on the oldest supported transformers too
+
 gguf = pytest.importorskip("gguf")
 
 

@@ -36,6 +36,7 @@ def test_passkey_dense_and_patched(recipe_2k, smollm):
     assert rows["patched"]["sparsity"] > 0.5
 
 
+@pytest.mark.internals
 def test_long_generation_through_the_window_wrap(smollm):
     """Generation with the head-budgeted cache on the real model: with every token kept and read it gives the same
     tokens as dense; with sink + window heads it runs far past the window (the ring wraps many times) with memory
