@@ -56,6 +56,7 @@ def test_generate_with_a_kv_compressing_recipe_keeps_fewer_bytes_than_dense(arch
     assert WARNING not in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # 5.25 deprecates the old name, still reads it
 @pytest.mark.parametrize("keyword", hf.CACHE_ARGUMENTS)
 def test_plain_forwards_get_the_budgeted_cache_under_either_keyword(keyword):
     """A forward with ``use_cache=True`` and no cache, or an empty ``DynamicCache`` under either name the range has
