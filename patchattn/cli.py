@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,7 +14,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import PatchattnError
+from .errors import OptionError, PatchattnError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free sparse attention for long-context HuggingFace LMs.")
 console = Console(stderr=False)
@@ -23,12 +24,30 @@ _STATE = {"debug": False}
 MODEL_HELP = "HuggingFace id already in the local cache, a local model directory, or a .gguf file (default: the embedded SmolLM2-135M-Instruct)."
 
 
+def _set_debug(debug: bool) -> bool:
+    """--debug, before or after the subcommand: tracebacks and debug logs."""
+    if debug:
+        _STATE["debug"] = True
+        logging.getLogger().setLevel(logging.DEBUG)
+        import transformers
+
+        transformers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.enable_progress_bar()
+    return debug
+
+
+DEBUG_OPTION = typer.Option(False, "--debug", help="Show tracebacks and debug logs.", callback=_set_debug)
+
+
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    debug: bool = DEBUG_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
 ):
-    _STATE["debug"] = debug
+    _STATE["debug"] = debug  # a --debug after the subcommand sets it again when that is parsed
+    from .cleanup import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM unwinds like Ctrl-C: temporary files go, finished eval rows stay
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
     if not debug:
@@ -38,20 +57,42 @@ def main(
         transformers.utils.logging.disable_progress_bar()
 
 
+# Options whose library name differs from the flag's spelling; the others are their flags with "_" for "-".
+_FLAGS = {"n_rows": "--rows"}
+_OPTION_NAMES = re.compile(r"\b(target_sparsity|seq_len|block_size|n_rows|kv_budget|decode_pages|decode_recall|retrieval_weight|"
+                           r"dense_prefix_tokens|min_sparse_tokens|ppl_windows|speed_runs)\b")
+
+
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _message(exc: PatchattnError) -> str:
+    """The error's line, the library's option names written as the flags a CLI user typed."""
+    text = f"{_flag(exc.option)} {exc.problem}" if isinstance(exc, OptionError) else str(exc)
+    return _OPTION_NAMES.sub(lambda m: _flag(m.group(1)), text)
+
+
 def _run(fn, *args, **kwargs):
-    """Call ``fn``; turn errors into one readable line and a non-zero exit code (tracebacks with --debug)."""
+    """Call ``fn``; turn errors into one readable line and a non-zero exit code (tracebacks with --debug). A command
+    that fails takes back the empty directories it created."""
+    from .io import forget_created_dirs, remove_created_dirs
+
     try:
-        return fn(*args, **kwargs)
-    except PatchattnError as exc:
-        if _STATE["debug"]:
+        result = fn(*args, **kwargs)
+        forget_created_dirs()
+        return result
+    except BaseException as exc:
+        remove_created_dirs()
+        if _STATE["debug"] or isinstance(exc, (typer.Exit, SystemExit)):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # anything unexpected: still one line unless --debug
-        if _STATE["debug"]:
+        if isinstance(exc, PatchattnError):
+            err_console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM / SIGHUP (patchattn.cleanup.Terminated)
+            err_console.print(f"[bold red]{exc or 'interrupted'}[/]", highlight=False)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+        if not isinstance(exc, Exception):
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""
         err_console.print(
@@ -74,13 +115,11 @@ def _progress() -> Progress:
 
 
 def _parse_lengths(text: str) -> list[int]:
+    """--lengths as integers (their range is the eval options' to check)."""
     try:
-        lengths = [int(x) for x in text.replace(" ", "").split(",") if x]
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise PatchattnError(f"--lengths must be comma-separated integers, not {text!r}") from None
-    if not lengths or min(lengths) < 128:
-        raise PatchattnError("--lengths needs at least one length, each >= 128 tokens")
-    return lengths
 
 
 # ---------------------------------------------------------------------------------------------- calibrate
@@ -116,22 +155,33 @@ def calibrate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
     seed: int = typer.Option(0, "--seed"),
+    debug: bool = DEBUG_OPTION,
 ):
     """Measure every strategy's kept attention per head in one forward pass and write a recipe."""
 
     def body():
         from .calibrate import calibrate as run_calibration
         from .calibrate import needle_probes, tokens_from_text, uniform_baseline
+        from .calibrate.options import CalibrationOptions
         from .calibrate.plot import save_density_heatmap
-        from .io import ensure_writable_dir
+        from .io import check_file_path
         from .models import load_model
         from .text import load_text
 
-        if min_sparse_tokens < 0 or dense_prefix_tokens < 0 or (probes or 0) < 0:
-            raise PatchattnError("--min-sparse-tokens, --dense-prefix-tokens and --probes must be 0 or more")
+        options = CalibrationOptions(
+            target_sparsity=target_sparsity, seq_len=seq_len, block_size=block_size,
+            strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()), objective=objective, n_rows=rows,
+            kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
+            dense_prefix_tokens=dense_prefix_tokens, probes=probes, min_sparse_tokens=min_sparse_tokens, seed=seed,
+        )
         heat = heatmap or output.with_suffix(".png")
-        for path in {output, heat, baseline_output} - {None}:
-            ensure_writable_dir(path.parent)
+        outputs = {"--output": output, "--heatmap": heat, "--baseline-output": baseline_output}
+        for flag, path in outputs.items():
+            if path is not None:
+                check_file_path(path, flag)
+        named = [p.resolve() for p in outputs.values() if p is not None]
+        if len(set(named)) < len(named):
+            raise PatchattnError("--output, --heatmap and --baseline-output must be different files")
         if text is not None:
             try:
                 prose, text_name = text.read_text(encoding="utf-8"), str(text)
@@ -154,19 +204,19 @@ def calibrate(
             recipe = run_calibration(
                 lm,
                 input_ids,
-                target_sparsity=target_sparsity,
-                block_size=block_size,
-                strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                n_rows=rows,
-                seed=seed,
+                target_sparsity=options.target_sparsity,
+                block_size=options.block_size,
+                strategies=list(options.strategies),
+                n_rows=options.n_rows,
+                seed=options.seed,
                 text_name=text_name,
-                objective=objective,
+                objective=options.objective,
                 on_layer=lambda layer, scores: progress.advance(task),
-                kv_budget=kv_budget,
-                decode_pages=decode_pages,
-                decode_recall=decode_recall,
-                retrieval_weight=retrieval_weight,
-                dense_prefix_tokens=dense_prefix_tokens,
+                kv_budget=options.kv_budget,
+                decode_pages=options.decode_pages,
+                decode_recall=options.decode_recall,
+                retrieval_weight=options.retrieval_weight,
+                dense_prefix_tokens=options.dense_prefix_tokens,
                 probes=probe_set,
                 on_probe=lambda layer: progress.advance(probe_task),
             )
@@ -242,10 +292,11 @@ def export(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe JSON from `patchattn calibrate`."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier patchattn export there (anything else is refused)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (weights are saved in it)."),
     device: str = typer.Option("cpu", "--device"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Place the model with accelerate: auto, balanced, balanced_low_0 or sequential (over every visible GPU; default: auto on CUDA)."),
+    debug: bool = DEBUG_OPTION,
 ):
     """Write a directory that loads back as the patched model (safetensors, config, recipe, model card)."""
 
@@ -289,30 +340,27 @@ def evaluate(
         "", "--lm-eval-tasks", help="Comma-separated lm-eval tasks, run dense and patched through lm-eval's HFLM: any installed task, or patchattn's own (patchattn_passkey, patchattn_single, patchattn_multikey, patchattn_multivalue, patchattn_multiquery, patchattn_vartrack; 'patchattn' for all) at --lengths with --trials and --seed."
     ),
     lm_eval_args: str = typer.Option("", "--lm-eval-args", help="lm-eval's own options as key=value pairs separated by commas (limit=5,num_fewshot=0,batch_size=1) or a JSON object (for values with commas, e.g. gen_kwargs)."),
+    debug: bool = DEBUG_OPTION,
 ):
     """Dense vs patched on the same prompts: perplexity, passkey and needle accuracy, achieved sparsity."""
 
     def body():
         from .calibrate import uniform_baseline
         from .eval import lmeval
+        from .eval.options import EvalOptions
         from .eval.report import write_report
         from .eval.runner import check_lengths, eval_steps, run_eval
-        from .io import ensure_writable_dir
+        from .io import check_dir_path
         from .models import load_model
-        from .patch import BACKENDS, RECIPE_KEY
+        from .patch import RECIPE_KEY
         from .recipe import Recipe
 
-        length_list = _parse_lengths(lengths)
-        task_list = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "speed"]
-        if speed_runs < 0:
-            raise PatchattnError(f"--speed-runs must be 0 or more, not {speed_runs}")
-        if ppl_windows < 1:
-            raise PatchattnError(f"--ppl-windows must be 1 or more, not {ppl_windows}")
-        task_list += ["speed"] if speed_runs else []  # speed and memory are part of every run
-        if backend not in BACKENDS:
-            raise PatchattnError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if baseline not in (None, "uniform"):
-            raise PatchattnError(f"--baseline must be 'uniform', not {baseline!r}")
+        options = EvalOptions(
+            lengths=tuple(_parse_lengths(lengths)), tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), trials=trials,
+            ppl_windows=ppl_windows, speed_runs=speed_runs, backend=backend, baseline=baseline, seed=seed,
+        )
+        length_list, task_list = list(options.lengths), options.run_tasks
+        check_dir_path(output, "--output")
         lm_eval_names = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
         lm_eval_options = lmeval.parse_options(lm_eval_args)
         task_manager = None
@@ -322,7 +370,8 @@ def evaluate(
         recipes = [Recipe.load(p) for p in recipe]
         for path, r in zip(recipe, recipes):
             r.name = path.stem  # variants are named after their files
-        ensure_writable_dir(output)
+        if not recipes and not _bundles_recipe(model):
+            raise PatchattnError("nothing to compare: pass --recipe (or evaluate a directory from `patchattn export`)")
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         exported = getattr(lm.config, RECIPE_KEY, None)
@@ -390,6 +439,19 @@ def evaluate(
                           f"`lm_eval --model hf --model_args pretrained=MODEL{model_args} --include_path {output / 'lm_eval_tasks'}/LENGTH --tasks patchattn`", soft_wrap=True)
 
     _run(body)
+
+
+def _bundles_recipe(model: str | None) -> bool:
+    """Whether MODEL is a directory from `patchattn export` (its config carries a recipe), read without loading it."""
+    import json
+
+    from .compiled import RECIPE_KEY
+
+    config = Path(model) / "config.json" if model else None
+    try:
+        return config is not None and config.is_file() and RECIPE_KEY in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _unique(existing: dict, name: str) -> str:

@@ -31,3 +31,11 @@ class RunInterrupted(PatchattnError):
     """The user interrupted a long run; what was finished is saved (the message says where)."""
 
     exit_code = 130
+
+
+class OptionError(PatchattnError):
+    """An option has the wrong kind or range. ``option`` is the library's parameter name (the CLI shows its flag)."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")

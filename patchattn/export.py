@@ -3,8 +3,9 @@
 The directory is an ordinary HuggingFace model folder (safetensors weights, tokenizer) whose config.json
 also names ``attn_implementation: "patchattn"`` and carries the recipe under ``patchattn_recipe``; so
 ``AutoModelForCausalLM.from_pretrained(dir)`` returns the patched model once patchattn is imported.
-``recipe.json`` and a short model card sit beside them. Everything is written into a temporary sibling
-directory first and renamed into place at the end.
+``recipe.json``, a short model card and a list of the files written (``.patchattn-export.json``: ``--overwrite`` replaces
+an earlier export only, and only while it holds nothing else) sit beside them. Everything is written into a temporary
+sibling directory first and renamed into place at the end; no temporary directory outlives the call.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
+from .cleanup import TemporaryPaths, deferred_signals, temporary_paths
 from .errors import OutputPathError, RecipeError
-from .io import ensure_writable_dir, write_json_atomic, write_text_atomic
+from .io import _umask, ensure_writable_dir, write_json_atomic, write_text_atomic
 from .patch import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY, check_supported
 from .recipe import Recipe
 
@@ -36,7 +37,7 @@ Sparse-attention version of `{source}` for long-context inference, made by
 | calibration | {seq_len} tokens, target sparsity {target}, achieved {achieved} |
 
 Prefill runs each head's block layout through patchattn's sparse kernels (Triton on CUDA, PyTorch on
-CPU); decoding runs dense attention.
+CPU). Decoding: {decode}
 
 ```python
 import patchattn
@@ -61,28 +62,112 @@ def _model_card(recipe: Recipe, source: str, dirname: str) -> str:
         target=cal.get("target_sparsity", "?"),
         achieved=cal.get("achieved_sparsity", "?"),
         dirname=dirname,
+        decode=("each KV head keeps and reads what the recipe's KV plans allow (window, SnapKV, Quest pages: "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(recipe.kv_policy_counts().items())) + "), through the page-sparse decode kernel."
+                if recipe.compresses_kv else "the full KV cache, dense attention (the recipe keeps every token)."),
         **{k: recipe.model.get(k, "?") for k in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")},
     )
 
 
+MANIFEST = ".patchattn-export.json"  # the names an export wrote, so --overwrite knows what else is the user's
+_EXPORT_FILE = re.compile(  # what exports made before the manifest wrote
+    r"config\.json|generation_config\.json|recipe\.json|README\.md|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|chat_template\.(jinja|json)"
+)
+
+
+def _exported(entry: Path, written: set[str] | None) -> bool:
+    if written is not None:
+        return entry.name in written
+    return entry.is_file() and _EXPORT_FILE.fullmatch(entry.name) is not None
+
+
+def _not_replaceable(directory: Path, shown: Path) -> str | None:
+    """Why ``--overwrite`` may not replace the non-empty ``directory`` (None: it may). Only an earlier export qualifies
+    (config.json carrying the recipe), and only while it holds nothing but what that export wrote."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or RECIPE_KEY not in config:
+        return (
+            f"{shown} is not empty and is not an earlier patchattn export (no config.json with a patchattn recipe); "
+            "--overwrite replaces only an earlier export: choose another path, or empty it yourself"
+        )
+    try:
+        written = set(json.loads((directory / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None  # an export made before the manifest
+    foreign = sorted(entry.name for entry in directory.iterdir() if not _exported(entry, written))
+    if foreign:
+        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (
+            f"{shown} is an earlier patchattn export but also holds {names}, which the export did not write; "
+            "move them out or choose another path (--overwrite would delete them)"
+        )
+    return None
+
+
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (before any model is loaded) if ``out_dir`` cannot become the export directory."""
+    """Fail early (before any model is loaded) if ``out_dir`` cannot become the export directory: a file, the current
+    directory or one holding it, a filesystem root or mount point, or a non-empty directory that is not an earlier export
+    for ``--overwrite`` to replace. Returns the directory the export is renamed into (``out_dir``'s resolved parent),
+    created if missing."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    target = out_dir.resolve()
+    if target.exists() and not target.is_dir():
         raise OutputPathError(f"{out_dir} exists and is not a directory; choose another output path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputPathError(f"{out_dir} exists and is not empty; choose another path or pass --overwrite")
-    return ensure_writable_dir(out_dir.parent if str(out_dir.parent) else ".")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputPathError(f"{out_dir} is the current directory or holds it; export into a new directory, e.g. -o patched/")
+    if os.path.ismount(target):
+        raise OutputPathError(f"{out_dir} is a filesystem root or mount point, which cannot be replaced; export into a new directory inside it")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputPathError(f"{out_dir} exists and is not empty; choose another path or pass --overwrite (it replaces an earlier export only)")
+        problem = _not_replaceable(target, out_dir)
+        if problem:
+            raise OutputPathError(problem)
+    return ensure_writable_dir(target.parent)
+
+
+def _move_into_place(tmp: Path, target: Path, temp: TemporaryPaths) -> None:
+    """Rename ``tmp`` to ``target``. A non-empty ``target`` (one check_output_dir let through) is first renamed into a
+    registered temporary directory, which goes when the export's block ends, and put back if the second rename fails."""
+    try:
+        if not (target.is_dir() and any(target.iterdir())):
+            os.replace(tmp, target)  # onto nothing or an empty directory
+            return
+        old = temp.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-")
+        with deferred_signals():  # a signal between the two renames would leave neither export in place
+            os.replace(target, old / target.name)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                try:
+                    os.replace(old / target.name, target)
+                except OSError:
+                    temp.paths.remove(old)  # never delete the only copy
+                    raise OutputPathError(f"cannot put the previous export back into {target}; it is in {old / target.name}") from None
+                raise
+    except OSError as exc:
+        raise OutputPathError(f"cannot move the export into {target}: {exc.strerror or exc}; choose another output path") from None
 
 
 def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``recipe`` as a directory that loads back patched."""
+    """Write ``model`` + ``tokenizer`` + ``recipe`` as a directory that loads back patched. Nothing but the finished
+    directory remains, whatever ends the call (SIGTERM too, once :func:`patchattn.cleanup.install_signal_handlers` ran)."""
+    from . import __version__
+
     check_supported(model)
     recipe.check_model(model.config)
     out_dir = Path(out_dir)
     parent = check_output_dir(out_dir, overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    target = parent / out_dir.resolve().name
+    with temporary_paths() as temp:
+        tmp = temp.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory what mkdir would
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
@@ -95,16 +180,9 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
         recipe.save(tmp / "recipe.json")
         source = getattr(model, "patchattn_source", None) or getattr(model.config, "_name_or_path", "") or "model"
         write_text_atomic(tmp / "README.md", _model_card(recipe, source, str(out_dir)))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = sorted({p.name for p in tmp.iterdir()} | {MANIFEST})
+        write_json_atomic(tmp / MANIFEST, {"patchattn_version": __version__, "files": files})
+        _move_into_place(tmp, target, temp)
     logger.info("exported patched model to %s", out_dir)
     return out_dir
 

@@ -48,3 +48,9 @@ def output_cache(output):
 def text_config(config):
     """The text (decoder) part of a model config: multimodal configs nest it, plain ones are it."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``; GPT-2's ``n_positions``)."""
+    text = text_config(config)
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes the kernels and recipes take
+
 
 def num_blocks(n_tokens: int, block_size: int) -> int:
     return (n_tokens + block_size - 1) // block_size

@@ -7,17 +7,18 @@ model loaded from GGUF cannot be saved by transformers itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .cleanup import temporary_paths
+from .hf import context_length  # noqa: F401  (callers import it from here too)
 from .errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def default_model_path() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PATCHATTN_CACHE") or Path.home() / ".cache" / "patchattn")
+    return Path(os.environ.get("PATCHATTN_CACHE") or Path.home() / ".cache" / "patchattn").expanduser()
 
 
 def resolve_device(device: str) -> str:
@@ -59,12 +60,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {dtype!r} unknown; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def context_length(config) -> int | None:
-    """The model's context in tokens (``max_position_embeddings``; GPT-2's ``n_positions``)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 @torch.no_grad()
@@ -145,14 +140,42 @@ def check_gguf_tokenizer(gguf: Path, tokenizer) -> None:
         )
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file into a cached safetensors directory (float32); reuse it when present."""
-    target = _gguf_cache_path(gguf)
-    if (target / "config.json").is_file():
-        return target
+def _converted(directory: Path) -> bool:
+    """A finished conversion: renamed into place whole, so its config.json and weights are there."""
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _conversion_lock(cache: Path):
+    """Hold an exclusive flock on the cache directory while converting, so a second process waits for the first one's
+    result instead of converting again. Where flock is missing or refused (Windows, some network filesystems) it
+    proceeds unlocked: the rename in :func:`convert_gguf` still tolerates a result that appeared meanwhile."""
+    try:
+        import fcntl
+
+        fd = os.open(cache, os.O_RDONLY)
+    except (ImportError, OSError):
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another patchattn process converting a GGUF file into %s", cache)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.debug("no lock on %s (%s); converting unlocked", cache, exc)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _dequantise(gguf: Path):
+    """The model (float32, plain weights) and tokenizer transformers reads from ``gguf``; tens of seconds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("dequantising %s once into %s", gguf, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -167,15 +190,36 @@ def convert_gguf(gguf: Path) -> Path:
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion of {gguf} lost weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return fresh, tokenizer
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a cached safetensors directory (float32); reuse it when present.
+
+    Safe with several processes at once: one converts under a lock while the others wait and then reuse its result;
+    the result is written into a temporary sibling and renamed into place whole (one found there meanwhile wins), and
+    the temporary sibling is gone on every exit."""
+    target = _gguf_cache_path(gguf)
+    if _converted(target):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        fresh.save_pretrained(tmp)
+    with _conversion_lock(target.parent), temporary_paths() as temp:
+        if _converted(target):  # another process converted it while this one waited
+            return target
+        logger.info("dequantising %s once into %s", gguf, target)
+        model, tokenizer = _dequantise(gguf)
+        tmp = temp.mkdtemp(dir=target.parent, prefix=f".{target.name}.")
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if target.exists() and not _converted(target):  # a leftover of an older patchattn, not a conversion
+            temp.add(target.parent / f".{target.name}.stale-{os.getpid()}")
+            os.replace(target, temp.paths[-1])
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _converted(target):  # not another process's finished result
+                raise
+            logger.info("another process converted %s meanwhile; using its result", gguf)
     return target
 
 
@@ -207,6 +251,31 @@ def _unsupported_message(class_name: str) -> str:
     )
 
 
+def _unreadable_weights(source, spec, config, exc) -> ModelLoadError:
+    """One line for weights safetensors cannot read (a truncated or corrupt file): which file, and what to do."""
+    from safetensors import safe_open
+
+    from .compiled import RECIPE_KEY
+
+    directory = Path(source)
+    bad = []
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 (SafetensorError or OSError: unreadable either way)
+            bad.append(path)
+    what = ", ".join(map(str, bad)) if bad else f"the weights of {spec or source}"
+    if getattr(config, RECIPE_KEY, None) is not None:
+        advice = "export the model again (`patchattn export ... --overwrite`)"
+    elif directory.is_dir() and directory.resolve().parent == (cache_dir() / "gguf").resolve():
+        advice = f"delete {directory} and it is converted again from the GGUF file"
+    else:
+        advice = "replace the file with a complete copy"
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ModelLoadError(f"cannot read {what} ({reason}): the file is truncated or corrupt; {advice}")
+
+
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -219,6 +288,7 @@ def load_model(
 ):
     """Returns ``(model, tokenizer)`` in eval mode. ``device_map`` (one of :data:`DEVICE_MAPS`) places the layers with
     accelerate, over every visible GPU (the default on CUDA: ``"auto"``); on a CPU machine everything lands on the CPU."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if device_map is not None and device_map not in DEVICE_MAPS:
@@ -251,6 +321,8 @@ def load_model(
             device_map=device_map,
         )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except SafetensorError as exc:
+        raise _unreadable_weights(source, spec, config, exc) from None
     except ValueError as exc:
         if "attn_implementation" in str(exc) or "attention" in str(exc):
             raise UnsupportedModelError(f"{spec or source}: {str(exc).splitlines()[0]}") from None

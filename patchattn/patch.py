@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import cache_hooks, graphs, hf, stats
-from .compiled import RECIPE_KEY, CompiledRecipe, LayerPlan, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
+from .compiled import RECIPE_KEY, CompiledRecipe, HeadGroup, LayerPlan, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, sparse_prefill_triton, triton_prefill_unsupported
 from .layout import column_counts, column_tiles, finalize, num_blocks, window_blocks

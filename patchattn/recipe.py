@@ -15,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
+from .hf import context_length
 from .io import write_json_atomic
-from .layout import num_blocks
+from .layout import BLOCK_SIZES, num_blocks
 from .strategies import Strategy, get_strategy
+from .strategies.base import check_int, check_number, shown
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 KV_POLICIES = ("full", "window", "snapkv")
 _IDENTITY_FIELDS = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
+_KV_SIZES = ("sink_tokens", "window_tokens", "budget_tokens", "decode_pages")
+# Calibration writes float32 statistics rounded to 6 places: a fraction of the whole may land a hair above 1.
+_FRACTION_ROUNDING = 1e-3
 
 
 def model_identity(config) -> dict[str, Any]:
@@ -39,9 +44,13 @@ def model_identity(config) -> dict[str, Any]:
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
     }
-    canonical = json.dumps({k: identity[k] for k in _IDENTITY_FIELDS}, sort_keys=True)
-    identity["config_hash"] = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    identity["config_hash"] = _config_hash(identity)
     return identity
+
+
+def _config_hash(identity: dict[str, Any]) -> str:
+    canonical = json.dumps({k: identity[k] for k in _IDENTITY_FIELDS}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -54,6 +63,15 @@ class HeadPlan:
 
     def build(self) -> Strategy:
         return get_strategy(self.strategy, **self.params)
+
+    def check(self) -> None:
+        """Raise ValueError naming the field unless the strategy builds and each statistic is None or in its range
+        (density and kept mass are fractions; the output error is relative and may exceed 1)."""
+        self.build()
+        for name, high in (("density", 1.0), ("kept_mass", 1.0), ("output_error", None)):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(name, value, 0.0, high, rounding=_FRACTION_ROUNDING)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"strategy": self.strategy, "params": dict(self.params)}
@@ -85,10 +103,10 @@ class KVPlan:
     decode_pages: int = 0
 
     def __post_init__(self):
-        if self.policy not in KV_POLICIES:
-            raise ValueError(f"unknown KV policy {self.policy!r}; choose from {', '.join(KV_POLICIES)}")
-        if min(self.sink_tokens, self.window_tokens, self.budget_tokens, self.decode_pages) < 0:
-            raise ValueError("KV plan sizes must be >= 0")
+        if not isinstance(self.policy, str) or self.policy not in KV_POLICIES:
+            raise ValueError(f"unknown KV policy {shown(self.policy)}; choose from {', '.join(KV_POLICIES)}")
+        for name in _KV_SIZES:
+            check_int(name, getattr(self, name))
         if self.policy == "window" and self.window_tokens < 1:
             raise ValueError("a window KV plan needs window_tokens >= 1")
         if self.policy == "snapkv" and not 0 < self.window_tokens <= self.budget_tokens:
@@ -111,17 +129,16 @@ class KVPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"policy": self.policy}
-        for name in ("sink_tokens", "window_tokens", "budget_tokens", "decode_pages"):
+        for name in _KV_SIZES:
             if getattr(self, name):
                 d[name] = getattr(self, name)
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "KVPlan":
-        unknown = set(data) - {"policy", "sink_tokens", "window_tokens", "budget_tokens", "decode_pages"}
-        if unknown:
-            raise ValueError(f"unknown KV plan field(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: (v if k == "policy" else int(v)) for k, v in data.items()})
+    def from_dict(cls, data: Any) -> "KVPlan":
+        """A KV plan from its JSON object; ValueError naming the field on anything else (sizes are not rounded: 0.5
+        tokens is a mistake to report, not a 0)."""
+        return cls(**_fields(data, "KV plan", required=("policy",), optional=_KV_SIZES))
 
 
 def derive_kv_plans(layers: list[list[HeadPlan]], num_kv_heads: int) -> list[list[KVPlan]]:
@@ -198,6 +215,15 @@ class Recipe:
                 counts[head.strategy] = counts.get(head.strategy, 0) + 1
         return counts
 
+    def kv_policy_counts(self) -> dict[str, int]:
+        """KV heads per decode policy ("window", "snapkv + Quest pages", ...)."""
+        counts: dict[str, int] = {}
+        for layer in self.kv_plans():
+            for plan in layer:
+                name = plan.policy + (" + Quest pages" if plan.decode_pages else "")
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def plan_hash(self) -> str:
         """A short hash of what the recipe makes the model do (block size, every head's strategy and parameters, the
         KV plans, the dense thresholds), not of its name or calibration statistics: two reports ran the same plan
@@ -212,13 +238,21 @@ class Recipe:
         return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def check_model(self, config) -> None:
-        """Raise RecipeError unless this recipe was made for a model of this geometry."""
+        """Raise RecipeError unless this recipe was made for a model of this geometry: every identity field is
+        compared, not only the hash (a hand-edited description with a recomputed hash must not pass either)."""
         ident = model_identity(config)
-        if ident["config_hash"] != self.model.get("config_hash"):
-            diffs = [f"{k}: recipe {self.model.get(k)} vs model {ident[k]}" for k in _IDENTITY_FIELDS if self.model.get(k) != ident[k]]
+        diffs = [f"{k}: recipe {shown(self.model.get(k))} vs model {ident[k]!r}" for k in _IDENTITY_FIELDS if self.model.get(k) != ident[k]]
+        if diffs or ident["config_hash"] != self.model.get("config_hash"):
             raise RecipeError(
                 f"recipe was made for another model ({'; '.join(diffs) or 'config hash differs'}); "
                 "calibrate a recipe for this model with `patchattn calibrate`"
+            )
+        limit = context_length(config)
+        longest = max((max(p.sink_tokens + p.window_tokens, p.budget_tokens) for layer in self.kv_plans() for p in layer), default=0)
+        if limit is not None and longest > limit:  # a window's ring is allocated whole: beyond the context it only costs
+            raise RecipeError(
+                f"a KV plan keeps up to {longest} tokens, more than the model's context of {limit}; "
+                "lower its window_tokens / budget_tokens or make a new recipe with `patchattn calibrate`"
             )
 
     # ---- serialisation ------------------------------------------------------------------------
@@ -239,52 +273,62 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        """Parse and check a recipe's JSON data. Anything malformed (a wrong type, a value out of range, an unknown
+        field, counts that disagree with its own model description) raises RecipeError naming the field: a recipe
+        that loads must run."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source} is not a recipe (expected a JSON object)")
         version = data.get("schema_version")
-        if version not in READABLE_VERSIONS:
+        if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise RecipeError(
-                f"{source} has schema version {version!r}, this patchattn reads versions "
+                f"{source} has schema version {shown(version)}, this patchattn reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `patchattn calibrate` to make a current recipe"
             )
         try:
-            model = data["model"]
-            block_size = int(data["block_size"])
-            min_sparse = int(data.get("min_sparse_tokens", 0))
-            dense_prefix = int(data.get("dense_prefix_tokens", 0))
-            layers, kv_layers = [], []
-            for li, layer in enumerate(data["layers"]):
-                if "kv_heads" in layer:
-                    try:
-                        kv_layers.append([KVPlan.from_dict(dict(p)) for p in layer["kv_heads"]])
-                    except ValueError as exc:
-                        raise RecipeError(f"{source}: layer {li} kv_heads: {exc}") from None
-                heads = []
-                for hi, head in enumerate(layer["heads"]):
-                    plan = HeadPlan(
-                        head["strategy"], dict(head.get("params", {})), head.get("density"), head.get("kept_mass"), head.get("output_error")
-                    )
-                    try:
-                        plan.build()
-                    except ValueError as exc:
-                        raise RecipeError(f"{source}: layer {li} head {hi}: {exc}") from None
-                    heads.append(plan)
-                layers.append(heads)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RecipeError(f"{source} is malformed ({type(exc).__name__}: {exc}); re-run `patchattn calibrate`") from None
-        if min_sparse < 0 or dense_prefix < 0:
-            raise RecipeError(f"{source}: min_sparse_tokens and dense_prefix_tokens must be 0 or more")
-        if block_size not in (16, 32, 64, 128, 256):
-            raise RecipeError(f"{source}: block_size {block_size} unsupported; use 16, 32, 64, 128 or 256")
-        if len(layers) != model.get("num_layers") or any(len(l) != model.get("num_heads") for l in layers):
-            raise RecipeError(f"{source}: layer/head counts do not match its own model description")
-        n_kv = model.get("num_kv_heads") or model.get("num_heads")
-        if kv_layers and (len(kv_layers) != len(layers) or any(len(l) != n_kv for l in kv_layers)):
-            raise RecipeError(f"{source}: kv_heads must be given for every layer, one per KV head ({n_kv})")
+            return cls._parse(data)
+        except ValueError as exc:
+            raise RecipeError(f"{source}: {exc}; correct it or make a new recipe with `patchattn calibrate`") from None
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any]) -> "Recipe":
+        """The recipe in ``data`` (schema version checked); ValueError saying where on anything malformed."""
+        _fields(data, "the recipe", required=("schema_version", "model", "block_size", "layers"),
+                optional=("name", "calibration", "min_sparse_tokens", "dense_prefix_tokens"))
+        model = _model_description(data["model"])
+        block_size = data["block_size"]
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size {shown(block_size)} unsupported: use {', '.join(map(str, BLOCK_SIZES))}")
+        min_sparse, dense_prefix = data.get("min_sparse_tokens", 0), data.get("dense_prefix_tokens", 0)
+        check_int("min_sparse_tokens", min_sparse)
+        check_int("dense_prefix_tokens", dense_prefix)
+        name, calibration = data.get("name", ""), data.get("calibration", {})
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, not {shown(name)}")
+        _check_calibration(calibration, model["num_layers"])
+        layers_data = data["layers"]
+        if not isinstance(layers_data, list):
+            raise ValueError(f"layers must be a list, not {shown(layers_data)}")
+        n_layers, n_heads, n_kv = model["num_layers"], model["num_heads"], model["num_kv_heads"]
+        if len(layers_data) != n_layers:
+            raise ValueError(f"layer/head counts do not match its own model description: {len(layers_data)} layers, num_layers {n_layers}")
+        layers, kv_layers = [], []
+        for li, layer in enumerate(layers_data):
+            _fields(layer, f"layer {li}", required=("heads",), optional=("kv_heads",))
+            heads = layer["heads"]
+            if not isinstance(heads, list) or len(heads) != n_heads:
+                raise ValueError(f"layer/head counts do not match its own model description: layer {li} heads must be a list of "
+                                 f"{n_heads} (num_heads), not {shown(heads) if not isinstance(heads, list) else len(heads)}")
+            layers.append([_head_plan(head, f"layer {li} head {hi}") for hi, head in enumerate(heads)])
+            if "kv_heads" in layer:
+                kv = layer["kv_heads"]
+                if not isinstance(kv, list) or len(kv) != n_kv:
+                    raise ValueError(f"layer {li} kv_heads must be a list, one per KV head ({n_kv}), not {shown(kv) if not isinstance(kv, list) else len(kv)}")
+                kv_layers.append([_kv_plan(plan, f"layer {li} kv head {ki}") for ki, plan in enumerate(kv)])
+        if kv_layers and len(kv_layers) != len(layers):
+            raise ValueError(f"kv_heads must be given for every layer, one per KV head ({n_kv}), or for none")
         return cls(
-            model=model, layers=layers, block_size=block_size, calibration=data.get("calibration", {}),
-            name=data.get("name", ""), kv_layers=kv_layers or None, min_sparse_tokens=min_sparse,
-            dense_prefix_tokens=dense_prefix,
+            model=model, layers=layers, block_size=block_size, calibration=calibration, name=name,
+            kv_layers=kv_layers or None, min_sparse_tokens=min_sparse, dense_prefix_tokens=dense_prefix,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -303,6 +347,75 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecipeError(f"recipe {path} is not valid JSON (line {exc.lineno}: {exc.msg}); re-run `patchattn calibrate`") from None
+        except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep to parse
+            raise RecipeError(f"recipe {path} cannot be parsed ({type(exc).__name__}: {shown(str(exc), 80)}); re-run `patchattn calibrate`") from None
         recipe = cls.from_dict(data, source=f"recipe {path}")
         recipe.name = recipe.name or path.stem
         return recipe
+
+
+# ---- checks of the JSON data --------------------------------------------------------------------------------------
+def _fields(data: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` if it is a JSON object with every ``required`` field and no unknown one (a misspelt field must not
+    silently fall back to its default); ValueError saying which otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, not {shown(data)}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    unknown = sorted(str(k) for k in data if k not in required and k not in optional)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)} (known: {', '.join(required + optional)})")
+    return data
+
+
+def _model_description(model: Any) -> dict[str, Any]:
+    """The recipe's own model description, checked on its own: positive integer sizes, query heads a multiple of
+    KV heads, and the identity fields giving its stored ``config_hash`` (so a description edited for another
+    model is refused here, and :meth:`Recipe.check_model` compares what the recipe was really made for)."""
+    _fields(model, "model", required=(*_IDENTITY_FIELDS, "config_hash"), optional=("architecture",))
+    for name in ("architecture", "model_type", "config_hash"):
+        if name in model and not isinstance(model[name], str):
+            raise ValueError(f"model {name} must be a string, not {shown(model[name])}")
+    for name in _IDENTITY_FIELDS[1:]:  # the sizes
+        check_int(f"model {name}", model[name], minimum=1)
+    if model["num_heads"] % model["num_kv_heads"]:
+        raise ValueError(f"model num_heads {model['num_heads']} is not a multiple of its num_kv_heads {model['num_kv_heads']}")
+    if _config_hash(model) != model["config_hash"]:
+        raise ValueError("model: its fields do not give its config_hash (was the description edited for another model? "
+                         "a recipe is made for one model)")
+    return dict(model)
+
+
+def _head_plan(data: Any, where: str) -> HeadPlan:
+    _fields(data, where, required=("strategy",), optional=("params", "density", "kept_mass", "output_error"))
+    params = data.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise ValueError(f"{where}: params must be a JSON object, not {shown(params)}")
+    plan = HeadPlan(data["strategy"], dict(params), data.get("density"), data.get("kept_mass"), data.get("output_error"))
+    try:
+        plan.check()
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return plan
+
+
+def _kv_plan(data: Any, where: str) -> KVPlan:
+    try:
+        return KVPlan.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_calibration(calibration: Any, num_layers: int) -> None:
+    """The calibration record is statistics for people, except ``model_windows`` (layers that keep the model's own
+    sliding window, by index), which :attr:`Recipe.mean_density` reads."""
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a JSON object, not {shown(calibration)}")
+    windows = calibration.get("model_windows", {})
+    if not isinstance(windows, dict):
+        raise ValueError(f"calibration model_windows must be a JSON object, not {shown(windows)}")
+    for key, window in windows.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdecimal() and int(key) < num_layers):
+            raise ValueError(f"calibration model_windows keys must be layer indices from \"0\" to \"{num_layers - 1}\", not {shown(key)}")
+        check_int(f"calibration model_windows[{key!r}]", window, minimum=1)

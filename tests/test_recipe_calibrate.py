@@ -2,15 +2,17 @@
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
 from conftest import tiny_model
 
+import patchattn
 from patchattn.calibrate import calibrate, uniform_baseline
 from patchattn.calibrate.allocate import allocate
 from patchattn.errors import PatchattnError, RecipeError
-from patchattn.recipe import SCHEMA_VERSION, KVPlan, Recipe
+from patchattn.recipe import SCHEMA_VERSION, HeadPlan, KVPlan, Recipe
 
 
 def test_recipe_round_trip(tmp_path):
@@ -48,7 +50,7 @@ def test_plan_hash_follows_the_plan_not_the_name_or_stats(tmp_path):
     "mutate,match",
     [
         (lambda d: d.update(schema_version=0), "schema version 0"),
-        (lambda d: d.pop("layers"), "malformed"),
+        (lambda d: d.pop("layers"), "lacks layers"),
         (lambda d: d["layers"][0]["heads"][0].update(strategy="magic"), "unknown strategy"),
         (lambda d: d["layers"][1]["heads"][2]["params"].update(window_tokens=-1), "layer 1 head 2"),
         (lambda d: d["layers"].pop(), "layer/head counts"),
@@ -72,6 +74,159 @@ def test_recipe_not_json(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.load(tmp_path / "missing.json")
     assert SCHEMA_VERSION == 2  # schema 1 recipes (no KV plans) still load: tests/test_cache.py
+
+
+def _mixed_recipe_data() -> dict:
+    """A tiny Llama's recipe with every strategy, statistics and KV plans, as JSON data (issue 16's holes)."""
+    recipe = Recipe.uniform(tiny_model("llama").config, "dense", block_size=32)
+    recipe.layers[1] = [
+        HeadPlan("streaming", {"sink_tokens": 32, "window_tokens": 64}, 0.4, 0.8, 0.1),
+        HeadPlan("block_topk", {"threshold": 0.8}, 0.3, 0.8, 0.2),
+        HeadPlan("vertical_slash", {"vertical_tokens": 64, "slash_tokens": 32}, 0.5, 0.9, 0.05),
+        HeadPlan("vertical_slash_tokens", {"vertical_tokens": 16, "slash_tokens": 64}),
+    ]
+    recipe.kv_layers = [[KVPlan("snapkv", budget_tokens=64, window_tokens=8, decode_pages=3), KVPlan("window", window_tokens=48)]] * 2
+    return recipe.to_dict()
+
+
+def _head(d, layer=1, head=2):
+    return d["layers"][layer]["heads"][head]
+
+
+def _kv(d, layer=0, head=0):
+    return d["layers"][layer]["kv_heads"][head]
+
+
+@pytest.mark.parametrize(
+    "mutate,fragment",
+    [
+        # 1. strategy budgets: ints are ints, in range; no unknown parameter
+        (lambda d: _head(d)["params"].update(vertical_tokens=0.5), "layer 1 head 2: vertical_tokens must be an integer >= 0, not 0.5"),
+        (lambda d: _head(d)["params"].update(vertical_tokens=-64), "layer 1 head 2: vertical_tokens must be an integer >= 0, not -64"),
+        (lambda d: _head(d)["params"].update(slash_tokens=64.0), "slash_tokens must be an integer >= 0, not 64.0"),
+        (lambda d: _head(d)["params"].update(slash_tokens=True), "slash_tokens must be an integer >= 0, not True"),
+        (lambda d: _head(d)["params"].update(slash_tokens="64"), "slash_tokens must be an integer >= 0, not '64'"),
+        (lambda d: _head(d)["params"].update(slash_tokens=2**31), "slash_tokens must be at most 2147483647"),
+        (lambda d: _head(d, 1, 3)["params"].update(vertical_tokens=None), "layer 1 head 3: vertical_tokens must be an integer"),
+        (lambda d: _head(d)["params"].update(vertical_token=64), "bad parameters for strategy 'vertical_slash': unknown vertical_token"),
+        (lambda d: _head(d, 1, 1)["params"].update(threshold=float("nan")), "layer 1 head 1: threshold must be a finite number in (0, 1]"),
+        (lambda d: _head(d, 1, 1)["params"].update(threshold=0), "threshold must be a finite number in (0, 1], not 0"),
+        (lambda d: _head(d, 1, 0)["params"].update(window_tokens=0), "layer 1 head 0: window_tokens must be an integer >= 1, not 0"),
+        (lambda d: _head(d, 0, 0)["params"].update(window_tokens=64), "bad parameters for strategy 'dense': unknown window_tokens"),
+        # 3. every other field
+        (lambda d: d.update(schema_version=True), "schema version True"),
+        (lambda d: d.update(schema_version=2.0), "schema version 2.0"),
+        (lambda d: d.update(name=5), "name must be a string, not 5"),
+        (lambda d: d.update(block_size="64"), "block_size '64' unsupported: use 16, 32, 64, 128, 256"),
+        (lambda d: d.update(block_size=64.0), "block_size 64.0 unsupported"),
+        (lambda d: d.update(block_size=None), "block_size None unsupported"),
+        (lambda d: d.update(min_sparse_tokens=0.5), "min_sparse_tokens must be an integer >= 0, not 0.5"),
+        (lambda d: d.update(dense_prefix_tokens=-1), "dense_prefix_tokens must be an integer >= 0, not -1"),
+        (lambda d: d.update(min_sparse_token=512), "the recipe has unknown field(s) min_sparse_token"),
+        (lambda d: d.update(calibration=[]), "calibration must be a JSON object, not []"),
+        (lambda d: d.update(calibration={"model_windows": {"2": 48}}), 'model_windows keys must be layer indices from "0" to "1"'),
+        (lambda d: d.update(calibration={"model_windows": {"0": 0.5}}), "calibration model_windows['0'] must be an integer >= 1"),
+        (lambda d: d.update(layers={}), "layers must be a list, not {}"),
+        (lambda d: d["layers"].__setitem__(0, []), "layer 0 must be a JSON object, not []"),
+        (lambda d: d["layers"][0].update(heads={}), "layer 0 heads must be a list of 4 (num_heads), not {}"),
+        (lambda d: d["layers"][0]["heads"].append(dict(d["layers"][0]["heads"][0])), "layer 0 heads must be a list of 4 (num_heads), not 5"),
+        (lambda d: d["layers"][0]["heads"].__setitem__(1, "dense"), "layer 0 head 1 must be a JSON object, not 'dense'"),
+        (lambda d: _head(d, 0, 1).pop("strategy"), "layer 0 head 1 lacks strategy"),
+        (lambda d: _head(d, 0, 1).update(strategy=5), "layer 0 head 1: unknown strategy 5"),
+        (lambda d: _head(d, 0, 1).update(strategy="Dense"), "layer 0 head 1: unknown strategy 'Dense'"),
+        (lambda d: _head(d, 0, 1).update(params=[]), "layer 0 head 1: params must be a JSON object, not []"),
+        (lambda d: _head(d, 0, 1).update(budget=3), "layer 0 head 1 has unknown field(s) budget"),
+        (lambda d: _head(d).update(density=1.5), "layer 1 head 2: density must be a finite number in [0, 1], not 1.5"),
+        (lambda d: _head(d).update(density="0.5"), "density must be a finite number in [0, 1], not '0.5'"),
+        (lambda d: _head(d).update(kept_mass=-0.1), "kept_mass must be a finite number in [0, 1], not -0.1"),
+        (lambda d: _head(d).update(output_error=float("inf")), "output_error must be a finite number >= 0, not inf"),
+        (lambda d: d["layers"][0].update(kv_heads={}), "layer 0 kv_heads must be a list, one per KV head (2), not {}"),
+        (lambda d: d["layers"][1].pop("kv_heads"), "kv_heads must be given for every layer"),
+        (lambda d: d["layers"][0]["kv_heads"].__setitem__(1, "full"), "layer 0 kv head 1: KV plan must be a JSON object, not 'full'"),
+        (lambda d: _kv(d).update(policy="magic"), "layer 0 kv head 0: unknown KV policy 'magic'"),
+        (lambda d: _kv(d).pop("policy"), "layer 0 kv head 0: KV plan lacks policy"),
+        (lambda d: _kv(d).update(budget_tokens=64.5), "layer 0 kv head 0: budget_tokens must be an integer >= 0, not 64.5"),
+        (lambda d: _kv(d).update(decode_pages=-1), "decode_pages must be an integer >= 0, not -1"),
+        (lambda d: _kv(d, 1, 1).update(window_tokens=None), "layer 1 kv head 1: window_tokens must be an integer >= 0, not None"),
+        (lambda d: _kv(d, 1, 1).update(pages=3), "layer 1 kv head 1: KV plan has unknown field(s) pages"),
+    ],
+)
+def test_recipe_refuses_a_malformed_field_by_name(mutate, fragment):
+    """Issue 16: a malformed recipe raises RecipeError naming the field and saying what to do, never another error."""
+    data = _mixed_recipe_data()
+    Recipe.from_dict(data)  # the unmutated recipe loads
+    mutate(data)
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict(data, source="recipe r.json")
+    message = str(info.value)
+    assert fragment in message and message.startswith("recipe r.json") and "patchattn calibrate" in message and "\n" not in message
+
+
+def test_recipe_statistics_in_range_load():
+    """Relative output errors above 1 are real (the sparse output is off by more than the dense one's size); null
+    statistics are a recipe without calibration."""
+    data = _mixed_recipe_data()
+    _head(data).update(output_error=3.0, density=None, kept_mass=1.0)
+    _head(data, 1, 1).update(density=0, kept_mass=0.0)
+    _head(data, 1, 1)["params"]["threshold"] = 1  # a JSON number that happens to be an integer
+    recipe = Recipe.from_dict(data)
+    assert recipe.layers[1][2].output_error == 3.0 and recipe.layers[1][1].build().threshold == 1
+
+
+def test_strategies_refuse_bad_budgets_however_built():
+    """The checks sit in the strategies and KV plans themselves: code that builds one directly is refused too."""
+    from patchattn.strategies import VerticalSlash, VerticalSlashTokens, get_strategy
+
+    for build in (lambda: VerticalSlash(vertical_tokens=0.5), lambda: VerticalSlashTokens(slash_tokens=-1),
+                  lambda: get_strategy("streaming", sink_tokens=16.0), lambda: get_strategy("block_topk", threshold=True),
+                  lambda: KVPlan("window", window_tokens=0.5), lambda: KVPlan("snapkv", budget_tokens=64, window_tokens=8, decode_pages=True),
+                  lambda: Recipe.uniform(tiny_model("llama").config, "vertical_slash", vertical_tokens=-1)):
+        with pytest.raises(ValueError):
+            build()
+
+
+def _rehash(model: dict) -> dict:
+    """What a determined hand-editor does after changing the model description: recompute its config_hash."""
+    from patchattn.recipe import _config_hash
+
+    return {**model, "config_hash": _config_hash(model)}
+
+
+def test_recipe_edited_for_another_geometry_is_refused(tmp_path):
+    """Issue 16: a recipe whose model description was hand-edited (num_kv_heads 9 crashed generate in the cache) is
+    refused at load when the fields no longer give its hash, and by check_model, field by field, when they do."""
+    model = tiny_model("llama")
+    data = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64).to_dict()
+    edits = [("num_kv_heads", 9, "num_heads 4 is not a multiple of its num_kv_heads 9"), ("num_kv_heads", 1, "do not give its config_hash"),
+             ("model_type", "qwen2", "do not give its config_hash"), ("hidden_size", 128, "do not give its config_hash")]
+    for field, value, fragment in edits:
+        (tmp_path / "r.json").write_text(json.dumps({**data, "model": {**data["model"], field: value}}))
+        with pytest.raises(RecipeError, match=re.escape(fragment)):
+            Recipe.load(tmp_path / "r.json")
+    bad_sizes = [("num_kv_heads", 3, "num_heads 4 is not a multiple of its num_kv_heads 3"), ("head_dim", 0, "model head_dim must be an integer >= 1"),
+                 ("vocab_size", "256", "model vocab_size must be an integer >= 1, not '256'"), ("model_type", None, "model model_type must be a string")]
+    for field, value, fragment in bad_sizes:
+        with pytest.raises(RecipeError, match=re.escape(fragment)):
+            Recipe.from_dict({**data, "model": _rehash({**data["model"], field: value})})
+    del data["model"]["config_hash"]
+    with pytest.raises(RecipeError, match="model lacks config_hash"):
+        Recipe.from_dict(data)
+
+    data = Recipe.uniform(model.config, "dense").to_dict()
+    edited = Recipe.from_dict({**data, "model": _rehash({**data["model"], "num_kv_heads": 4, "hidden_size": 128})})  # self-consistent
+    with pytest.raises(RecipeError, match=re.escape("another model (num_kv_heads: recipe 4 vs model 2; hidden_size: recipe 128 vs model 64)")):
+        edited.check_model(model.config)
+    with pytest.raises(RecipeError, match="num_kv_heads"):
+        patchattn.patch(model, edited)
+    assert not hasattr(model.config, "patchattn_recipe"), "a refused recipe left the model patched"
+
+
+def test_recipe_load_refuses_json_python_cannot_hold(tmp_path):
+    """JSON that parses nowhere near a recipe: an integer of thousands of digits, nesting deeper than the parser."""
+    for text in ('{"schema_version": 2, "block_size": ' + "9" * 5000 + "}", "[" * 100_000):
+        (tmp_path / "r.json").write_text(text)
+        with pytest.raises(RecipeError, match="cannot be parsed"):
+            Recipe.load(tmp_path / "r.json")
 
 
 def test_allocate_matches_brute_force():
@@ -189,7 +344,7 @@ def test_residual_error_weighs_heads_by_what_they_add():
 
 
 def test_calibrate_rejects_bad_target():
-    with pytest.raises(PatchattnError, match="target-sparsity"):
+    with pytest.raises(PatchattnError, match="target_sparsity"):
         calibrate(tiny_model("llama"), torch.zeros(1, 512, dtype=torch.long), target_sparsity=1.5)
 
 
@@ -204,7 +359,7 @@ def test_calibrate_kv_budget_meets_target_and_records_plans():
     for plan in (p for layer in recipe.kv_layers for p in layer):
         assert plan.decode_pages == (8 if plan.policy in ("full", "snapkv") else 0)
     assert Recipe.from_dict(recipe.to_dict()).kv_layers == recipe.kv_layers
-    with pytest.raises(PatchattnError, match="kv-budget"):
+    with pytest.raises(PatchattnError, match="kv_budget"):
         calibrate(model, ids, kv_budget=1.5)
 
 
@@ -287,7 +442,7 @@ def test_quest_recall_matches_brute_force_and_sets_pages():
     recipe = calibrate(model, ids, target_sparsity=0.0, block_size=32, kv_budget=1.0, decode_recall=0.9)
     plans = [p for layer in recipe.kv_layers for p in layer]
     assert all(p.policy == "full" and p.decode_pages in (0, *QUEST_PAGE_BUDGETS) for p in plans)
-    with pytest.raises(PatchattnError, match="need --kv-budget"):
+    with pytest.raises(PatchattnError, match="need kv_budget"):
         calibrate(model, ids, decode_recall=0.9)
 
 
@@ -462,3 +617,16 @@ def test_calibrate_with_probes_moves_budget_to_the_layer_that_loses_most():
     assert stats["layer_weight"][heavy] > 1.0
     assert probed.calibration["layer_density"][heavy] >= plain.calibration["layer_density"][heavy] - 1e-6
     assert "probe" not in plain.calibration
+
+
+def test_a_kv_window_beyond_the_models_context_is_refused():
+    """A window head's ring is allocated whole, so a window longer than the context only costs memory (10^8 tokens
+    took 24 GB): check_model refuses it, naming the context."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "dense")
+    limit = model.config.max_position_embeddings
+    recipe.kv_layers = [[KVPlan("window", sink_tokens=4, window_tokens=limit - 4) for _ in range(2)] for _ in recipe.layers]
+    recipe.check_model(model.config)
+    recipe.kv_layers[0][1] = KVPlan("window", sink_tokens=4, window_tokens=10**8)
+    with pytest.raises(RecipeError, match=f"context of {limit}"):
+        recipe.check_model(model.config)

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import hf
-from ..errors import PatchattnError
+from ..errors import OptionError
 from ..recipe import HeadPlan, Recipe
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def needle_probes(tokenizer, input_ids: torch.Tensor, count: int, seed: int = 0)
         question = enc(f"\n\nWhat is the secret number of the {thing}? The secret number of the {thing} is")
         body = n - len(needle) - len(question)
         if body < n // 2:
-            raise PatchattnError(f"--seq-len {n} is too short for layer probes; raise it or pass --probes 0")
+            raise OptionError("seq_len", f"{n} is too short for layer probes; raise it or ask for 0 probes")
         depth = int(body * rng.uniform(0.1, 0.8))
         text = input_ids[0, :body].cpu()
         prompt = torch.cat([text[:depth], needle, text[depth:], question])[None]

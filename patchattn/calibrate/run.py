@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import __version__
-from ..errors import InputTooLongError, PatchattnError
+from ..errors import OptionError, PatchattnError
 from ..cache import sliding_windows
 from ..layout import num_blocks
 from ..models import context_length, prefill
@@ -18,17 +18,13 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
+from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "vertical_slash_tokens", "block_topk")
-# What the allocation maximises per head: the attention mass kept, 1 - the relative error of the attention
-# output (which also weighs what the dropped keys' values would have contributed), or 1 - that error after the
-# output projection as a share of the layer's attention output ("residual": heads weighed by what they add).
-OBJECTIVES = ("mass", "output", "residual")
 # Share of the scoring given to rows that copy a passage from far back (see ``retrieval_rows``); the rest goes to
 # rows sampled over the whole text.
 RETRIEVAL_WEIGHT = 0.0
@@ -44,10 +40,10 @@ def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) ->
 def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.Tensor:
     limit = context_length(config) if config is not None else None
     if limit is not None and seq_len > limit:
-        raise InputTooLongError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens; use a length <= {limit}")
+        raise OptionError("seq_len", f"{seq_len} exceeds the model's context of {limit} tokens; use a length <= {limit}")
     ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[:, :seq_len]
     if ids.shape[1] < seq_len:
-        raise PatchattnError(f"calibration text has only {ids.shape[1]} tokens, fewer than --seq-len {seq_len}; give a longer text")
+        raise OptionError("seq_len", f"{seq_len} is more than the calibration text's {ids.shape[1]} tokens; give a longer text or a shorter seq_len")
     return ids
 
 
@@ -93,30 +89,19 @@ def calibrate(
     With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) the first allocation is probed layer by layer
     (``on_probe`` called after each) and allocated again with each layer's utility weighed by what its plan cost
     the probes: their answers' log-probability and their text's likelihood (:mod:`patchattn.calibrate.probe`)."""
-    if objective not in OBJECTIVES:
-        raise PatchattnError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
-    if not 0.0 <= target_sparsity < 1.0:
-        raise PatchattnError(f"--target-sparsity must be in [0, 1), not {target_sparsity}")
-    if kv_budget is not None and not 0.0 < kv_budget <= 1.0:
-        raise PatchattnError(f"--kv-budget must be in (0, 1], not {kv_budget}")
-    if decode_pages < 0:
-        raise PatchattnError(f"--decode-pages must be >= 0, not {decode_pages}")
-    if not 0.0 <= retrieval_weight <= 1.0:
-        raise PatchattnError(f"--retrieval-weight must be in [0, 1], not {retrieval_weight}")
-    if decode_recall is not None and not 0.0 < decode_recall <= 1.0:
-        raise PatchattnError(f"--decode-recall must be in (0, 1], not {decode_recall}")
-    if (decode_pages or decode_recall is not None) and kv_budget is None:
-        raise PatchattnError("--decode-pages and --decode-recall need --kv-budget (decode plans are calibrated with it)")
+    CalibrationOptions(
+        target_sparsity=target_sparsity, seq_len=input_ids.shape[1], block_size=block_size, strategies=tuple(strategies),
+        objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall,
+        retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
+    )  # every option checked, as the CLI does before loading the model
     check_supported(model)
     n_tokens = input_ids.shape[1]
-    if n_tokens < 4 * block_size:
-        raise PatchattnError(f"calibration needs at least {4 * block_size} tokens at block size {block_size}; raise --seq-len")
     windows = model_windows(model.config, n_tokens)
     free = [i for i, w in enumerate(windows) if w is None]  # the layers the allocation chooses for
     if not free:
         raise PatchattnError(
             f"every layer of this model attends through its own sliding window (at most {max(windows)} tokens) at "
-            f"--seq-len {n_tokens}: there is nothing to make sparse; it already runs on the window's blocks"
+            f"{n_tokens} tokens: there is nothing to make sparse; it already runs on the window's blocks"
         )
     candidates = candidate_grid(strategies, n_tokens, block_size)
     rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
@@ -126,8 +111,6 @@ def calibrate(
     seen: set[int] = set()
     kv_scores: dict[int, KVScores] = {}
     kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
-    if kv_budget is not None and n_tokens < 8 * EVAL_ROWS:
-        raise PatchattnError(f"KV calibration needs at least {8 * EVAL_ROWS} tokens; raise --seq-len")
     copy_rows = retrieval_rows(n_tokens, block_size) if retrieval_weight > 0 else None
     if copy_rows is not None:
         row_weights = torch.cat([
@@ -164,7 +147,7 @@ def calibrate(
         raise PatchattnError(f"captured {len(seen)} of {n_layers} layers; this model's attention is not fully routed through the registry")
 
     if objective == "residual" and any(scores[i].residual_error is None for i in free):
-        raise PatchattnError("--objective residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
+        raise OptionError("objective", "residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
     # (F, H, C) over the free layers: the sparsity target is theirs, a model's own windows are not ours to count
     density = torch.stack([scores[i].density for i in free])
     mass = torch.stack([scores[i].kept_mass for i in free])

@@ -40,19 +40,18 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import InputTooLongError, PatchattnError
+from ..errors import InputTooLongError, OptionError
 from ..models import context_length, prefill
 from ..patch import patched
 from ..recipe import Recipe
 from ..stats import record_sparsity
 from .haystack import Prompt, build_prompt
+from .options import DEFAULT_TASKS, MIN_LENGTH, TASKS, EvalOptions  # noqa: F401  (TASKS: the task names, public here too)
 from .tasks import answer, measure_speed, perplexity, ppl_input_ids
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "multiquery", "vartrack", "speed")
-DEFAULT_TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")  # multiquery, vartrack on request
 SPEED_DECODE_TOKENS = 16
 Progress = Callable[[int, str], None]
 
@@ -61,19 +60,13 @@ def check_lengths(model, lengths: Sequence[int]) -> None:
     """Raise InputTooLongError for a length beyond the model's context (call before any expensive work)."""
     limit = context_length(model.config)
     for length in lengths:
-        if length < 64:
-            raise PatchattnError(f"eval length {length} tokens is too short; use at least 64 tokens")
+        if length < MIN_LENGTH:
+            raise OptionError("lengths", f"{length} tokens is too short; use at least {MIN_LENGTH} tokens")
         if limit is not None and length > limit:
             raise InputTooLongError(
                 f"eval length {length} tokens exceeds the model's context of {limit} tokens; "
                 f"choose lengths up to {limit}"
             )
-
-
-def _check_tasks(tasks: Sequence[str]) -> None:
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
 
 
 def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = DEFAULT_TASKS, trials: int = 5,
@@ -102,12 +95,7 @@ def _variant_info(recipe: Recipe | None) -> dict:
         strategy, params = next(iter(heads))
         info["uniform"] = f"{strategy} {dict(params)}"
     if recipe.compresses_kv:
-        kv_counts: dict[str, int] = {}
-        for layer in recipe.kv_plans():
-            for plan in layer:
-                name = plan.policy + (" + Quest pages" if plan.decode_pages else "")
-                kv_counts[name] = kv_counts.get(name, 0) + 1
-        info["kv_policy_counts"] = kv_counts
+        info["kv_policy_counts"] = recipe.kv_policy_counts()
     return info
 
 
@@ -150,9 +138,9 @@ def run_eval(
     ``cuda_graphs``: as :func:`patchattn.patch` (short prefills replayed as CUDA graphs; default: the environment).
     ``ppl_windows``: perplexity over this many windows of held-out text (seeded starts; the first is the one-window
     run's), reported as the perplexity of all their tokens together (the geometric mean of the windows')."""
-    _check_tasks(tasks)
-    if trials < 1 or speed_runs < 1 or ppl_windows < 1:
-        raise ValueError("trials, speed_runs and ppl_windows must be at least 1")
+    EvalOptions(tuple(lengths), tuple(tasks), trials, ppl_windows, speed_runs)  # every option checked, as the CLI does
+    if speed_runs < 1:
+        raise OptionError("speed_runs", "must be at least 1 here (leave the speed task out instead of 0 runs)")
     if not variants:
         raise ValueError("no variants to evaluate")
     lengths = sorted(set(int(n) for n in lengths))

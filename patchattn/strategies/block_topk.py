@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, grouped_scores, per_head
+from .base import Estimate, Strategy, check_number, grouped_scores, per_head
 from .registry import register
 
 
@@ -37,8 +37,7 @@ class BlockTopK(Strategy):
     threshold: float = 0.9
 
     def __post_init__(self):
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError("block_topk needs 0 < threshold <= 1")
+        check_number("threshold", self.threshold, 0.0, 1.0, low_open=True)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
         est = super().estimate(q, k, block_size)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from .base import Strategy
+from .base import Strategy, shown
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -17,11 +18,14 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def get_strategy(name: str, **params: Any) -> Strategy:
-    """Build a strategy from its registry name and parameters; raise ValueError on unknown ones."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    """Build a strategy from its registry name and parameters; raise ValueError on an unknown name, an unknown
+    parameter (a misspelt budget must not silently run at its default) or a bad value (the class's own checks)."""
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {shown(name)}; known: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ValueError(f"bad parameters for strategy {name!r}: {params} ({exc})") from None
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [str(p) for p in params if p not in fields]
+    if unknown:
+        takes = f"it takes {', '.join(fields)}" if fields else "it takes none"
+        raise ValueError(f"bad parameters for strategy {name!r}: unknown {', '.join(sorted(unknown))} ({takes})")
+    return cls(**params)

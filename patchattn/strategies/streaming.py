@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, blocks_for, geometric_tokens, per_head
+from .base import Estimate, Strategy, blocks_for, check_int, geometric_tokens, per_head
 from .registry import register
 
 
@@ -24,8 +24,8 @@ class Streaming(Strategy):
     window_tokens: int = 1024
 
     def __post_init__(self):
-        if self.sink_tokens < 0 or self.window_tokens < 1:
-            raise ValueError("streaming needs sink_tokens >= 0 and window_tokens >= 1")
+        check_int("sink_tokens", self.sink_tokens)
+        check_int("window_tokens", self.window_tokens, minimum=1)
 
     def layout(self, est: Estimate) -> torch.Tensor:
         q_blk, k_blk = est.block_grid()

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, blocks_for, per_head
+from .base import Estimate, Strategy, blocks_for, check_int, per_head
 from .registry import register
 
 LAST_Q = 64
@@ -45,6 +45,10 @@ class VerticalSlash(Strategy):
 
     # Verticals as single key positions (token columns) instead of column blocks: see VerticalSlashTokens.
     TOKEN_VERTICALS: ClassVar[bool] = False
+
+    def __post_init__(self):  # 0 is allowed: the sink block and the main diagonal are kept anyway
+        check_int("vertical_tokens", self.vertical_tokens)
+        check_int("slash_tokens", self.slash_tokens)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
         from ..kernels import vertical_slash_scores  # the kernels import the layout helpers; import at call time
