@@ -126,3 +126,25 @@ def test_debug_is_taken_before_or_after_the_subcommand(work, where):
     result = runner.invoke(app, args)
     assert result.exit_code != 0
     assert "block_size must be one of" in str(result.exception)  # --debug raises: the traceback is the user's to see
+
+
+def test_ctrl_c_while_the_libraries_import_ends_with_one_line(monkeypatch, capsys):
+    """The console script (patchattn_entry) catches a Ctrl-C during ``import patchattn.cli`` (torch and transformers
+    take seconds to import): one line, exit code 130, no traceback."""
+    import builtins
+    import sys
+
+    import patchattn_entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "patchattn.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "patchattn.cli", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        patchattn_entry.main()
+    assert exited.value.code == 130 and capsys.readouterr().err == "interrupted\n"
