@@ -4,31 +4,25 @@ so every value is refused before a model loads, with a message that says what wo
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
 from typing import Iterable
 
+from .checks import int_problem, number_problem
 from .errors import OptionError  # noqa: F401  (re-exported for the option objects)
 
 
 def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int in [low, high] (either end open when None); bools and fractions refused."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise OptionError(name, f"must be a whole number, not {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"between {low} and {high}"
-        raise OptionError(name, f"must be {bounds}, not {value}")
-    return int(value)
+    problem = int_problem(value, low, high)
+    if problem:
+        raise OptionError(name, problem)
+    return value
 
 
 def number(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a finite float in the interval from ``low`` to ``high`` (ends open as asked)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise OptionError(name, f"must be a number, not {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        raise OptionError(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, not {value:g}")
+    problem = number_problem(value, low, high, low_open, high_open)
+    if problem:
+        raise OptionError(name, problem)
     return float(value)
 
 

@@ -121,13 +121,13 @@ def test_prompt_longer_than_context(tiny_model_dir, calibration_text, tmp_path):
 
 def test_bad_kv_budget(tiny_model_dir, calibration_text, tmp_path):
     result = invoke("calibrate", tiny_model_dir, "--seq-len", 512, "--text", calibration_text, "--kv-budget", 2, "-o", tmp_path / "r.json")
-    assert_clean_error(result, "--kv-budget must be in (0, 1]")
+    assert_clean_error(result, "--kv-budget must be a finite number in (0, 1]")
     assert not (tmp_path / "r.json").exists()
 
 
 def test_negative_probes(tiny_model_dir, calibration_text, tmp_path):
     result = invoke("calibrate", tiny_model_dir, "--seq-len", 512, "--text", calibration_text, "--probes", -1, "-o", tmp_path / "r.json")
-    assert_clean_error(result, "--probes must be >= 0")
+    assert_clean_error(result, "--probes must be an integer >= 0")
     assert not (tmp_path / "r.json").exists()
 
 
@@ -301,7 +301,7 @@ def test_calibrate_writes_min_sparse_tokens(tiny_model_dir, calibration_text, tm
     assert result.exit_code == 0, result.output
     assert Recipe.load(out).min_sparse_tokens == 1024 and Recipe.load(tmp_path / "u.json").min_sparse_tokens == 1024
     result = invoke("calibrate", tiny_model_dir, "--min-sparse-tokens", -5, "-o", tmp_path / "bad.json")
-    assert_clean_error(result, "--min-sparse-tokens must be >= 0")
+    assert_clean_error(result, "--min-sparse-tokens must be an integer >= 0")
     assert not (tmp_path / "bad.json").exists()
 
 

@@ -106,7 +106,7 @@ def _kv(d, layer=0, head=0):
         (lambda d: _head(d)["params"].update(slash_tokens=64.0), "slash_tokens must be an integer >= 0, not 64.0"),
         (lambda d: _head(d)["params"].update(slash_tokens=True), "slash_tokens must be an integer >= 0, not True"),
         (lambda d: _head(d)["params"].update(slash_tokens="64"), "slash_tokens must be an integer >= 0, not '64'"),
-        (lambda d: _head(d)["params"].update(slash_tokens=2**31), "slash_tokens must be at most 2147483647"),
+        (lambda d: _head(d)["params"].update(slash_tokens=2**31), "slash_tokens must be an integer <= 2147483647"),
         (lambda d: _head(d, 1, 3)["params"].update(vertical_tokens=None), "layer 1 head 3: vertical_tokens must be an integer"),
         (lambda d: _head(d)["params"].update(vertical_token=64), "bad parameters for strategy 'vertical_slash': unknown vertical_token"),
         (lambda d: _head(d, 1, 1)["params"].update(threshold=float("nan")), "layer 1 head 1: threshold must be a finite number in (0, 1]"),

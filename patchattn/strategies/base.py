@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,38 +18,7 @@ import torch
 
 from ..layout import finalize, num_blocks
 
-# The most tokens a budget may name: positions and token columns are int32 in the kernels and the KV cache.
-MAX_TOKENS = 2**31 - 1
-
-
-def shown(value: Any, width: int = 40) -> str:
-    """``repr(value)`` cut to ``width`` characters, for one-line error messages about hand-edited values."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int of more digits than Python prints
-        return "a huge integer"
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def check_int(name: str, value: Any, minimum: int = 0, maximum: int = MAX_TOKENS) -> None:
-    """Raise ValueError unless ``value`` is a Python int (not a bool, not a float such as 0.5 or 64.0: a budget in
-    tokens is a count) from ``minimum`` to ``maximum``. Recipes are hand-edited JSON; a wrong budget must be refused
-    when it is read, not run as something else (a negative window as none) or fail at the first prompt."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, not {shown(value)}")
-    if value > maximum:
-        raise ValueError(f"{name} must be at most {maximum}, not {shown(value)}")
-
-
-def check_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False, rounding: float = 0.0) -> None:
-    """Raise ValueError unless ``value`` is a finite int or float (not a bool) from ``low`` (above it when
-    ``low_open``) to ``high`` (None: no bound). ``rounding``: how far above ``high`` a value may lie and still be taken
-    (statistics computed in float32 and rounded can land a hair above 1)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    finite = number and abs(value) <= sys.float_info.max  # False for nan and inf, and for ints no float holds
-    if not finite or not (value > low if low_open else value >= low) or (high is not None and value > high + rounding):
-        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f"{'>' if low_open else '>='} {low:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, not {shown(value)}")
+from ..checks import MAX_TOKENS, check_int, check_number, shown  # noqa: F401  (the strategies check with these)
 
 
 @dataclass
