@@ -23,6 +23,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .hf import context_length, text_config
 from .recipe import KVPlan
 
 logger = logging.getLogger(__name__)
@@ -442,7 +443,7 @@ class BudgetLayer(DynamicLayer):
 
 def sliding_windows(config) -> list[int | None]:
     """Per layer, the model's own sliding attention window (None for full-attention layers)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     n_layers = text.num_hidden_layers
     window = getattr(text, "sliding_window", None)
     if not window or getattr(text, "use_sliding_window", True) is False:
@@ -464,6 +465,18 @@ def respect_sliding_window(plans: list[KVPlan], window: int | None) -> list[KVPl
     ]
 
 
+def cap_to_context(plans: list[KVPlan], context: int | None) -> list[KVPlan]:
+    """A window longer than the model's context keeps, at most, the context: a window head's ring is allocated whole
+    when the prefill ends, so a recipe's window of 10^8 tokens would otherwise take its memory for nothing."""
+    if not context:
+        return plans
+    return [
+        KVPlan("window", sink_tokens=min(p.sink_tokens, context - 1), window_tokens=context - min(p.sink_tokens, context - 1))
+        if p.policy == "window" and p.sink_tokens + p.window_tokens > context else p
+        for p in plans
+    ]
+
+
 class HeadBudgetCache(Cache):
     """A transformers ``Cache`` of :class:`BudgetLayer` s, one per layer, from a recipe's KV plans."""
 
@@ -472,10 +485,11 @@ class HeadBudgetCache(Cache):
 
     @classmethod
     def from_recipe(cls, recipe, config=None, page_tokens: int = PAGE_TOKENS) -> "HeadBudgetCache":
-        """The recipe's KV plans, capped by the model's own sliding windows when ``config`` is given."""
+        """The recipe's KV plans, capped by the model's own sliding windows and its context when ``config`` is given."""
         plans = recipe.kv_plans()
         if config is not None:
-            plans = [respect_sliding_window(p, w) for p, w in zip(plans, sliding_windows(config))]
+            context = context_length(config)
+            plans = [cap_to_context(respect_sliding_window(p, w), context) for p, w in zip(plans, sliding_windows(config))]
         return cls(plans, page_tokens)
 
     def kv_bytes(self) -> int:

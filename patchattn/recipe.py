@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .hf import context_length
 from .io import write_json_atomic
 from .layout import BLOCK_SIZES, num_blocks
 from .strategies import Strategy, get_strategy
@@ -246,13 +245,6 @@ class Recipe:
             raise RecipeError(
                 f"recipe was made for another model ({'; '.join(diffs) or 'config hash differs'}); "
                 "calibrate a recipe for this model with `patchattn calibrate`"
-            )
-        limit = context_length(config)
-        longest = max((max(p.sink_tokens + p.window_tokens, p.budget_tokens) for layer in self.kv_plans() for p in layer), default=0)
-        if limit is not None and longest > limit:  # a window's ring is allocated whole: beyond the context it only costs
-            raise RecipeError(
-                f"a KV plan keeps up to {longest} tokens, more than the model's context of {limit}; "
-                "lower its window_tokens / budget_tokens or make a new recipe with `patchattn calibrate`"
             )
 
     # ---- serialisation ------------------------------------------------------------------------
