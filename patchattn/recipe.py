@@ -411,3 +411,35 @@ def _check_calibration(calibration: Any, num_layers: int) -> None:
         if not (isinstance(key, str) and key.isascii() and key.isdecimal() and int(key) < num_layers):
             raise ValueError(f"calibration model_windows keys must be layer indices from \"0\" to \"{num_layers - 1}\", not {shown(key)}")
         check_int(f"calibration model_windows[{key!r}]", window, minimum=1)
+    _check_candidates(calibration)
+
+
+def _check_candidates(calibration: dict) -> None:
+    """The statistics ``eval --baseline uniform`` reads (:func:`patchattn.calibrate.uniform_baseline`): the sparsity
+    reached and each scored candidate, whose strategy and budget the uniform twin runs."""
+    for name in ("achieved_sparsity", "target_sparsity"):
+        if calibration.get(name) is not None:
+            check_number(f"calibration {name}", calibration[name], 0.0, 1.0, rounding=_FRACTION_ROUNDING)
+    if calibration.get("seq_len") is not None:
+        check_int("calibration seq_len", calibration["seq_len"], minimum=1)
+    if calibration.get("objective") is not None and not isinstance(calibration["objective"], str):
+        raise ValueError(f"calibration objective must be a string, not {shown(calibration['objective'])}")
+    candidates = calibration.get("candidates")
+    if candidates is None:
+        return
+    if not isinstance(candidates, list):
+        raise ValueError(f"calibration candidates must be a list, not {shown(candidates)}")
+    if candidates and calibration.get("achieved_sparsity") is None:
+        raise ValueError("calibration candidates need calibration achieved_sparsity beside them")
+    for i, cand in enumerate(candidates):
+        where = f"calibration candidate {i}"
+        if not isinstance(cand, dict) or not isinstance(cand.get("params"), dict) or not all(isinstance(k, str) for k in cand["params"]):
+            raise ValueError(f"{where} must be a JSON object with strategy and params, not {shown(cand)}")
+        try:
+            get_strategy(cand.get("strategy"), **cand["params"])  # the budget the uniform twin would run
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        check_number(f"{where} mean_density", cand.get("mean_density"), 0.0, 1.0, rounding=_FRACTION_ROUNDING)
+        check_number(f"{where} mean_kept_mass", cand.get("mean_kept_mass"), 0.0, 1.0, rounding=_FRACTION_ROUNDING)
+        if cand.get("mean_output_error") is not None:
+            check_number(f"{where} mean_output_error", cand["mean_output_error"], 0.0)

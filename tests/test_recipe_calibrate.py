@@ -632,3 +632,30 @@ def test_a_kv_window_beyond_the_models_context_holds_the_context_at_most():
     recipe.check_model(model.config)
     plans = HeadBudgetCache.from_recipe(recipe, model.config).layers[0].plans
     assert plans == [KVPlan("window", sink_tokens=4, window_tokens=limit - 4), KVPlan("window", sink_tokens=4, window_tokens=64)]
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda c: c["candidates"][0].update(mean_density="high"), "calibration candidate 0 mean_density must be a finite number"),
+    (lambda c: c["candidates"][1]["params"].update(window_tokens=-3), "calibration candidate 1: window_tokens must be an integer >= 1"),
+    (lambda c: c["candidates"].__setitem__(0, "dense"), "calibration candidate 0 must be a JSON object"),
+    (lambda c: c.update(candidates={"a": 1}), "calibration candidates must be a list"),
+    (lambda c: c.pop("achieved_sparsity"), "candidates need calibration achieved_sparsity"),
+    (lambda c: c.update(achieved_sparsity=1.5), "calibration achieved_sparsity must be a finite number in [0, 1]"),
+])
+def test_the_statistics_a_uniform_baseline_reads_are_checked(edit, fragment):
+    """``eval --baseline uniform`` builds its twin from the calibration's candidates: a hand-broken one is refused when
+    the recipe is read, not a KeyError in the middle of an eval."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "dense")
+    recipe.calibration = {
+        "achieved_sparsity": 0.5,
+        "candidates": [
+            {"strategy": "dense", "params": {}, "mean_density": 1.0, "mean_kept_mass": 1.0, "mean_output_error": 0.0},
+            {"strategy": "streaming", "params": {"sink_tokens": 16, "window_tokens": 64}, "mean_density": 0.5, "mean_kept_mass": 0.9},
+        ],
+    }
+    assert uniform_baseline(Recipe.from_dict(recipe.to_dict())).layers[0][0].strategy == "streaming"
+    data = recipe.to_dict()
+    edit(data["calibration"])
+    with pytest.raises(RecipeError, match=re.escape(fragment)):
+        Recipe.from_dict(data)
