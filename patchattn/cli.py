@@ -164,6 +164,7 @@ def calibrate(
         from .calibrate import needle_probes, tokens_from_text, uniform_baseline
         from .calibrate.options import CalibrationOptions
         from .calibrate.plot import save_density_heatmap
+        from .hf import text_config
         from .io import check_file_path
         from .models import load_model
         from .text import load_text
@@ -192,7 +193,7 @@ def calibrate(
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         input_ids = tokens_from_text(tokenizer, prose, seq_len, lm.config)
-        n_layers = lm.config.get_text_config().num_hidden_layers
+        n_layers = text_config(lm.config).num_hidden_layers
         on_gpu = next(lm.parameters()).device.type == "cuda"
         n_probes = probes if probes is not None else (4 if on_gpu else 0)
         if probes is None and not on_gpu:

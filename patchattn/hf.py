@@ -1,10 +1,11 @@
-"""The transformers internals patchattn reads that changed name between releases, answered in one place.
+"""The model-config and transformers-internal questions patchattn asks, answered in one place.
 
 patchattn is tested on the transformers range ``pyproject.toml`` states (5.17 to 5.25). Across it the KV cache
 travels under two names: up to 5.2x a model's ``forward`` takes ``past_key_values``; 5.25 takes ``cache`` (and
 renames a ``past_key_values`` it is given, with a deprecation warning), and ``generate`` passes ``cache``. Every
-other module asks here rather than naming either; ``tests/test_hf_internals.py`` fails loudly when a release moves
-what this module, the mask builder or the cache layer contract relies on.
+other module asks here rather than naming either, and asks here for a config's text part, its context length and
+whether a model routes attention through the registry; ``tests/test_hf_internals.py`` fails loudly when a release
+moves what this module, the mask builder or the cache layer contract relies on.
 """
 
 from __future__ import annotations
@@ -54,3 +55,9 @@ def context_length(config) -> int | None:
     """The model's context in tokens (``max_position_embeddings``; GPT-2's ``n_positions``)."""
     text = text_config(config)
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def supports_attention_registry(model_or_class) -> bool:
+    """Whether a model (or model class) routes attention through transformers' attention-function registry, the one
+    hook patchattn uses (``_supports_attention_backend``)."""
+    return bool(getattr(model_or_class, "_supports_attention_backend", False))

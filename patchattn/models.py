@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cleanup import temporary_paths
-from .hf import context_length  # noqa: F401  (callers import it from here too)
+from .hf import context_length, supports_attention_registry  # noqa: F401  (context_length: callers import it from here too)
 from .errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def load_model(
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"{spec or source}: model type {config.model_type!r} is not a causal LM that transformers knows")
     model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
-    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
+    if model_class is not None and not supports_attention_registry(model_class):
         raise UnsupportedModelError(_unsupported_message(model_class.__name__))
     if device_map is None and device == "cuda":
         device_map = "auto"
@@ -331,7 +331,7 @@ def load_model(
         raise ModelLoadError(f"cannot load {spec or source}: {str(exc).splitlines()[0]}") from None
     if device_map is None:
         model.to(device)
-    if not getattr(model, "_supports_attention_backend", False):
+    if not supports_attention_registry(model):
         raise UnsupportedModelError(_unsupported_message(type(model).__name__))
     model.eval()
     model.patchattn_source = str(spec) if spec else "SmolLM2-135M-Instruct (embedded)"

@@ -264,7 +264,7 @@ register()
 
 
 def check_supported(model) -> None:
-    if not getattr(model, "_supports_attention_backend", False):
+    if not hf.supports_attention_registry(model):
         from .models import _unsupported_message
 
         raise UnsupportedModelError(_unsupported_message(type(model).__name__))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
+from .hf import text_config
 from .io import write_json_atomic
 from .layout import BLOCK_SIZES, num_blocks
 from .strategies import Strategy, get_strategy
@@ -31,7 +32,7 @@ _FRACTION_ROUNDING = 1e-3
 
 def model_identity(config) -> dict[str, Any]:
     """What a recipe must match: architecture, attention geometry, and a hash of those fields."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     num_heads = config.num_attention_heads
     identity = {
         "architecture": (getattr(config, "architectures", None) or ["?"])[0],

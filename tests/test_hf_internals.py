@@ -129,7 +129,7 @@ def test_the_dense_path_and_the_attention_switch_exist():
 
     assert callable(sdpa_attention_forward)
     model = tiny_model("llama")
-    assert model._supports_attention_backend is True
+    assert model._supports_attention_backend is True and hf.supports_attention_registry(model)
     model.set_attn_implementation(ATTN_NAME)
     assert model.config._attn_implementation == ATTN_NAME
     model.set_attn_implementation("sdpa")

@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__
 from ..errors import OptionError, PatchattnError
+from ..hf import text_config
 from ..cache import sliding_windows
 from ..layout import num_blocks
 from ..models import context_length, prefill
@@ -48,7 +49,7 @@ def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.T
 
 
 def _num_layers(config) -> int:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     return config.num_hidden_layers
 
 

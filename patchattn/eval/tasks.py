@@ -45,7 +45,7 @@ def ppl_input_ids(tokenizer, length_tokens: int, seed: int | str = 0) -> list[in
 
 def _postprocess_logits(model, logits: torch.Tensor) -> torch.Tensor:
     """What some models do to lm_head output inside their forward (scaling, soft-capping)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = hf.text_config(model.config)
     scale = getattr(config, "logit_scale", None)  # Cohere multiplies
     if isinstance(scale, (int, float)) and scale not in (0, 1):
         logits = logits * scale
