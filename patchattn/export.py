@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cleanup import TemporaryPaths, deferred_signals, temporary_paths
 from .errors import OutputPathError, RecipeError
-from .io import _umask, ensure_writable_dir, write_json_atomic, write_text_atomic
+from .io import current_umask, ensure_writable_dir, write_json_atomic, write_text_atomic
 from .patch import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY, check_supported
 from .recipe import Recipe
 
@@ -167,7 +167,7 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
     target = parent / out_dir.resolve().name
     with temporary_paths() as temp:
         tmp = temp.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory what mkdir would
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the directory what mkdir would
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"

@@ -95,7 +95,8 @@ def forget_created_dirs() -> None:
         _created_dirs.clear()
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it), for files and directories made with private modes."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -108,7 +109,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         fd, tmp = temp.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file what open() would
         os.replace(tmp, path)
     return path
 

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import __version__
+from .. import options as check
 from ..errors import OptionError, PatchattnError
 from ..hf import text_config
 from ..cache import sliding_windows
@@ -32,9 +33,7 @@ RETRIEVAL_WEIGHT = 0.0
 
 
 def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) -> list[Strategy]:
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise PatchattnError(f"unknown strategy {', '.join(unknown)}; choose from {', '.join(sorted(STRATEGIES))}")
+    check.all_of("strategies", strategies, sorted(STRATEGIES))  # the words CalibrationOptions uses
     return [cand for name in strategies for cand in STRATEGIES[name].budget_grid(n_tokens, block_size)]
 
 
