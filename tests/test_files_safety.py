@@ -78,7 +78,7 @@ def test_overwrite_replaces_an_earlier_export(tmp_path):
     _export(out, overwrite=True, window_tokens=128)
     assert Recipe.load(out / "recipe.json").layers[0][0].params["window_tokens"] == 128
     assert _hidden(tmp_path) == []
-    assert out.stat().st_mode & 0o777 == 0o777 & ~io._umask()  # not mkdtemp's 0700
+    assert out.stat().st_mode & 0o777 == 0o777 & ~io.current_umask()  # not mkdtemp's 0700
     model, _ = patchattn.load(out, device="cpu")
     assert model.config._attn_implementation == "patchattn"
 
