@@ -9,6 +9,11 @@ from ..errors import OptionError
 from ..layout import BLOCK_SIZES
 from ..strategies import STRATEGIES
 from .kv import EVAL_ROWS
+from .search import LossBound
+
+# The sparsity a calibration allocates to when asked for neither a target nor a loss bound (the library's default;
+# the CLI keeps a loss bound instead, search.DEFAULT_MAX_LOSS).
+DEFAULT_TARGET_SPARSITY = 0.85
 
 DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "vertical_slash_tokens", "block_topk")
 # What the allocation maximises per head: the attention mass kept, 1 - the relative error of the attention
@@ -20,9 +25,12 @@ OBJECTIVES = ("mass", "output", "residual")
 @dataclass(frozen=True)
 class CalibrationOptions:
     """Every option of a calibration; constructing one checks them all (:class:`~patchattn.errors.OptionError`).
-    ``seq_len`` is the calibration length in tokens; ``probes`` None: the default for the device."""
+    ``seq_len`` is the calibration length in tokens; ``probes`` None: the default for the device. The sparsity is
+    chosen by a fixed ``target_sparsity`` or by the sparsest recipe within ``max_loss`` (a :class:`LossBound` or its
+    text, ``"ppl=2%"``), never both; with neither, :data:`DEFAULT_TARGET_SPARSITY`."""
 
-    target_sparsity: float = 0.85
+    target_sparsity: float | None = None
+    max_loss: LossBound | str | None = None
     seq_len: int = 4096
     block_size: int = 64
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
@@ -39,7 +47,14 @@ class CalibrationOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))
-        check.number("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
+        if self.max_loss is not None:
+            if self.target_sparsity is not None:
+                raise OptionError("max_loss", "and target_sparsity both choose the sparsity: give one of them")
+            object.__setattr__(self, "max_loss", LossBound.parse(self.max_loss))
+        elif self.target_sparsity is None:
+            object.__setattr__(self, "target_sparsity", DEFAULT_TARGET_SPARSITY)
+        if self.target_sparsity is not None:
+            check.number("target_sparsity", self.target_sparsity, 0.0, 1.0, high_open=True)
         check.one_of("block_size", self.block_size, BLOCK_SIZES)
         check.integer("seq_len", self.seq_len, 4 * self.block_size)
         check.all_of("strategies", self.strategies, sorted(STRATEGIES))

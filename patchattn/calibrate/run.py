@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +25,8 @@ from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
+from .search import LossBound, SearchStep, search_target
+from .verify import HeldOut, Verifier, lengths_to_verify, split_text
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +41,8 @@ def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) ->
 
 
 def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.Tensor:
-    limit = context_length(config) if config is not None else None
-    if limit is not None and seq_len > limit:
-        raise OptionError("seq_len", f"{seq_len} exceeds the model's context of {limit} tokens; use a length <= {limit}")
-    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[:, :seq_len]
-    if ids.shape[1] < seq_len:
-        raise OptionError("seq_len", f"{seq_len} is more than the calibration text's {ids.shape[1]} tokens; give a longer text or a shorter seq_len")
-    return ids
+    """The first ``seq_len`` tokens of ``text`` (a BOS first where the tokenizer adds one)."""
+    return split_text(tokenizer, text, seq_len, context_length(config) if config is not None else None)[0]
 
 
 def _num_layers(config) -> int:
@@ -52,11 +50,40 @@ def _num_layers(config) -> int:
     return config.num_hidden_layers
 
 
+@dataclass
+class Scores:
+    """What the one scoring pass measured, per free layer (those without the model's own window), head and candidate:
+    (F, H, C) tensors; allocating them to any target costs no further forward."""
+
+    free: list[int]
+    n_layers: int
+    windows: list[int | None]
+    candidates: list[Strategy]
+    density: torch.Tensor
+    mass: torch.Tensor
+    error: torch.Tensor
+    utility: torch.Tensor  # what the allocation maximises (the objective's, later weighed by the probes)
+    sampled_rows: int
+    retrieval_rows: int
+    kv: dict[int, KVScores]
+
+    def choose(self, target_sparsity: float) -> torch.Tensor:
+        n_cand = self.density.shape[-1]
+        flat = allocate(self.density.view(-1, n_cand), self.utility.reshape(-1, n_cand), 1.0 - target_sparsity)
+        return flat.view(len(self.free), -1)
+
+    def pick(self, values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        return torch.gather(values, -1, choice[..., None]).squeeze(-1)
+
+    def sparsity(self, choice: torch.Tensor) -> float:
+        return 1.0 - float(self.pick(self.density, choice).mean())
+
+
 @torch.no_grad()
 def calibrate(
     model,
     input_ids: torch.Tensor,
-    target_sparsity: float = 0.85,
+    target_sparsity: float | None = None,
     block_size: int = 64,
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     n_rows: int = 256,
@@ -71,8 +98,17 @@ def calibrate(
     dense_prefix_tokens: int = 0,
     probes: Sequence[Probe] = (),
     on_probe: Callable[[int], None] | None = None,
+    max_loss: LossBound | str | None = None,
+    held_out: HeldOut | None = None,
+    on_search: Callable[[SearchStep], None] | None = None,
+    min_sparse_tokens: int = 0,
 ) -> Recipe:
-    """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity``.
+    """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
+    0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
+    ``held_out`` text (:func:`~patchattn.calibrate.verify.split_text`; default: the scored tokens themselves) within
+    the bound (:mod:`patchattn.calibrate.search`). The recipe found is then verified at shorter lengths too, and
+    prefills densely below the shortest length from which every longer one was within the bound (its
+    ``min_sparse_tokens``, never below the one given); ``on_search`` sees each measured candidate.
 
     With ``kv_budget`` (fraction of the prompt's KV cache kept, averaged over KV heads) the same pass also scores
     KV plans per KV head (:mod:`patchattn.calibrate.kv`) and allocates them to that budget; ``decode_pages`` > 0
@@ -86,16 +122,61 @@ def calibrate(
     passage repeated from its middle (:func:`~patchattn.calibrate.kv.with_copy_tail`) and the rows continuing the
     copy, just before the last query block (which every layout keeps dense), weigh that much of each head's score.
 
-    With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) the first allocation is probed layer by layer
-    (``on_probe`` called after each) and allocated again with each layer's utility weighed by what its plan cost
-    the probes: their answers' log-probability and their text's likelihood (:mod:`patchattn.calibrate.probe`)."""
-    CalibrationOptions(
-        target_sparsity=target_sparsity, seq_len=input_ids.shape[1], block_size=block_size, strategies=tuple(strategies),
-        objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall,
-        retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
+    With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) a first allocation (at the target, or at
+    :data:`PROBE_TARGET` when searching) is probed layer by layer (``on_probe`` called after each) and each layer's
+    utility is weighed by what its plan cost the probes: their answers' log-probability and their text's likelihood
+    (:mod:`patchattn.calibrate.probe`)."""
+    options = CalibrationOptions(
+        target_sparsity=target_sparsity, max_loss=max_loss, seq_len=input_ids.shape[1], block_size=block_size,
+        strategies=tuple(strategies), objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages,
+        decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
+        min_sparse_tokens=min_sparse_tokens,
     )  # every option checked, as the CLI does before loading the model
     check_supported(model)
-    n_tokens = input_ids.shape[1]
+    scores = _score(model, input_ids, options, on_layer)
+
+    def build(choice: torch.Tensor, min_sparse: int = options.min_sparse_tokens) -> Recipe:
+        chosen = dict(zip(scores.free, _head_plans(scores, choice)))
+        n_heads = scores.density.shape[1]
+        layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(scores.n_layers)]
+        return Recipe(model=model_identity(model.config), layers=layers, block_size=block_size, name="calibrated",
+                      dense_prefix_tokens=dense_prefix_tokens, min_sparse_tokens=min_sparse)
+
+    probe_stats = None
+    if probes:
+        first = options.target_sparsity if options.max_loss is None else PROBE_TARGET
+        probe_stats = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
+    quality = {}
+    if options.max_loss is None:
+        target = options.target_sparsity
+        recipe = build(scores.choose(target))
+    else:
+        verifier = Verifier(model, held_out or HeldOut(input_ids, input_ids[:, :0], "the scored calibration tokens themselves"))
+        target, recipe, quality = _search(scores, build, verifier, options, on_search)
+    choice = scores.choose(target)
+    calibration = _calibration_stats(scores, choice, options, text_name, target)
+    calibration.update(quality)
+    if probe_stats is not None:
+        calibration["probe"] = probe_stats
+    kv_layers = None
+    if scores.kv:
+        kv_layers, calibration["kv"] = _allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, kv_budget, objective, decode_pages, decode_recall)
+    recipe.calibration, recipe.kv_layers = calibration, kv_layers
+    return recipe
+
+
+# The target a search's probes measure the layers at (the fixed-target default's neighbourhood; SmolLM2 at 8K keeps
+# +2.5% perplexity at 80%).
+PROBE_TARGET = 0.8
+
+
+def _kv_candidates(options: CalibrationOptions) -> list:
+    return kv_candidates(options.seq_len) if options.kv_budget is not None else []
+
+
+def _score(model, input_ids: torch.Tensor, options: CalibrationOptions, on_layer) -> Scores:
+    """The one forward pass: every candidate scored on every head of the layers without the model's own window."""
+    n_tokens, block_size = input_ids.shape[1], options.block_size
     windows = model_windows(model.config, n_tokens)
     free = [i for i, w in enumerate(windows) if w is None]  # the layers the allocation chooses for
     if not free:
@@ -103,23 +184,22 @@ def calibrate(
             f"every layer of this model attends through its own sliding window (at most {max(windows)} tokens) at "
             f"{n_tokens} tokens: there is nothing to make sparse; it already runs on the window's blocks"
         )
-    candidates = candidate_grid(strategies, n_tokens, block_size)
-    rows = sample_rows(n_tokens, n_rows, block_size, torch.Generator().manual_seed(seed))
-    row_weights = None
-    n_layers = _num_layers(model.config)
-    scores: dict[int, LayerScores] = {}
-    seen: set[int] = set()
-    kv_scores: dict[int, KVScores] = {}
-    kv_cands = kv_candidates(n_tokens) if kv_budget is not None else []
-    copy_rows = retrieval_rows(n_tokens, block_size) if retrieval_weight > 0 else None
+    candidates = candidate_grid(options.strategies, n_tokens, block_size)
+    rows = sample_rows(n_tokens, options.n_rows, block_size, torch.Generator().manual_seed(options.seed))
+    n_sampled, row_weights = int(rows.numel()), None
+    kv_cands = _kv_candidates(options)
+    copy_rows = retrieval_rows(n_tokens, block_size) if options.retrieval_weight > 0 else None
     if copy_rows is not None:
-        row_weights = torch.cat([
-            torch.full((rows.numel(),), (1.0 - retrieval_weight) / rows.numel()),
-            torch.full((copy_rows.numel(),), retrieval_weight / copy_rows.numel()),
-        ])
+        w = options.retrieval_weight
+        row_weights = torch.cat([torch.full((rows.numel(),), (1.0 - w) / rows.numel()), torch.full((copy_rows.numel(),), w / copy_rows.numel())])
         rows = torch.cat([rows, copy_rows])
-    if kv_budget is not None or copy_rows is not None:  # end on a passage repeated from the middle
-        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(seed), eval_rows=EVAL_ROWS + block_size)
+    if kv_cands or copy_rows is not None:  # end on a passage repeated from the middle
+        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(options.seed), eval_rows=EVAL_ROWS + block_size)
+    n_layers = _num_layers(model.config)
+    layer_scores: dict[int, LayerScores] = {}
+    kv_scores: dict[int, KVScores] = {}
+    seen: set[int] = set()
+    prefix_rows = num_blocks(options.dense_prefix_tokens, block_size)
 
     def hook(module, query, key, value):
         layer = getattr(module, "layer_idx", len(seen))
@@ -128,13 +208,11 @@ def calibrate(
         seen.add(layer)
         scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
         if windows[layer] is None:  # a layer under the model's own window keeps it: nothing to score
-            scores[layer] = score_layer(
-                query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), num_blocks(dense_prefix_tokens, block_size)
-            )
+            layer_scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), prefix_rows)
         if kv_cands:
             kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
         if on_layer is not None:
-            on_layer(layer, scores.get(layer))
+            on_layer(layer, layer_scores.get(layer))
 
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
@@ -145,84 +223,56 @@ def calibrate(
         model.set_attn_implementation(original)
     if len(seen) != n_layers:
         raise PatchattnError(f"captured {len(seen)} of {n_layers} layers; this model's attention is not fully routed through the registry")
-
-    if objective == "residual" and any(scores[i].residual_error is None for i in free):
+    if options.objective == "residual" and any(layer_scores[i].residual_error is None for i in free):
         raise OptionError("objective", "residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
     # (F, H, C) over the free layers: the sparsity target is theirs, a model's own windows are not ours to count
-    density = torch.stack([scores[i].density for i in free])
-    mass = torch.stack([scores[i].kept_mass for i in free])
-    error = torch.stack([scores[i].output_error for i in free])
-    n_heads, n_cand = density.shape[1], density.shape[2]
-    if objective == "mass":
-        utility = mass
-    elif objective == "output":
-        utility = 1.0 - error
-    else:
-        utility = 1.0 - torch.stack([scores[i].residual_error for i in free])
+    stack = lambda name: torch.stack([getattr(layer_scores[i], name) for i in free])  # noqa: E731
+    density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
+    utility = {"mass": mass, "output": 1.0 - error}.get(options.objective)
+    if utility is None:
+        utility = 1.0 - stack("residual_error")
+    return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
+                  0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
 
-    def choose(utility: torch.Tensor) -> torch.Tensor:
-        return allocate(density.view(-1, n_cand), utility.reshape(-1, n_cand), 1.0 - target_sparsity).view(len(free), n_heads)
 
-    def build(choice: torch.Tensor) -> Recipe:
-        chosen = dict(zip(free, _head_plans(candidates, choice, density, mass, error)))
-        layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(n_layers)]
-        return Recipe(
-            model=model_identity(model.config), layers=layers, block_size=block_size, name="calibrated",
-            dense_prefix_tokens=dense_prefix_tokens,
-        )
-
-    choice = choose(utility)
-    probe_stats = None
-    if probes:
-        sens = layer_sensitivity(model, build(choice), probes, on_probe)
-        weights = layer_weights(sens.answer_drop, sens.nll_rise)
-        choice = choose(utility * weights[free][:, None, None].to(utility.dtype))
-        probe_stats = {
-            "prompts": len(probes),
-            "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
-            "dense_nll": round(sens.dense_nll, 5),
-            "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
-            "layer_nll_rise": [round(float(d), 8) for d in sens.nll_rise],
-            "layer_weight": [round(float(w), 4) for w in weights],
-        }
-    recipe = build(choice)
-    chosen_density = torch.gather(density, -1, choice[..., None]).squeeze(-1)
-    chosen_mass = torch.gather(mass, -1, choice[..., None]).squeeze(-1)
-    chosen_error = torch.gather(error, -1, choice[..., None]).squeeze(-1)
-    layer_density = dict(zip(free, chosen_density.mean(-1).tolist()))
-    calibration = {
-        "patchattn_version": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "text": text_name,
-        "seq_len": n_tokens,
-        "target_sparsity": target_sparsity,
-        "achieved_sparsity": round(1.0 - float(chosen_density.mean()), 6),
-        "mean_kept_mass": round(float(chosen_mass.mean()), 6),
-        "mean_output_error": round(float(chosen_error.mean()), 6),
-        "objective": objective,
-        "sampled_rows": int(rows.numel()) - (0 if copy_rows is None else int(copy_rows.numel())),
-        "retrieval_rows": 0 if copy_rows is None else int(copy_rows.numel()),
-        "retrieval_weight": retrieval_weight if copy_rows is not None else 0.0,
-        "strategies": list(strategies),
-        "layer_density": [round(float(layer_density[i]), 6) if i in layer_density else None for i in range(n_layers)],
-        **({"model_windows": {str(i): w for i, w in enumerate(windows) if w is not None}} if len(free) < n_layers else {}),
-        **({"probe": probe_stats} if probe_stats is not None else {}),
-        "candidates": [
-            {
-                "strategy": cand.name,
-                "params": cand.params(),
-                "mean_density": round(float(density[..., ci].mean()), 6),
-                "mean_kept_mass": round(float(mass[..., ci].mean()), 6),
-                "mean_output_error": round(float(error[..., ci].mean()), 6),
-            }
-            for ci, cand in enumerate(candidates)
-        ],
+def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> dict:
+    """Weigh each free layer's utility by what ``first``'s plan for it cost the probes; the probe statistics."""
+    sens = layer_sensitivity(model, first, probes, on_probe)
+    weights = layer_weights(sens.answer_drop, sens.nll_rise)
+    scores.utility = scores.utility * weights[scores.free][:, None, None].to(scores.utility.dtype)
+    return {
+        "prompts": len(probes),
+        "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
+        "dense_nll": round(sens.dense_nll, 5),
+        "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
+        "layer_nll_rise": [round(float(d), 8) for d in sens.nll_rise],
+        "layer_weight": [round(float(w), 4) for w in weights],
     }
-    kv_layers = None
-    if kv_cands:
-        kv_layers, calibration["kv"] = _allocate_kv(kv_scores, kv_cands, n_layers, kv_budget, objective, decode_pages, decode_recall)
-    recipe.calibration, recipe.kv_layers = calibration, kv_layers
-    return recipe
+
+
+def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptions, on_search) -> tuple[float, Recipe, dict]:
+    """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length, its recipe
+    verified at shorter lengths (dense below the shortest one within the bound), and the record of both."""
+    bound, n_tokens = options.max_loss, options.seq_len
+    measured: dict[float, float] = {}
+
+    def measure(target: float) -> tuple[float, float]:
+        choice = scores.choose(target)
+        measured[target] = verifier.loss(build(choice), n_tokens)[0]
+        return scores.sparsity(choice), measured[target]
+
+    target, steps = search_target(measure, bound.ppl, on_step=on_search)
+    recipe = build(scores.choose(target))
+    record = {"max_loss": {"ppl": bound.ppl}, "verified_on": verifier.held.source, "search": [s.to_dict() for s in steps]}
+    if target == 0.0:
+        logger.warning("no sparse recipe kept perplexity within %s at %d tokens; the recipe is dense", bound, n_tokens)
+        record["verified"] = []
+        return target, recipe, record
+    lengths = lengths_to_verify(n_tokens, options.min_sparse_tokens, options.block_size)
+    rows, valid_from = verifier.verify_lengths(recipe, lengths, bound.ppl)
+    recipe.min_sparse_tokens = max(options.min_sparse_tokens, valid_from)
+    record["verified"] = rows
+    return target, recipe, record
 
 
 def model_windows(config, n_tokens: int) -> list[int | None]:
@@ -232,15 +282,50 @@ def model_windows(config, n_tokens: int) -> list[int | None]:
     return [w if w is not None and w < n_tokens else None for w in sliding_windows(config)]
 
 
-def _head_plans(candidates: list[Strategy], choice: torch.Tensor, density, mass, error) -> list[list[HeadPlan]]:
-    """Each head's chosen candidate as a plan, with its calibration scores."""
+def _head_plans(scores: Scores, choice: torch.Tensor) -> list[list[HeadPlan]]:
+    """Each free layer's chosen candidates as plans, with their calibration scores."""
+    cands, density, mass, error = scores.candidates, scores.density, scores.mass, scores.error
     return [
         [
-            HeadPlan(candidates[int(c)].name, candidates[int(c)].params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c]))
+            HeadPlan(cands[int(c)].name, cands[int(c)].params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c]))
             for hi, c in enumerate(layer_choice)
         ]
         for li, layer_choice in enumerate(choice)
     ]
+
+
+def _calibration_stats(scores: Scores, choice: torch.Tensor, options: CalibrationOptions, text_name: str, target: float) -> dict:
+    """The recipe's calibration record: what was scored, what was chosen, each candidate's means."""
+    density, mass, error = (scores.pick(t, choice) for t in (scores.density, scores.mass, scores.error))
+    layer_density = dict(zip(scores.free, density.mean(-1).tolist()))
+    n_layers = scores.n_layers
+    return {
+        "patchattn_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "text": text_name,
+        "seq_len": options.seq_len,
+        "target_sparsity": target,
+        "achieved_sparsity": round(1.0 - float(density.mean()), 6),
+        "mean_kept_mass": round(float(mass.mean()), 6),
+        "mean_output_error": round(float(error.mean()), 6),
+        "objective": options.objective,
+        "sampled_rows": scores.sampled_rows,
+        "retrieval_rows": scores.retrieval_rows,
+        "retrieval_weight": options.retrieval_weight if scores.retrieval_rows else 0.0,
+        "strategies": list(options.strategies),
+        "layer_density": [round(float(layer_density[i]), 6) if i in layer_density else None for i in range(n_layers)],
+        **({"model_windows": {str(i): w for i, w in enumerate(scores.windows) if w is not None}} if len(scores.free) < n_layers else {}),
+        "candidates": [
+            {
+                "strategy": cand.name,
+                "params": cand.params(),
+                "mean_density": round(float(scores.density[..., ci].mean()), 6),
+                "mean_kept_mass": round(float(scores.mass[..., ci].mean()), 6),
+                "mean_output_error": round(float(scores.error[..., ci].mean()), 6),
+            }
+            for ci, cand in enumerate(scores.candidates)
+        ],
+    }
 
 
 def _out_proj(module) -> torch.Tensor | None:
