@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -58,9 +59,9 @@ def main(
 
 
 # Options whose library name differs from the flag's spelling; the others are their flags with "_" for "-".
-_FLAGS = {"n_rows": "--rows"}
-_OPTION_NAMES = re.compile(r"\b(target_sparsity|seq_len|block_size|n_rows|kv_budget|decode_pages|decode_recall|retrieval_weight|"
-                           r"dense_prefix_tokens|min_sparse_tokens|ppl_windows|speed_runs)\b")
+_FLAGS = {"n_rows": "--rows", "ppl_texts": "--ppl-text", "texts": "--text"}
+_OPTION_NAMES = re.compile(r"\b(target_sparsity|max_loss|seq_len|block_size|n_rows|kv_budget|decode_pages|decode_recall|retrieval_weight|"
+                           r"dense_prefix_tokens|min_sparse_tokens|ppl_windows|ppl_texts|speed_runs)\b")
 
 
 def _flag(option: str) -> str:
@@ -126,13 +127,20 @@ def _parse_lengths(text: str) -> list[int]:
 @app.command()
 def calibrate(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    target_sparsity: float = typer.Option(0.85, "--target-sparsity", "-s", help="Fraction of causal query-key blocks to skip, averaged over heads."),
+    target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity", "-s", help="Fraction of causal query-key blocks to skip, averaged over heads, whatever it costs (instead of --max-loss)."),
+    max_loss: Optional[str] = typer.Option(
+        None, "--max-loss", help="The quality loss to stay within, e.g. ppl=2%: the sparsest recipe whose perplexity on held-out calibration text rises at most that much, verified with patched forwards at the calibration length and shorter ones (dense below the shortest within the bound). Default when --target-sparsity is not given: ppl=2%."
+    ),
     seq_len: int = typer.Option(4096, "--seq-len", "-n", help="Calibration length in tokens."),
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
     strategies: str = typer.Option("dense,streaming,vertical_slash,vertical_slash_tokens,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
     objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default), attention 'mass', or 'residual' (output error after the output projection, as a share of the layer's attention output: heads weighed by what they contribute)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text file (default: shipped public-domain prose)."),
+    text: List[Path] = typer.Option([], "--text", help="Calibration text file, a UTF-8 kind of text of its own named by its stem: its first --seq-len tokens are scored, the rest verifies --max-loss (repeatable; default: shipped public-domain prose)."),
+    kinds: Optional[str] = typer.Option(
+        None, "--kinds", help="Comma-separated shipped kinds of text to calibrate on (prose, code, docs, dialogue, structured): each kind's calibration part is scored and its held-out part verifies --max-loss; with --text files too. Several kinds: one allocation robust over them (--robust), the loss bound held on each kind."
+    ),
+    robust: str = typer.Option("worst", "--robust", help="With several kinds of text: allocate on each head's 'worst' utility over the kinds (default) or their 'mean'."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
     kv_budget: Optional[float] = typer.Option(
@@ -161,19 +169,24 @@ def calibrate(
 
     def body():
         from .calibrate import calibrate as run_calibration
-        from .calibrate import needle_probes, tokens_from_text, uniform_baseline
+        from .calibrate import needle_probes, uniform_baseline
         from .calibrate.options import CalibrationOptions
         from .calibrate.plot import save_density_heatmap
         from .hf import text_config
         from .io import check_file_path
-        from .models import load_model
+        from .models import context_length, load_model
         from .text import load_text
 
+        from .calibrate.search import DEFAULT_MAX_LOSS
+        from .calibrate.texts import CalibrationText, calibration_texts, tokenize_texts
+
         options = CalibrationOptions(
-            target_sparsity=target_sparsity, seq_len=seq_len, block_size=block_size,
+            target_sparsity=target_sparsity, max_loss=max_loss if max_loss is not None or target_sparsity is not None else DEFAULT_MAX_LOSS,
+            seq_len=seq_len, block_size=block_size,
             strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()), objective=objective, n_rows=rows,
             kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
             dense_prefix_tokens=dense_prefix_tokens, probes=probes, min_sparse_tokens=min_sparse_tokens, seed=seed,
+            texts=tuple(text), kinds=None if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip()), robust=robust,
         )
         heat = heatmap or output.with_suffix(".png")
         outputs = {"--output": output, "--heatmap": heat, "--baseline-output": baseline_output}
@@ -183,29 +196,35 @@ def calibrate(
         named = [p.resolve() for p in outputs.values() if p is not None]
         if len(set(named)) < len(named):
             raise PatchattnError("--output, --heatmap and --baseline-output must be different files")
-        if text is not None:
-            try:
-                prose, text_name = text.read_text(encoding="utf-8"), str(text)
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PatchattnError(f"cannot read --text {text}: {exc}") from None
-        else:
-            prose, text_name = load_text("calibration"), "patchattn:calibration (State of the Union 1901-1961)"
+        texts = calibration_texts(options.texts, options.kinds) or [
+            CalibrationText("prose", "patchattn:calibration (State of the Union 1901-1961)", load_text("calibration"))]
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
-        input_ids = tokens_from_text(tokenizer, prose, seq_len, lm.config)
+        input_ids, held_out, text_name = tokenize_texts(tokenizer, texts, seq_len, context_length(lm.config))
+        first_ids = next(iter(input_ids.values())) if isinstance(input_ids, dict) else input_ids  # the probes' text
         n_layers = text_config(lm.config).num_hidden_layers
         on_gpu = next(lm.parameters()).device.type == "cuda"
         n_probes = probes if probes is not None else (4 if on_gpu else 0)
         if probes is None and not on_gpu:
             console.print("[dim]no layer probes on a CPU by default (a forward per layer per probe); --probes N asks for them[/]")
-        probe_set = needle_probes(tokenizer, input_ids, n_probes, seed) if n_probes else ()
+        probe_set = needle_probes(tokenizer, first_ids, n_probes, seed) if n_probes else ()
         with _progress() as progress:
-            task = progress.add_task(f"calibrating {seq_len} tokens", total=n_layers)
+            of_kinds = f" of {len(texts)} kinds of text" if isinstance(input_ids, dict) else ""
+            task = progress.add_task(f"calibrating {seq_len} tokens{of_kinds}", total=n_layers * len(texts))
             probe_task = progress.add_task(f"probing layers ({n_probes} needle prompts)", total=n_layers, visible=bool(n_probes))
+            search_task = progress.add_task(f"searching for {options.max_loss}", total=None, visible=options.max_loss is not None)
+
+            def on_search(step) -> None:
+                progress.update(search_task, advance=1, description=(
+                    f"searching for {options.max_loss}: target {step.target:.3f} gave {100 * step.loss:+.2f}%"))
             recipe = run_calibration(
                 lm,
                 input_ids,
                 target_sparsity=options.target_sparsity,
+                max_loss=options.max_loss,
+                held_out=held_out,
+                on_search=on_search,
+                min_sparse_tokens=options.min_sparse_tokens,
                 block_size=options.block_size,
                 strategies=list(options.strategies),
                 n_rows=options.n_rows,
@@ -220,9 +239,9 @@ def calibrate(
                 dense_prefix_tokens=options.dense_prefix_tokens,
                 probes=probe_set,
                 on_probe=lambda layer: progress.advance(probe_task),
+                robust=options.robust,
             )
         recipe.name = output.stem
-        recipe.min_sparse_tokens = min_sparse_tokens
         recipe.save(output)
         save_density_heatmap(recipe, heat)
         _print_recipe(recipe)
@@ -272,8 +291,10 @@ def _print_recipe(recipe) -> None:
         f"target sparsity {cal.get('target_sparsity')}, achieved {cal.get('achieved_sparsity')}, "
         f"mean kept mass {cal.get('mean_kept_mass')}, heads {recipe.strategy_counts()}"
     )
+    _print_kinds(cal)
+    _print_search(recipe)
     error = cal.get("mean_output_error")
-    if error is not None and error > HIGH_OUTPUT_ERROR:
+    if error is not None and error > HIGH_OUTPUT_ERROR and "max_loss" not in cal:
         console.print(
             f"[yellow]warning: the heads' attention outputs are off by {error:.0%} on average on the calibration text; expect a "
             f"large quality loss (SmolLM2 at 8K and 80%: 5%, perplexity +2.8%; at 2K and 80%: 25%, perplexity +63%). "
@@ -285,6 +306,60 @@ def _print_recipe(recipe) -> None:
             f"KV cache: budget {kv['budget']}, achieved {kv['achieved']}, mean kept mass {kv['mean_kept_mass']}, "
             f"output error {kv['mean_output_error']}, KV heads {kv['policies']}"
         )
+
+
+def _print_search(recipe) -> None:
+    """The loss-bound search (each target tried, its measured perplexity rise) and the lengths the recipe was verified
+    at, when the recipe was calibrated with --max-loss."""
+    cal = recipe.calibration
+    if "max_loss" not in cal:
+        return
+    bound = cal["max_loss"]["ppl"]
+    mark = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
+    kinds = "kinds" in cal  # the perplexity is the worst kind's; the table says which
+    search = Table(title=f"search for perplexity within +{100 * bound:.3g}% (verified on {cal['verified_on']})")
+    for col in ("target sparsity", "achieved", "perplexity", *(("worst kind",) if kinds else ()), "within"):
+        search.add_column(col, justify="right")
+    for step in cal["search"]:
+        search.add_row(f"{step['target']:.3f}", f"{step['sparsity']:.3f}", f"{100 * step['ppl_loss']:+.2f}%",
+                       *((_worst_kind(step),) if kinds else ()), mark(step["within"]))
+    console.print(search)
+    if not cal.get("verified"):
+        console.print(f"[yellow]warning: no sparse recipe kept perplexity within +{100 * bound:.3g}% at {cal['seq_len']} tokens: "
+                      "the recipe is dense. Calibrate longer prompts (--seq-len) or allow more loss (--max-loss).[/]")
+        return
+    lengths = Table(title="verified lengths")
+    for col in ("length", "prefill sparsity", "perplexity", *(("worst kind",) if kinds else ()), "within", "runs"):
+        lengths.add_column(col, justify="right")
+    for row in cal["verified"]:
+        sparsity = "-" if row["sparsity"] is None else f"{row['sparsity']:.3f}"
+        lengths.add_row(str(row["length"]), sparsity, f"{100 * row['ppl_loss']:+.2f}%", *((_worst_kind(row),) if kinds else ()),
+                        mark(row["within"]), "sparse" if row["sparse"] else "dense")
+    console.print(lengths)
+    console.print(f"prompts shorter than {recipe.min_sparse_tokens} tokens prefill densely (below that the loss was not "
+                  f"within the bound, or not verified); `patchattn eval` runs the verified lengths by default")
+
+
+def _worst_kind(row: dict) -> str:
+    """The kind of text whose loss a search step or verified length was measured by (the worst)."""
+    by_kind = row.get("ppl_loss_by_kind") or {}
+    return max(by_kind, key=by_kind.get) if by_kind else "-"
+
+
+def _print_kinds(cal: dict) -> None:
+    """Per kind of text, when the recipe was calibrated on several: tokens scored, the sparsity the allocation reaches on
+    that kind's scores, and (with --max-loss) the recipe's perplexity rise on its held-out text."""
+    kinds = cal.get("kinds")
+    if not kinds:
+        return
+    loss = "max_loss" in cal
+    table = Table(title=f"per kind of text (allocation robust over kinds: {cal.get('robust')}, at {cal['seq_len']} tokens)")
+    for col in ("kind", "text", "scored tokens", "sparsity", *(("perplexity",) if loss else ())):
+        table.add_column(col, justify="left" if col in ("kind", "text") else "right")
+    for kind, entry in kinds.items():
+        table.add_row(kind, entry.get("text", ""), str(entry["scored_tokens"]), f"{entry['achieved_sparsity']:.3f}",
+                      *((f"{100 * entry['ppl_loss']:+.2f}%",) if loss else ()))
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -325,11 +400,12 @@ def evaluate(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " A directory from `patchattn export` brings its own recipe."),
     recipe: List[Path] = typer.Option([], "--recipe", "-r", help="Recipe JSON (repeatable)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'uniform': add the uniform-budget recipe of equal sparsity for each recipe."),
-    lengths: str = typer.Option("2048,4096", "--lengths", "-l", help="Comma-separated prompt lengths in tokens."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", "-l", help="Comma-separated prompt lengths in tokens (default: the lengths the recipes were verified at by `calibrate --max-loss`, else 2048,4096)."),
     tasks: str = typer.Option("ppl,passkey,single,multikey,multivalue,speed", "--tasks", help="Comma-separated tasks: ppl, passkey, single, multikey, multivalue, multiquery, vartrack (variable tracking), speed (time to first token, ms per generated token, peak memory, KV bytes; always run unless --speed-runs 0)."),
     speed_runs: int = typer.Option(3, "--speed-runs", help="Timed runs per speed figure, after a warm-up run (medians are reported); 0 leaves speed out."),
     trials: int = typer.Option(5, "--trials", help="Prompts per task and length."),
     ppl_windows: int = typer.Option(1, "--ppl-windows", help="Perplexity over this many windows of held-out text at each length (seeded starts), reported as the perplexity of all their tokens."),
+    ppl_text: List[Path] = typer.Option([], "--ppl-text", help="A UTF-8 text file of your own: perplexity on --ppl-windows windows of it at each length, beside the held-out prose, reported per text (repeatable; not measured at lengths longer than the text)."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
     backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay each layer's short-prompt prefill attention as a CUDA graph (captured once per prompt shape; pays where lengths recur, as in the speed runs). Also PATCHATTN_CUDA_GRAPHS=1."),
@@ -349,6 +425,7 @@ def evaluate(
         from .calibrate import uniform_baseline
         from .eval import lmeval
         from .eval.options import EvalOptions
+        from .eval.ppl_texts import load_ppl_texts
         from .eval.report import write_report
         from .eval.runner import check_lengths, eval_steps, run_eval
         from .io import check_dir_path
@@ -357,9 +434,11 @@ def evaluate(
         from .recipe import Recipe
 
         options = EvalOptions(
-            lengths=tuple(_parse_lengths(lengths)), tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), trials=trials,
-            ppl_windows=ppl_windows, speed_runs=speed_runs, backend=backend, baseline=baseline, seed=seed,
+            lengths=tuple(_parse_lengths(lengths) if lengths is not None else DEFAULT_EVAL_LENGTHS), tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), trials=trials,
+            ppl_windows=ppl_windows, speed_runs=speed_runs, backend=backend, baseline=baseline, seed=seed, ppl_texts=tuple(ppl_text),
         )
+        if lengths is None:  # every option checked first; then the recipes say where they were verified
+            options = dataclasses.replace(options, lengths=tuple(_verified_lengths(recipe, model)))
         length_list, task_list = list(options.lengths), options.run_tasks
         check_dir_path(output, "--output")
         lm_eval_names = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
@@ -386,13 +465,14 @@ def evaluate(
         for r in recipes:
             r.check_model(lm.config)
         check_lengths(lm, length_list)
+        texts = load_ppl_texts(tokenizer, options.ppl_texts, length_list) if options.ppl_texts else []
         variants: dict = {"dense": None}
         for r in recipes:
             variants[_unique(variants, r.name or "patched")] = r
             if baseline == "uniform":
                 variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
         with _progress() as progress:
-            total = eval_steps(variants, length_list, task_list, trials, ppl_windows) + lmeval.lm_eval_steps(variants, length_list, lm_eval_names)
+            total = eval_steps(variants, length_list, task_list, trials, ppl_windows, texts) + lmeval.lm_eval_steps(variants, length_list, lm_eval_names)
             task = progress.add_task("evaluating", total=total)
 
             def on_progress(advance: int, description: str) -> None:
@@ -406,7 +486,7 @@ def evaluate(
 
             try:
                 results = run_eval(
-                    lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, ppl_windows=ppl_windows,
+                    lm, tokenizer, variants, length_list, tasks=task_list, trials=trials, seed=seed, ppl_windows=ppl_windows, ppl_texts=texts,
                     progress=on_progress, backend=backend, on_row=save_partial, speed_runs=max(1, speed_runs),
                     cuda_graphs=True if cuda_graphs else None,
                 )
@@ -440,6 +520,26 @@ def evaluate(
                           f"`lm_eval --model hf --model_args pretrained=MODEL{model_args} --include_path {output / 'lm_eval_tasks'}/LENGTH --tasks patchattn`", soft_wrap=True)
 
     _run(body)
+
+
+# eval's lengths when neither --lengths nor a recipe's verified lengths say
+DEFAULT_EVAL_LENGTHS = (2048, 4096)
+
+
+def _verified_lengths(recipe_paths: list[Path], model: str | None) -> list[int]:
+    """The lengths the recipes (and an exported directory's own) were verified at and run sparse, else the defaults."""
+    import json
+
+    from .compiled import RECIPE_KEY
+    from .recipe import Recipe
+
+    recipes = [Recipe.load(p) for p in recipe_paths]
+    if _bundles_recipe(model):
+        recipes.append(Recipe.from_dict(json.loads((Path(model) / "config.json").read_text())[RECIPE_KEY], source=f"recipe in {model}"))
+    verified = sorted({n for r in recipes for n in r.verified_lengths()})
+    if verified:
+        console.print(f"[dim]lengths {', '.join(map(str, verified))}: where the recipes were verified (--lengths to choose)[/]")
+    return verified or list(DEFAULT_EVAL_LENGTHS)
 
 
 def _bundles_recipe(model: str | None) -> bool:

@@ -65,6 +65,7 @@ class CompiledRecipe:
             density = sum(known) / len(known) if known and len(known) == len(heads) else None
             self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
+        self.said_dense_below = False  # whether a prompt under min_sparse_tokens was said to prefill densely
 
 
 _COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()

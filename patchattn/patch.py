@@ -152,13 +152,29 @@ def _windowed_dense(module, query, key, value, scaling, dropout, window, layer_i
     return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout, scaling=scaling, **kwargs)[0]
 
 
+def _say_dense_below(compiled: CompiledRecipe, n_tokens: int) -> None:
+    """Once per patched recipe: a prompt shorter than the recipe's ``min_sparse_tokens`` prefills densely."""
+    if compiled.said_dense_below:
+        return
+    compiled.said_dense_below = True
+    recipe = compiled.recipe
+    verified = recipe.verified_lengths()
+    why = (f"the shortest length its quality was verified within the bound at (verified: {', '.join(map(str, verified))})"
+           if verified else "set where sparsity does not pay")
+    logger.warning("patchattn: a %d-token prompt is shorter than recipe %s's min_sparse_tokens (%d, %s): prefilling it "
+                   "densely; patch with a recipe whose min_sparse_tokens is lower to run it sparse", n_tokens,
+                   recipe.name or "(unnamed)", recipe.min_sparse_tokens, why)
+
+
 def _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs):
     compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     window = _model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
-    sparse_ok = sparse_ok and n_q >= compiled.recipe.min_sparse_tokens
+    if sparse_ok and n_q < compiled.recipe.min_sparse_tokens:
+        _say_dense_below(compiled, n_q)
+        sparse_ok = False
     plan = compiled.layers[layer_idx] if sparse_ok else None
     if plan is None or plan.all_dense:
         if window:

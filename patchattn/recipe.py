@@ -208,6 +208,12 @@ class Recipe:
         """Whether any KV head keeps or reads less than the full cache (then generation uses the budgeted cache)."""
         return any(p.compresses for layer in self.kv_plans() for p in layer)
 
+    def verified_lengths(self) -> list[int]:
+        """The prompt lengths a loss-bound calibration verified this recipe at and runs sparse, shortest first (none
+        for recipes calibrated to a fixed target)."""
+        rows = (self.calibration or {}).get("verified") or []
+        return sorted({row["length"] for row in rows if row["sparse"]})
+
     def strategy_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for layer in self.layers:
@@ -413,6 +419,21 @@ def _check_calibration(calibration: Any, num_layers: int) -> None:
             raise ValueError(f"calibration model_windows keys must be layer indices from \"0\" to \"{num_layers - 1}\", not {shown(key)}")
         check_int(f"calibration model_windows[{key!r}]", window, minimum=1)
     _check_candidates(calibration)
+    _check_verified(calibration)
+
+
+def _check_verified(calibration: dict) -> None:
+    """The lengths a loss-bound calibration verified (``eval`` runs them by default): a list of objects, each with a
+    ``length`` in tokens and whether the recipe runs ``sparse`` there."""
+    verified = calibration.get("verified")
+    if verified is None:
+        return
+    if not isinstance(verified, list):
+        raise ValueError(f"calibration verified must be a list, not {shown(verified)}")
+    for i, row in enumerate(verified):
+        if not isinstance(row, dict) or not isinstance(row.get("sparse"), bool):
+            raise ValueError(f"calibration verified[{i}] must be a JSON object with length and sparse (true/false), not {shown(row)}")
+        check_int(f"calibration verified[{i}] length", row.get("length"), minimum=1)
 
 
 def _check_candidates(calibration: dict) -> None:

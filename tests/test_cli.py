@@ -252,6 +252,35 @@ def test_eval_ppl_windows(tiny_model_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_eval_ppl_text(tiny_model_dir, tmp_path):
+    """--ppl-text FILE: perplexity on the user's own text beside the held-out prose, per variant and length, in
+    results.json and the report's per-text table; a text too short for every length is refused once the tokenizer is
+    there, before anything runs or is written."""
+    from patchattn.text import load_text
+
+    recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.save(tmp_path / "r.json")
+    (tmp_path / "mine.txt").write_text(load_text("calibration")[:2000])
+    out = tmp_path / "out"
+    result = invoke("eval", tiny_model_dir, "-r", tmp_path / "r.json", "-l", 300, "--tasks", "ppl", "--speed-runs", 0,
+                    "--ppl-text", tmp_path / "mine.txt", "-o", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["ppl_texts"] == [{"name": "mine", "path": str(tmp_path / "mine.txt"), "tokens": 2000, "skipped_lengths": []}]
+    rows = {(r["task"], r["variant"]): r for r in data["results"]}
+    assert set(rows) == {(task, v) for task in ("ppl", "ppl:mine") for v in ("dense", "r")}
+    sparsity = rows[("ppl:mine", "r")]["sparsity"]
+    assert sparsity > 0.2 and sparsity == pytest.approx(rows[("ppl", "r")]["sparsity"])  # streaming: by length only
+    assert rows[("ppl:mine", "dense")]["prompt_tokens"] == [300] and rows[("ppl:mine", "dense")]["text"] == str(tmp_path / "mine.txt")
+    assert "Perplexity per text" in result.output and "## Perplexity per text" in (out / "results.md").read_text()
+
+    (tmp_path / "short.txt").write_text("Too short. " * 10)
+    result = invoke("eval", tiny_model_dir, "-r", tmp_path / "r.json", "-l", 300, "--tasks", "ppl", "--speed-runs", 0,
+                    "--ppl-text", tmp_path / "short.txt", "-o", tmp_path / "bad")
+    assert_clean_error(result, "--ppl-text", "short.txt is 110 tokens under this tokenizer, shorter than the shortest eval length (300")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.internals
 def test_eval_of_exported_dir_compares_with_dense(tiny_model_dir, tmp_path):
     recipe = Recipe.uniform(tiny_model("llama").config, "streaming", block_size=32, sink_tokens=32, window_tokens=32)

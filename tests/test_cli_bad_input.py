@@ -27,6 +27,8 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_dir" / "mine.txt").write_text("keep me too")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
@@ -77,6 +79,10 @@ EVAL = [
     (["--lengths", ","], "--lengths needs at least one length"),
     (["--speed-runs", "-1"], "--speed-runs must be an integer >= 0"),
     (["--ppl-windows", "0"], "--ppl-windows must be an integer >= 1"),
+    (["--ppl-text", "text.txt", "--ppl-text", "missing.txt"], "--ppl-text cannot read missing.txt: No such file or directory"),
+    (["--ppl-text", "blank.txt"], "--ppl-text blank.txt is empty"),
+    (["--ppl-text", "latin1.txt"], "--ppl-text cannot read latin1.txt: not UTF-8 text"),
+    (["--ppl-text", "a_dir"], "--ppl-text cannot read a_dir: Is a directory"),
     (["--backend", "cuda"], "--backend must be one of auto, torch, triton"),
     (["--baseline", "median"], "--baseline must be one of uniform"),
     (["-o", "a_file"], "--output a_file exists and is not a directory"),

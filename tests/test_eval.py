@@ -209,6 +209,97 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
     json.dumps(results)
 
 
+# ---- the user's own texts (--ppl-text) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """Two files of prose the model was not calibrated on, sharing a stem: one long, one of about 400 tokens."""
+    root = tmp_path_factory.mktemp("texts")
+    prose = load_text("calibration")
+    long, short = root / "notes.txt", root / "more" / "notes.txt"
+    short.parent.mkdir()
+    long.write_text(prose[:8000].replace(". ", ".\n"), encoding="utf-8")
+    short.write_text(prose[20_000:21_300], encoding="utf-8")
+    return long, short
+
+
+def test_ppl_text_options_refuse_unreadable_files(tmp_path):
+    from patchattn.errors import OptionError
+    from patchattn.eval.options import EvalOptions
+
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("fine")
+    for name, problem in (("missing.txt", "cannot read .*missing.txt: No such file"), ("blank.txt", "blank.txt is empty"),
+                          ("latin1.txt", "cannot read .*latin1.txt: not UTF-8 text"), ("", "cannot read .*: Is a directory")):
+        with pytest.raises(OptionError, match=problem) as refused:
+            EvalOptions((256,), ppl_texts=(tmp_path / "ok.txt", tmp_path / name))
+        assert refused.value.option == "ppl_texts"
+    assert EvalOptions((256,), ppl_texts=[tmp_path / "ok.txt"]).ppl_texts == (str(tmp_path / "ok.txt"),)
+
+
+def test_ppl_text_shorter_than_every_length_is_refused_before_a_variant_runs(tiny_model, plain_tokenizer, tmp_path):
+    from patchattn.errors import OptionError
+
+    (tmp_path / "tiny.txt").write_text("Too short to measure. " * 5)
+    steps = []
+    with pytest.raises(OptionError, match=r"tiny.txt is \d+ tokens under this tokenizer, shorter than the shortest eval length \(256"):
+        run_eval(tiny_model, plain_tokenizer, {"dense": None}, [512, 256], tasks=("ppl",), progress=lambda n, d: steps.append(d),
+                 ppl_texts=[tmp_path / "tiny.txt"])
+    assert steps == []
+
+
+def test_ppl_texts_rows_tables_and_progress(tiny_model, plain_tokenizer, text_files):
+    from patchattn.eval.html import render_html
+    from patchattn.eval.ppl_texts import load_ppl_texts
+    from patchattn.eval.tables import all_tables, other_table, ppl_text_table
+
+    long, short = text_files
+    recipe = Recipe.uniform(tiny_model.config, "streaming", block_size=16, sink_tokens=16, window_tokens=64, name="stream")
+    variants = {"dense": None, "streaming": recipe}
+    texts = load_ppl_texts(plain_tokenizer, [long, short], [256, 512])
+    assert [t.name for t in texts] == ["notes", "notes-2"] and [t.fits(512) for t in texts] == [True, False]
+    steps = []
+    results = run_eval(tiny_model, plain_tokenizer, variants, [256, 512], tasks=("ppl",), ppl_windows=2, seed=3,
+                       progress=lambda n, d: steps.append(n), ppl_texts=[long, short])
+    assert sum(steps) == eval_steps(variants, [256, 512], ("ppl",), ppl_windows=2, ppl_texts=texts) == 2 * (2 + 2 + 2 + 2 + 2)
+    assert results["ppl_texts"] == [
+        {"name": "notes", "path": str(long), "tokens": len(texts[0].ids), "skipped_lengths": []},
+        {"name": "notes-2", "path": str(short), "tokens": len(texts[1].ids), "skipped_lengths": [512]},
+    ]
+    rows = {(r["length"], r["task"], r["variant"]): r for r in results["results"]}
+    expected = {(n, task, v) for v in variants for n, task in
+                [(256, "ppl"), (256, "ppl:notes"), (256, "ppl:notes-2"), (512, "ppl"), (512, "ppl:notes")]}
+    assert set(rows) == expected and results["complete"] is True
+    full_ids = {t.name: t.ids for t in texts}
+    for (length, task, variant), row in rows.items():
+        assert row["metric"] == "perplexity" and math.isfinite(row["value"]) and row["prompt_tokens"] == [length, length]
+        if task == "ppl":
+            assert "text" not in row
+            continue
+        text = texts[0] if task == "ppl:notes" else texts[1]
+        assert row["text"] == text.path
+        windows = text.windows(length, 2, seed=3)
+        for window in windows:  # the tokenizer's BOS, then a stretch of the file as it tokenises whole
+            body = window[1:]
+            assert window[0] == plain_tokenizer.bos_token_id and len(window) == length
+            assert any(full_ids[text.name][s : s + len(body)] == body for s in text.starts)
+        if variant == "dense":
+            assert row["sparsity"] == 0.0
+            assert row["scores"] == pytest.approx([perplexity(tiny_model, w) for w in windows], rel=1e-5)
+            assert row["value"] == pytest.approx(math.exp(sum(map(math.log, row["scores"])) / 2), rel=1e-9)
+        else:
+            assert 0.0 < row["sparsity"] < 1.0
+    table = ppl_text_table(results)
+    assert table in all_tables(results) and other_table(results) is None  # text rows are not lm-eval's
+    assert table.columns == ["text", "length", "dense", "streaming", "streaming sparsity"]
+    assert [r[:2] for r in table.rows] == [["held-out prose", "256"], ["held-out prose", "512"], ["notes", "256"],
+                                           ["notes", "512"], ["notes-2", "256"], ["notes-2", "512"]]
+    assert table.rows[2][3].endswith("%)") and table.rows[2][4].endswith("%") and table.rows[5][2:] == ["–", "–", "–"]
+    assert "notes-2 at 512 tokens" in table.note and str(short) in table.note
+    assert "## Perplexity per text" in render_markdown(results) and "<h3>Perplexity per text</h3>" in render_html(results, {})
+    json.dumps(results)
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def test_write_report(tiny_results, tmp_path):
     results = tiny_results[0]

@@ -21,7 +21,8 @@ from ..stats import record_sparsity
 
 logger = logging.getLogger(__name__)
 
-VERIFY_TOKENS = 8192  # tokens of held-out text each length is verified on
+VERIFY_TOKENS = 8192  # tokens of held-out text each length is verified on (on a GPU, GPU_VERIFY_FACTOR times more)
+GPU_VERIFY_FACTOR = 4  # a forward costs a GPU little: four times the text, as `eval --ppl-windows 4` reads at 8K
 MIN_VERIFY_TOKENS = 1024  # the shortest length verified, unless the recipe's min_sparse_tokens is longer
 
 
@@ -44,22 +45,33 @@ class HeldOut:
         return [torch.cat([self.prefix, self.ids[:, i * body : (i + 1) * body]], dim=1) for i in range(min(count, n // body))]
 
 
-def split_text(tokenizer, text: str, seq_len: int, limit: int | None = None) -> tuple[torch.Tensor, HeldOut]:
+def split_text(tokenizer, text: str, seq_len: int, limit: int | None = None, name: str = "the calibration text") -> tuple[torch.Tensor, HeldOut]:
     """(the first ``seq_len`` tokens of ``text`` to score, the rest held out for verification). ``limit``: the model's
-    context. A text with fewer than ``seq_len`` tokens is refused; one with none left over is verified on its own
-    scored tokens, and the held-out source says so."""
-    from ..eval.tasks import _special_prefix
-
+    context. A text with fewer than ``seq_len`` tokens is refused (naming it ``name``); one with none left over is
+    verified on its own scored tokens, and the held-out source says so."""
     if limit is not None and seq_len > limit:
         raise OptionError("seq_len", f"{seq_len} exceeds the model's context of {limit} tokens; use a length <= {limit}")
     ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids
     if ids.shape[1] < seq_len:
-        raise OptionError("seq_len", f"{seq_len} is more than the calibration text's {ids.shape[1]} tokens; give a longer text or a shorter seq_len")
-    prefix = torch.tensor([_special_prefix(tokenizer)], dtype=ids.dtype).reshape(1, -1)
+        raise OptionError("seq_len", f"{seq_len} is more than {name}'s {ids.shape[1]} tokens; give a longer text or a shorter seq_len")
+    prefix = special_prefix(tokenizer)
     held = ids[:, seq_len:]
     if held.shape[1] >= seq_len - prefix.shape[1]:
         return ids[:, :seq_len], HeldOut(held, prefix, f"{held.shape[1]} held-out tokens of the calibration text")
     return ids[:, :seq_len], HeldOut(ids[:, prefix.shape[1] : seq_len], prefix, "the scored calibration tokens themselves (the text has too few left over)")
+
+
+def special_prefix(tokenizer) -> torch.Tensor:
+    """(1, P): what the tokenizer puts before text (a BOS), which every verification window starts with."""
+    from ..eval.tasks import _special_prefix
+
+    return torch.tensor([_special_prefix(tokenizer)], dtype=torch.long).reshape(1, -1)
+
+
+def held_out_text(tokenizer, text: str, source: str) -> HeldOut:
+    """A whole text held out for verification (none of it scored), its windows starting like prompts."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    return HeldOut(ids, special_prefix(tokenizer), f"{ids.shape[1]} tokens of {source}")
 
 
 def lengths_to_verify(seq_len: int, min_sparse_tokens: int = 0, block_size: int = 64) -> list[int]:
@@ -76,9 +88,21 @@ def lengths_to_verify(seq_len: int, min_sparse_tokens: int = 0, block_size: int 
 class Verifier:
     """Measures a recipe's perplexity rise over the dense model on :class:`HeldOut` windows."""
 
-    def __init__(self, model, held: HeldOut, tokens: int = VERIFY_TOKENS):
-        self.model, self.held, self.tokens = model, held, tokens
+    def __init__(self, model, held: HeldOut, tokens: int | None = None):
+        on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
+        self.model, self.held = model, held
+        self.tokens = tokens or VERIFY_TOKENS * (GPU_VERIFY_FACTOR if on_gpu else 1)
         self._dense: dict[int, list[float]] = {}  # length -> dense NLL sum per window
+
+    @property
+    def source(self) -> str:
+        """What the windows come from, for the recipe and the table."""
+        return self.held.source
+
+    def loss_detail(self) -> dict:
+        """What the last :meth:`loss` measured beyond its tuple, for the record (nothing here; per kind in
+        :class:`~patchattn.calibrate.kinds.WorstKind`)."""
+        return {}
 
     def _windows(self, length: int) -> list[torch.Tensor]:
         device = self.model.get_input_embeddings().weight.device
@@ -111,7 +135,7 @@ class Verifier:
             if all_within:
                 valid_from = length
             rows.append({"length": length, "ppl_loss": round(rise, 6), "sparsity": None if sparsity is None else round(sparsity, 6),
-                         "tokens": scored, "within": within})
+                         "tokens": scored, "within": within, **self.loss_detail()})
             logger.info("verified at %d tokens: perplexity %+.2f%% (sparsity %s)", length, 100 * rise, sparsity)
         for row in rows:
             row["sparse"] = row["length"] >= valid_from

@@ -106,12 +106,22 @@ def _stream(tokenizer, corpus: str) -> _Stream:
         else:
             text = re.sub(r"\s+", " ", load_text(corpus))  # one paragraph: no stray line breaks in haystacks
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        enders = {t for t in set(ids) if tokenizer.decode([t]).rstrip().endswith((".", "?", "!"))}
-        starts = [i + 1 for i in range(len(ids) - 1) if ids[i] in enders]
+        starts = sentence_starts(tokenizer, ids)
         if not starts:
             raise ValueError(f"the {corpus} text has no sentence ends under this tokenizer")
         cache[corpus] = _Stream(ids, starts)
     return cache[corpus]
+
+
+def sentence_starts(tokenizer, ids: list[int], line_breaks: bool = False) -> list[int]:
+    """The token indices right after a sentence end (a token ending in ``.``, ``?`` or ``!``), and with
+    ``line_breaks`` after a token ending in a line break too."""
+
+    def ends(token: str) -> bool:
+        return token.rstrip().endswith((".", "?", "!")) or (line_breaks and token.endswith("\n"))
+
+    enders = {t for t in set(ids) if ends(tokenizer.decode([t]))}
+    return [i + 1 for i in range(len(ids) - 1) if ids[i] in enders]
 
 
 def _haystack(stream: _Stream, start: int, n_tokens: int, depths: list[float], needles: list[str], tokenizer) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 
-from .tables import ReportTable, accuracy_tables, derived_label, describe_variant, device_label, other_table, speed_table, summary_table
+from .tables import ReportTable, accuracy_tables, derived_label, describe_variant, device_label, other_table, ppl_text_table, speed_table, summary_table
 
 PLOT_CAPTIONS = {
     "results.png": "Score of each task against context length, one line per variant.",
@@ -66,6 +66,7 @@ def _run_info(results: dict) -> str:
         ("tasks", ", ".join(results.get("tasks", []))),
         ("trials per task", results.get("trials")),
         ("perplexity windows", results.get("ppl_windows")),
+        ("perplexity texts", ", ".join(f"{t['name']} ({t['path']})" for t in results.get("ppl_texts") or [])),
         ("timed runs per speed figure", results.get("speed_runs")),
         ("seed", results.get("seed")),
         ("schema", results.get("schema_version")),
@@ -99,8 +100,9 @@ def render_html(results: dict, images: dict[str, bytes]) -> str:
             parts.append(f'<figure><img src="{data_uri(png)}" alt="{_e(caption)}">'
                          f"<figcaption>{_e(name)}: {_e(caption)}</figcaption></figure>")
     parts.append("<h2>Accuracy and perplexity</h2>")
-    for table in accuracy_tables(results):
-        parts.append(f"<h3>{_e(table.title)}</h3>\n" + render_table(table))
+    for table in (*accuracy_tables(results), ppl_text_table(results)):
+        if table is not None:
+            parts.append(f"<h3>{_e(table.title)}</h3>\n" + render_table(table))
     speed = speed_table(results)
     parts.append(f"<h2>{_e(speed.title)}</h2>\n" + render_table(speed) if speed else
                  '<h2>Speed and memory</h2>\n<p class="note">Not measured in this run.</p>')

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .. import options as check
 from ..kernels import BACKENDS
+from .ppl_texts import read_ppl_text
 
 TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "multiquery", "vartrack", "speed")
 DEFAULT_TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "speed")  # multiquery, vartrack on request
@@ -16,7 +17,9 @@ BASELINES = ("uniform",)
 @dataclass(frozen=True)
 class EvalOptions:
     """Every option of an eval; constructing one checks them all (:class:`~patchattn.errors.OptionError`).
-    ``speed_runs`` 0 leaves the speed task out; ``baseline`` ``"uniform"`` adds each recipe's uniform twin."""
+    ``speed_runs`` 0 leaves the speed task out; ``baseline`` ``"uniform"`` adds each recipe's uniform twin.
+    ``ppl_texts``: paths of the user's own texts for perplexity, each read here (readable UTF-8, not empty); how long
+    each is in tokens is checked when the tokenizer is there (:func:`~patchattn.eval.ppl_texts.load_ppl_texts`)."""
 
     lengths: tuple[int, ...]
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -26,10 +29,12 @@ class EvalOptions:
     backend: str = "auto"
     baseline: str | None = None
     seed: int = 0
+    ppl_texts: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "lengths", tuple(self.lengths))
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "ppl_texts", tuple(str(p) for p in self.ppl_texts))
         if not self.lengths:
             raise check.OptionError("lengths", "needs at least one length")
         for length in self.lengths:
@@ -42,6 +47,8 @@ class EvalOptions:
         if self.baseline is not None:
             check.one_of("baseline", self.baseline, BASELINES)
         check.integer("seed", self.seed)
+        for path in self.ppl_texts:
+            read_ppl_text(path)
 
     @property
     def run_tasks(self) -> list[str]:

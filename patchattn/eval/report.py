@@ -15,7 +15,7 @@ from ..io import ensure_writable_dir, write_bytes_atomic
 from .html import render_html
 from .plots import FILES as PLOT_FILES
 from .plots import RENDERERS, render_png
-from .tables import BASELINE, ReportTable, accuracy_tables, describe_variant, other_table, speed_table, summary_table
+from .tables import BASELINE, ReportTable, accuracy_tables, describe_variant, other_table, ppl_text_table, speed_table, summary_table
 
 FILES = {"json": "results.json", "md": "results.md", **PLOT_FILES, "html": "report.html"}
 
@@ -60,7 +60,8 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
         + (f" · torch {env['torch']}, transformers {env['transformers']} on {_placement(env)} ({env.get('dtype')})" if env else ""),
         "",
         "Accuracy is the fraction of trials answered correctly (higher is better); perplexity is on held-out "
-        "State of the Union prose (lower is better); sparsity is the share of causal query-key blocks the "
+        "State of the Union prose (lower is better" + (", and on each text given in Perplexity per text" if results.get("ppl_texts") else "")
+        + "); sparsity is the share of causal query-key blocks the "
         "variant skipped in prefill attention (on layers with the model's own sliding window, of the blocks the window "
         "reaches)."
         + (f" Brackets: difference from `{BASELINE}` on the same prompts; for accuracy, how many prompts `{BASELINE}` "
@@ -75,7 +76,7 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
     lines += ["", *markdown_table(summary_table(results))]
     for table in accuracy_tables(results):
         lines += ["", f"## {table.title}", "", *markdown_table(table)]
-    for table in (speed_table(results), other_table(results)):
+    for table in (ppl_text_table(results), speed_table(results), other_table(results)):
         if table is not None:
             lines += ["", f"## {table.title}", "", *markdown_table(table)]
     if plot_files:

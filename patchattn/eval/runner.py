@@ -4,6 +4,7 @@ The results dict is versioned and JSON-serialisable::
 
     {"schema_version": 2, "model": str, "lengths": [int], "tasks": [str], "trials": int, "seed": int,
      "speed_runs": int, "created": ISO-8601 UTC str, "environment": {...}, "variants": {name: {...}}, "complete": bool,
+     "ppl_texts": [{"name", "path", "tokens", "skipped_lengths"}],
      "results": [{"length", "task", "variant", "metric", "value", "sparsity", "trials", "scores",
                   "replies", "prompt_tokens", "seconds", "kv_bytes", "kv_cache"}]}
 
@@ -26,6 +27,11 @@ of that task at that length (0.0 for dense; None when nothing ran sparse).
 
 A ``ppl`` row's ``scores`` holds each window's perplexity (``ppl_windows`` of them; results written before it had one).
 
+``ppl_texts`` (``eval --ppl-text``; ppl_texts.py) names the user's own texts: ``name`` (the file's stem, made unique),
+``path``, ``tokens`` (the whole file's) and ``skipped_lengths`` (lengths longer than the text, where it has no rows). Each
+text has a perplexity row per length and variant as ``ppl`` has, with ``task`` ``"ppl:" + name`` and ``text`` its path.
+Results written before it have no ``ppl_texts``.
+
 Schema 1 had no ``speed_runs``, ``created``, ``peak_memory``, ``*_runs``, ``decode_tokens`` or ``device_name``,
 and a speed row's ``scores`` held the one median.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
@@ -47,7 +54,8 @@ from ..recipe import Recipe
 from ..stats import record_sparsity
 from .haystack import Prompt, build_prompt
 from .options import DEFAULT_TASKS, MIN_LENGTH, TASKS, EvalOptions  # noqa: F401  (TASKS: the task names, public here too)
-from .tasks import answer, measure_speed, perplexity, ppl_input_ids
+from .ppl_texts import PplText, load_ppl_texts
+from .tasks import answer, measure_speed, perplexity, ppl_input_ids, window_seed
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +78,20 @@ def check_lengths(model, lengths: Sequence[int]) -> None:
 
 
 def eval_steps(variants: Mapping, lengths: Sequence[int], tasks: Sequence[str] = DEFAULT_TASKS, trials: int = 5,
-               ppl_windows: int = 1) -> int:
-    """How many progress steps ``run_eval`` reports in all (for a progress bar's total)."""
-    per_length = sum(ppl_windows if t == "ppl" else 1 if t == "speed" else trials for t in tasks)
-    return per_length * len(lengths) * len(variants)
+               ppl_windows: int = 1, ppl_texts: Sequence[PplText] = ()) -> int:
+    """How many progress steps ``run_eval`` reports in all (for a progress bar's total); ``ppl_texts`` as loaded by
+    :func:`~patchattn.eval.ppl_texts.load_ppl_texts`."""
+    steps = sum(ppl_windows if task == "ppl" or text is not None else 1 if task == "speed" else trials
+                for _, task, text in _plan(lengths, tasks, ppl_texts))
+    return steps * len(variants)
+
+
+def _plan(lengths: Sequence[int], tasks: Sequence[str], texts: Sequence[PplText]) -> list[tuple[int, str, PplText | None]]:
+    """The rows of one variant in run order, as (length, task, text or None): per length each task, each text's
+    perplexity just after ``ppl`` (first without it), where the text is long enough."""
+    at = tasks.index("ppl") + 1 if "ppl" in tasks else 0
+    order = [(t, None) for t in tasks[:at]] + [(text.task, text) for text in texts] + [(t, None) for t in tasks[at:]]
+    return [(n, task, text) for n in sorted(set(lengths)) for task, text in order if text is None or text.fits(n)]
 
 
 def _variant_info(recipe: Recipe | None) -> dict:
@@ -127,6 +145,7 @@ def run_eval(
     speed_runs: int = 3,
     cuda_graphs: bool | None = None,
     ppl_windows: int = 1,
+    ppl_texts: Sequence[str | os.PathLike | PplText] = (),
 ) -> dict:
     """Evaluate each variant on the same prompts. ``variants`` maps a display name to a Recipe, or to
     None for the unpatched model; name the baseline ``"dense"`` for the report's deltas.
@@ -137,14 +156,19 @@ def run_eval(
     sparsity comes from one more, untimed prefill (recording it reads counts back, which the timed runs must not pay).
     ``cuda_graphs``: as :func:`patchattn.patch` (short prefills replayed as CUDA graphs; default: the environment).
     ``ppl_windows``: perplexity over this many windows of held-out text (seeded starts; the first is the one-window
-    run's), reported as the perplexity of all their tokens together (the geometric mean of the windows')."""
-    EvalOptions(tuple(lengths), tuple(tasks), trials, ppl_windows, speed_runs)  # every option checked, as the CLI does
+    run's), reported as the perplexity of all their tokens together (the geometric mean of the windows').
+    ``ppl_texts``: the user's own texts (paths, or :class:`~patchattn.eval.ppl_texts.PplText` already loaded), each a
+    perplexity task of its own over ``ppl_windows`` windows per length (``"ppl:" + name`` rows)."""
+    paths = tuple(t for t in ppl_texts if not isinstance(t, PplText))
+    EvalOptions(tuple(lengths), tuple(tasks), trials, ppl_windows, speed_runs, ppl_texts=paths)  # every option checked, as the CLI does
     if speed_runs < 1:
         raise OptionError("speed_runs", "must be at least 1 here (leave the speed task out instead of 0 runs)")
     if not variants:
         raise ValueError("no variants to evaluate")
     lengths = sorted(set(int(n) for n in lengths))
     check_lengths(model, lengths)
+    texts = load_ppl_texts(tokenizer, ppl_texts, lengths) if ppl_texts else []
+    plan = _plan(lengths, list(tasks), texts)
     limit = context_length(model.config)
     report = progress or (lambda advance, description: None)
     results: list[dict] = []
@@ -160,71 +184,76 @@ def run_eval(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(model),
         "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
+        "ppl_texts": [text.info(lengths) for text in texts],
     }
-    n_rows = len(lengths) * len(tasks) * len(variants)
-    for length in lengths:
-        for task in tasks:
-            if task == "ppl":  # window 0 is the text a one-window run reads; the others start elsewhere
-                inputs: list = [ppl_input_ids(tokenizer, length, seed if w == 0 else f"{seed}-window{w}") for w in range(ppl_windows)]
-            elif task == "speed":  # the generation must fit in the context too
-                fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
-                inputs = [ppl_input_ids(tokenizer, fits, seed)]
-            else:
-                inputs = task_prompts(task, tokenizer, length, limit, trials, seed)
-            for name, recipe in variants.items():
-                description = f"{length} tokens · {task} · {name}"
-                report(0, description)
-                started = time.perf_counter()
-                scores, replies, kv_bytes, kv_cache, speed = [], [], [], set(), None
-                with patched(model, recipe, backend, cuda_graphs), record_sparsity() as record:
-                    for item in inputs:
-                        if task == "ppl":
-                            scores.append(perplexity(model, item))
-                        elif task == "speed":
-                            with record.paused():
-                                speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
-                            prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
-                            scores.extend(speed.ttft_runs_ms)
-                            if speed.kv_bytes is not None:
-                                kv_bytes.append(speed.kv_bytes)
-                            kv_cache.add(speed.kv_cache)
-                        else:
-                            result = answer(model, tokenizer, item)
-                            scores.append(result.score)
-                            replies.append(result.reply)
-                            if result.kv_bytes is not None:
-                                kv_bytes.append(result.kv_bytes)
-                            kv_cache.add(result.kv_cache)
-                        report(1, description)
-                sparsity = 0.0 if recipe is None else record.sparsity
-                row = {
-                    "length": length,
-                    "task": task,
-                    "variant": name,
-                    "metric": {"ppl": "perplexity", "speed": "ttft_ms"}.get(task, "accuracy"),
-                    "value": (math.exp(sum(math.log(x) for x in scores) / len(scores)) if task == "ppl"
-                              else speed.ttft_ms if speed else sum(scores) / len(scores)),
-                    "sparsity": None if sparsity is None else float(sparsity),
-                    "trials": len(inputs),
-                    "scores": scores,
-                    "replies": replies,
-                    "prompt_tokens": [len(item) if task in ("ppl", "speed") else item.length_tokens for item in inputs],
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
-                    "kv_cache": _kv_cache_of(kv_cache),
-                    # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
-                    "prefill_kernels": None if recipe is None else dict(record.kernels),
-                }
-                if speed is not None:
-                    row.update(
-                        ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
-                        decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
-                        device=speed.device,
-                    )
-                logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
-                results.append(row)
-                if on_row is not None:
-                    on_row({**header, "results": list(results), "complete": len(results) == n_rows})
+    n_rows = len(plan) * len(variants)
+    for length, task, text in plan:
+        is_ppl = task == "ppl" or text is not None
+        if text is not None:
+            inputs: list = text.windows(length, ppl_windows, seed)
+        elif task == "ppl":  # window 0 is the text a one-window run reads; the others start elsewhere
+            inputs = [ppl_input_ids(tokenizer, length, window_seed(seed, w)) for w in range(ppl_windows)]
+        elif task == "speed":  # the generation must fit in the context too
+            fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
+            inputs = [ppl_input_ids(tokenizer, fits, seed)]
+        else:
+            inputs = task_prompts(task, tokenizer, length, limit, trials, seed)
+        for name, recipe in variants.items():
+            description = f"{length} tokens · {task} · {name}"
+            report(0, description)
+            started = time.perf_counter()
+            scores, replies, kv_bytes, kv_cache, speed = [], [], [], set(), None
+            with patched(model, recipe, backend, cuda_graphs), record_sparsity() as record:
+                for item in inputs:
+                    if is_ppl:
+                        scores.append(perplexity(model, item))
+                    elif task == "speed":
+                        with record.paused():
+                            speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
+                        prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
+                        scores.extend(speed.ttft_runs_ms)
+                        if speed.kv_bytes is not None:
+                            kv_bytes.append(speed.kv_bytes)
+                        kv_cache.add(speed.kv_cache)
+                    else:
+                        result = answer(model, tokenizer, item)
+                        scores.append(result.score)
+                        replies.append(result.reply)
+                        if result.kv_bytes is not None:
+                            kv_bytes.append(result.kv_bytes)
+                        kv_cache.add(result.kv_cache)
+                    report(1, description)
+            sparsity = 0.0 if recipe is None else record.sparsity
+            row = {
+                "length": length,
+                "task": task,
+                "variant": name,
+                "metric": "perplexity" if is_ppl else {"speed": "ttft_ms"}.get(task, "accuracy"),
+                "value": (math.exp(sum(math.log(x) for x in scores) / len(scores)) if is_ppl
+                          else speed.ttft_ms if speed else sum(scores) / len(scores)),
+                "sparsity": None if sparsity is None else float(sparsity),
+                "trials": len(inputs),
+                "scores": scores,
+                "replies": replies,
+                "prompt_tokens": [item.length_tokens if isinstance(item, Prompt) else len(item) for item in inputs],
+                "seconds": round(time.perf_counter() - started, 3),
+                "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
+                "kv_cache": _kv_cache_of(kv_cache),
+                # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
+                "prefill_kernels": None if recipe is None else dict(record.kernels),
+            }
+            if text is not None:
+                row["text"] = text.path
+            if speed is not None:
+                row.update(
+                    ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
+                    decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
+                    device=speed.device,
+                )
+            logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
+            results.append(row)
+            if on_row is not None:
+                on_row({**header, "results": list(results), "complete": len(results) == n_rows})
     return {**header, "results": results, "complete": True}
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .ppl_texts import PPL_TEXT_PREFIX, is_ppl_text_task
+
 BASELINE = "dense"
 TASK_TITLES = {
     "ppl": "perplexity",
@@ -21,6 +23,7 @@ TASK_TITLES = {
     "speed": "time to first token (ms)",
 }
 SPEED_TASK = "speed"
+SHIPPED_TEXT = "held-out prose"  # the ppl task's text, in the per-text table
 PEAK_MEMORY_TITLES = {"cuda_allocated": "peak CUDA memory allocated", "process_rss": "peak process RSS"}
 
 
@@ -51,7 +54,7 @@ def known_tasks(results: dict) -> list[str]:
 
 def other_rows(results: dict) -> list[dict]:
     """Rows of tasks patchattn does not define itself (lm-eval's), in the order they came."""
-    return [r for r in results["results"] if r["task"] not in TASK_TITLES]
+    return [r for r in results["results"] if r["task"] not in TASK_TITLES and not is_ppl_text_task(r["task"])]
 
 
 def mean_of(rows: list[dict], key: str) -> float | None:
@@ -237,6 +240,40 @@ def accuracy_tables(results: dict) -> list[ReportTable]:
     return tables
 
 
+def ppl_text_table(results: dict) -> ReportTable | None:
+    """Perplexity per text (the shipped held-out prose, then each ``--ppl-text`` file) and length: per variant its
+    perplexity (difference from dense) and, but for dense, the prefill sparsity it reached there; None without texts."""
+    texts = results.get("ppl_texts") or []
+    if not texts:
+        return None
+    rows = rows_by_key(results)
+    variants = list(results["variants"])
+    columns = ["text", "length"]
+    for v in variants:
+        columns += [v] if v == BASELINE else [v, f"{v} sparsity"]
+    skipped = [f"{t['name']} at {', '.join(map(str, t['skipped_lengths']))} tokens" for t in texts if t.get("skipped_lengths")]
+    table = ReportTable("Perplexity per text", columns, note=" ".join(
+        [f"Perplexity (lower is better) of `{SHIPPED_TEXT}` (shipped State of the Union prose) and of each text given;"
+         " sparsity: the share of causal query-key blocks the variant skipped in prefill on that text."]
+        + ([f"Brackets: difference from `{BASELINE}` on the same windows."] if BASELINE in variants else [])
+        + ["Texts: " + "; ".join(f"`{t['name']}` {t['path']} ({t['tokens']} tokens)" for t in texts) + "."]
+        + ([f"–: not measured, the text is shorter than the length ({'; '.join(skipped)})."] if skipped else [])
+    ))
+    sources = [("ppl", SHIPPED_TEXT)] if any(task == "ppl" for _, task, _ in rows) else []
+    sources += [(PPL_TEXT_PREFIX + t["name"], t["name"]) for t in texts]
+    for task, label in sources:
+        for length in results["lengths"]:
+            base = rows.get((length, task, BASELINE))
+            cells = []
+            for v in variants:
+                row = rows.get((length, task, v))
+                cells.append(fmt_value(row) + ("" if v == BASELINE else fmt_delta(row, base)))
+                if v != BASELINE:
+                    cells.append(fmt_sparsity(row and row.get("sparsity")))
+            table.rows.append([label, str(length), *cells])
+    return table
+
+
 def speed_table(results: dict) -> ReportTable | None:
     """Per length and variant: time to first token, ms per generated token, peak memory, KV cache; None without
     speed rows."""
@@ -311,6 +348,8 @@ def describe_variant(info: dict | None) -> str:
 
 
 def all_tables(results: dict) -> list[ReportTable]:
-    """Summary, per-length accuracy, speed and lm-eval tables, in report order (absent ones left out)."""
-    return [t for t in (summary_table(results), *accuracy_tables(results), speed_table(results), other_table(results)) if t is not None]
+    """Summary, per-length accuracy, per-text perplexity, speed and lm-eval tables, in report order (absent ones left
+    out)."""
+    tables = (summary_table(results), *accuracy_tables(results), ppl_text_table(results), speed_table(results), other_table(results))
+    return [t for t in tables if t is not None]
 

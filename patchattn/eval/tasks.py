@@ -34,6 +34,11 @@ def _special_prefix(tokenizer) -> list[int]:
     return []
 
 
+def window_seed(seed: int | str, window: int) -> int | str:
+    """The seed of perplexity window ``window`` (0, 1, ...): window 0 reads what a one-window run reads."""
+    return seed if window == 0 else f"{seed}-window{window}"
+
+
 def ppl_input_ids(tokenizer, length_tokens: int, seed: int | str = 0) -> list[int]:
     """``length_tokens`` tokens of held-out prose from a seeded start (tiled if the text is shorter)."""
     stream = _stream(tokenizer, PPL_TEXT)
