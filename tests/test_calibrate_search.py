@@ -80,7 +80,6 @@ def test_calibrate_to_a_loss_bound_writes_the_sparsest_verified_recipe(monkeypat
     """A random tiny model loses nothing to sparsity on random tokens, so each measured loss gets a penalty growing with
     the sparsity that really ran: the search must bisect, and what is written must be what was measured."""
     monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
-    monkeypatch.setattr(verify_module, "VERIFY_TOKENS", 512)  # one window at the calibration length
     real_loss = Verifier.loss
 
     def penalised(self, recipe, length):

@@ -345,3 +345,42 @@ def test_calibrate_warns_when_the_recipe_is_far_from_dense(capsys):
         cli._print_recipe(recipe)
         out = capsys.readouterr().out
         assert ("warning: the heads' attention outputs are off by 25%" in " ".join(out.split())) == warned, out
+
+
+def test_calibrate_on_two_text_files_records_each_kind(tiny_model_dir, calibration_text, tmp_path):
+    """Each --text file is a kind of its own, named by its stem; the table shows each kind's sparsity."""
+    from patchattn.text import load_kind
+
+    code = tmp_path / "lib.py"
+    code.write_text(load_kind("code", "calibration")[:6000])
+    out = tmp_path / "r.json"
+    result = invoke("calibrate", tiny_model_dir, "-s", 0.5, "-n", 512, "--block-size", 32, "--text", calibration_text,
+                    "--text", code, "--robust", "mean", "-o", out)
+    assert result.exit_code == 0, result.output
+    cal = Recipe.load(out).calibration
+    assert cal["robust"] == "mean" and list(cal["kinds"]) == ["text", "lib"]
+    assert cal["kinds"]["lib"]["text"] == str(code) and cal["kinds"]["text"]["scored_tokens"] == 512
+    assert "per kind of text" in result.output and "lib" in result.output
+    short = tmp_path / "short.txt"
+    short.write_text("Too short. " * 30)
+    result = invoke("calibrate", tiny_model_dir, "-n", 512, "--text", calibration_text, "--text", short, "-o", tmp_path / "bad.json")
+    assert_clean_error(result, "--seq-len 512 is more than", "short.txt's 330 tokens", "shorter --seq-len")
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_calibrate_on_shipped_kinds_holds_the_bound_on_each(tiny_model_dir, tmp_path, monkeypatch):
+    """--kinds scores each kind's calibration part and verifies on its held-out part; every search step says which kind
+    was worst and the recipe records each kind's loss."""
+    from patchattn.calibrate import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 512)  # verified at the calibration length only
+    out = tmp_path / "r.json"
+    result = invoke("calibrate", tiny_model_dir, "--kinds", "prose,code", "-n", 512, "--block-size", 32, "--max-loss", "ppl=2%", "-o", out)
+    assert result.exit_code == 0, result.output
+    cal = Recipe.load(out).calibration
+    assert list(cal["kinds"]) == ["prose", "code"] and cal["robust"] == "worst"
+    assert "patchattn:code-heldout" in cal["verified_on"] and cal["kinds"]["code"]["text"] == "patchattn:code-calibration"
+    assert all(set(step["ppl_loss_by_kind"]) == {"prose", "code"} for step in cal["search"])
+    assert all(step["ppl_loss"] == max(step["ppl_loss_by_kind"].values()) for step in cal["search"])
+    assert all("ppl_loss" in k for k in cal["kinds"].values())
+    assert "worst kind" in result.output and "per kind of text" in result.output

@@ -8,8 +8,10 @@ from .. import options as check
 from ..errors import OptionError
 from ..layout import BLOCK_SIZES
 from ..strategies import STRATEGIES
+from .kinds import ROBUST
 from .kv import EVAL_ROWS
 from .search import LossBound
+from .texts import calibration_texts
 
 # The sparsity a calibration allocates to when asked for neither a target nor a loss bound (the library's default;
 # the CLI keeps a loss bound instead, search.DEFAULT_MAX_LOSS).
@@ -27,7 +29,10 @@ class CalibrationOptions:
     """Every option of a calibration; constructing one checks them all (:class:`~patchattn.errors.OptionError`).
     ``seq_len`` is the calibration length in tokens; ``probes`` None: the default for the device. The sparsity is
     chosen by a fixed ``target_sparsity`` or by the sparsest recipe within ``max_loss`` (a :class:`LossBound` or its
-    text, ``"ppl=2%"``), never both; with neither, :data:`DEFAULT_TARGET_SPARSITY`."""
+    text, ``"ppl=2%"``), never both; with neither, :data:`DEFAULT_TARGET_SPARSITY`. ``texts`` (files, each a kind named
+    by its stem) and ``kinds`` (shipped kinds, :data:`patchattn.text.KINDS`) are the texts to calibrate on, each file
+    read here (:func:`~patchattn.calibrate.texts.calibration_texts`; whether it has ``seq_len`` tokens is known when the
+    tokenizer is there); ``robust`` is how several kinds combine (:mod:`patchattn.calibrate.kinds`)."""
 
     target_sparsity: float | None = None
     max_loss: LossBound | str | None = None
@@ -44,9 +49,15 @@ class CalibrationOptions:
     probes: int | None = None
     min_sparse_tokens: int = 0
     seed: int = 0
+    texts: tuple[str, ...] = ()
+    kinds: tuple[str, ...] | None = None
+    robust: str = "worst"
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))
+        object.__setattr__(self, "texts", tuple(str(p) for p in self.texts))
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", tuple(self.kinds))
         if self.max_loss is not None:
             if self.target_sparsity is not None:
                 raise OptionError("max_loss", "and target_sparsity both choose the sparsity: give one of them")
@@ -74,3 +85,5 @@ class CalibrationOptions:
             check.number("decode_recall", self.decode_recall, 0.0, 1.0, low_open=True)
         if (self.decode_pages or self.decode_recall is not None) and self.kv_budget is None:
             raise OptionError("decode_pages", "and decode_recall need kv_budget (decode plans are calibrated with it)")
+        check.one_of("robust", self.robust, ROBUST)
+        calibration_texts(self.texts, self.kinds)  # every file readable, every kind known

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
+from .kinds import kind_stats, robust_scores, texts_by_kind, verifier_for
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
@@ -82,13 +84,13 @@ class Scores:
 @torch.no_grad()
 def calibrate(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | Mapping[str, torch.Tensor],
     target_sparsity: float | None = None,
     block_size: int = 64,
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     n_rows: int = 256,
     seed: int = 0,
-    text_name: str = "",
+    text_name: str | Mapping[str, str] = "",
     objective: str = "output",
     on_layer: Callable[[int, LayerScores], None] | None = None,
     kv_budget: float | None = None,
@@ -99,9 +101,10 @@ def calibrate(
     probes: Sequence[Probe] = (),
     on_probe: Callable[[int], None] | None = None,
     max_loss: LossBound | str | None = None,
-    held_out: HeldOut | None = None,
+    held_out: HeldOut | Mapping[str, HeldOut] | None = None,
     on_search: Callable[[SearchStep], None] | None = None,
     min_sparse_tokens: int = 0,
+    robust: str = "worst",
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -125,15 +128,29 @@ def calibrate(
     With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) a first allocation (at the target, or at
     :data:`PROBE_TARGET` when searching) is probed layer by layer (``on_probe`` called after each) and each layer's
     utility is weighed by what its plan cost the probes: their answers' log-probability and their text's likelihood
-    (:mod:`patchattn.calibrate.probe`)."""
+    (:mod:`patchattn.calibrate.probe`).
+
+    ``input_ids`` may also be texts of several kinds, ``{kind: (1, N) ids}`` (one N for all; ``held_out`` then
+    ``{kind: HeldOut}``, ``text_name`` ``{kind: name}``): each is scored in its own pass and the allocation keeps,
+    per head and candidate, the worst utility over the kinds (``robust="worst"``) or their mean (``"mean"``), on the
+    density averaged over kinds; with ``max_loss`` a candidate's loss is the worst kind's, each kind verified on its own
+    held-out windows (:mod:`patchattn.calibrate.kinds`). The recipe records each kind's scored tokens, sparsity and
+    loss (``calibration["kinds"]``). The KV plans (``kv_budget``) are scored on the first kind only;
+    ``retrieval_weight`` applies to every kind's pass, and the probes (built from whichever text) weigh the robust
+    utility."""
+    texts, several = texts_by_kind(input_ids)
+    seq_len = next(iter(texts.values())).shape[1]
     options = CalibrationOptions(
-        target_sparsity=target_sparsity, max_loss=max_loss, seq_len=input_ids.shape[1], block_size=block_size,
+        target_sparsity=target_sparsity, max_loss=max_loss, seq_len=seq_len, block_size=block_size,
         strategies=tuple(strategies), objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages,
         decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
-        min_sparse_tokens=min_sparse_tokens,
+        min_sparse_tokens=min_sparse_tokens, robust=robust,
     )  # every option checked, as the CLI does before loading the model
     check_supported(model)
-    scores = _score(model, input_ids, options, on_layer)
+    verifier = verifier_for(model, texts, several, held_out) if options.max_loss is not None else None
+    first_only = dataclasses.replace(options, kv_budget=None, decode_pages=0, decode_recall=None)  # KV: the first kind's
+    per_kind = {kind: _score(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
+    scores = robust_scores(per_kind, options.robust)
 
     def build(choice: torch.Tensor, min_sparse: int = options.min_sparse_tokens) -> Recipe:
         chosen = dict(zip(scores.free, _head_plans(scores, choice)))
@@ -151,11 +168,13 @@ def calibrate(
         target = options.target_sparsity
         recipe = build(scores.choose(target))
     else:
-        verifier = Verifier(model, held_out or HeldOut(input_ids, input_ids[:, :0], "the scored calibration tokens themselves"))
         target, recipe, quality = _search(scores, build, verifier, options, on_search)
     choice = scores.choose(target)
-    calibration = _calibration_stats(scores, choice, options, text_name, target)
+    names = text_name if isinstance(text_name, Mapping) else {}
+    calibration = _calibration_stats(scores, choice, options, "; ".join(names.values()) if names else text_name, target)
     calibration.update(quality)
+    if several:
+        calibration.update(robust=options.robust, kinds=kind_stats(texts, per_kind, choice, quality, names))
     if probe_stats is not None:
         calibration["probe"] = probe_stats
     kv_layers = None
@@ -254,16 +273,17 @@ def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptio
     """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length, its recipe
     verified at shorter lengths (dense below the shortest one within the bound), and the record of both."""
     bound, n_tokens = options.max_loss, options.seq_len
-    measured: dict[float, float] = {}
+    detail: dict[float, dict] = {}  # target -> what the verifier measured beyond the loss (per kind)
 
     def measure(target: float) -> tuple[float, float]:
         choice = scores.choose(target)
-        measured[target] = verifier.loss(build(choice), n_tokens)[0]
-        return scores.sparsity(choice), measured[target]
+        loss = verifier.loss(build(choice), n_tokens)[0]
+        detail[target] = verifier.loss_detail()
+        return scores.sparsity(choice), loss
 
     target, steps = search_target(measure, bound.ppl, on_step=on_search)
     recipe = build(scores.choose(target))
-    record = {"max_loss": {"ppl": bound.ppl}, "verified_on": verifier.held.source, "search": [s.to_dict() for s in steps]}
+    record = {"max_loss": {"ppl": bound.ppl}, "verified_on": verifier.source, "search": [{**s.to_dict(), **detail[s.target]} for s in steps]}
     if target == 0.0:
         logger.warning("no sparse recipe kept perplexity within %s at %d tokens; the recipe is dense", bound, n_tokens)
         record["verified"] = []
@@ -349,8 +369,6 @@ def retrieval_rows(n_tokens: int, block_size: int) -> torch.Tensor | None:
 
 def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):
     """Choose one KV plan per KV head for ``kv_budget``; returns (plans per layer, calibration stats)."""
-    import dataclasses
-
     cost = torch.stack([kv_scores[i].cost for i in range(n_layers)])  # (L, Hkv, C)
     mass = torch.stack([kv_scores[i].kept_mass for i in range(n_layers)])
     error = torch.stack([kv_scores[i].output_error for i in range(n_layers)])

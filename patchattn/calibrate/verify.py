@@ -1,9 +1,10 @@
 """Verify a recipe end to end: its perplexity against the dense model's, on held-out windows of the calibration text.
 
-The calibration text is tokenised once; the first ``seq_len`` tokens are scored, the rest is held out. Each length is
-verified on enough windows to cover :data:`VERIFY_TOKENS` tokens (one at least), every window starting with the
-tokens the tokenizer puts first (a BOS), as a prompt would. The dense model's log-likelihoods are computed once per
-window and reused for every candidate recipe.
+The calibration text is tokenised once; the first ``seq_len`` tokens are scored, the rest is held out. Every length
+is verified on as many tokens as one window of the calibration length holds (on a GPU, :data:`GPU_VERIFY_FACTOR`
+windows), each window starting with the tokens the tokenizer puts first (a BOS), as a prompt would. The dense model's
+log-likelihoods are computed once per window and reused for every candidate recipe, and a recipe measured once at a
+length is not measured again.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from ..stats import record_sparsity
 
 logger = logging.getLogger(__name__)
 
-VERIFY_TOKENS = 8192  # tokens of held-out text each length is verified on (on a GPU, GPU_VERIFY_FACTOR times more)
-GPU_VERIFY_FACTOR = 4  # a forward costs a GPU little: four times the text, as `eval --ppl-windows 4` reads at 8K
+GPU_VERIFY_FACTOR = 4  # a forward costs a GPU little: four windows, as `eval --ppl-windows 4` reads
 MIN_VERIFY_TOKENS = 1024  # the shortest length verified, unless the recipe's min_sparse_tokens is longer
 
 
@@ -86,13 +86,14 @@ def lengths_to_verify(seq_len: int, min_sparse_tokens: int = 0, block_size: int 
 
 
 class Verifier:
-    """Measures a recipe's perplexity rise over the dense model on :class:`HeldOut` windows."""
+    """Measures a recipe's perplexity rise over the dense model on :class:`HeldOut` windows, ``tokens`` tokens of them at
+    every length; None: one window of the first length measured (the calibration length: the search measures it
+    first) on a CPU, :data:`GPU_VERIFY_FACTOR` windows on a GPU."""
 
     def __init__(self, model, held: HeldOut, tokens: int | None = None):
-        on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
-        self.model, self.held = model, held
-        self.tokens = tokens or VERIFY_TOKENS * (GPU_VERIFY_FACTOR if on_gpu else 1)
+        self.model, self.held, self.tokens = model, held, tokens
         self._dense: dict[int, list[float]] = {}  # length -> dense NLL sum per window
+        self._measured: dict[tuple[str, int], tuple[float, float | None, int]] = {}  # (plan hash, length) -> loss
 
     @property
     def source(self) -> str:
@@ -106,6 +107,8 @@ class Verifier:
 
     def _windows(self, length: int) -> list[torch.Tensor]:
         device = self.model.get_input_embeddings().weight.device
+        if self.tokens is None:
+            self.tokens = length * (GPU_VERIFY_FACTOR if device.type == "cuda" else 1)
         return [w.to(device) for w in self.held.windows(length, max(1, -(-self.tokens // length)))]
 
     def _nll_sums(self, windows: list[torch.Tensor]) -> list[float]:
@@ -115,6 +118,12 @@ class Verifier:
 
     def loss(self, recipe: Recipe, length: int) -> tuple[float, float | None, int]:
         """(relative perplexity rise, the prefill sparsity it ran at, tokens scored) of ``recipe`` at ``length``."""
+        key = (recipe.plan_hash(), length)
+        if key not in self._measured:
+            self._measured[key] = self._loss(recipe, length)
+        return self._measured[key]
+
+    def _loss(self, recipe: Recipe, length: int) -> tuple[float, float | None, int]:
         windows = self._windows(length)
         if length not in self._dense:
             self._dense[length] = self._nll_sums(windows)

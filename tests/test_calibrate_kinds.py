@@ -1,0 +1,148 @@
+"""Calibration on several kinds of text: the robust allocation (worst or mean utility over kinds), per-kind records,
+the loss bound decided by the worst kind, and where the texts come from (files and shipped kinds)."""
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from patchattn.calibrate import calibrate
+from patchattn.calibrate import verify as verify_module
+from patchattn.calibrate.kinds import kind_stats, robust_scores
+from patchattn.calibrate.run import Scores
+from patchattn.calibrate.texts import calibration_texts, tokenize_texts
+from patchattn.calibrate.verify import HeldOut, Verifier
+from patchattn.errors import OptionError
+from patchattn.recipe import Recipe
+
+
+def synthetic(utility, density=((0.2, 1.0), (0.2, 1.0))):
+    """One free layer, two heads, two candidates (sparse, dense)."""
+    utility = torch.tensor([utility], dtype=torch.float32)
+    density = torch.tensor([density], dtype=torch.float32)
+    return Scores([0], 1, [None], ["sparse", "dense"], density, utility.clone(), 1.0 - utility, utility, 8, 0, {})
+
+
+def test_the_worst_case_allocation_gives_the_dense_budget_to_the_head_one_kind_needs():
+    """Budget for one dense head. Head 0 is fine sparse on prose but loses 0.7 on code; head 1 loses 0.5 on both.
+    Worst case: head 0 (0.7 > 0.5) goes dense; mean: head 1 (0.5 > 0.35)."""
+    per_kind = {"prose": synthetic(((1.0, 1.0), (0.5, 1.0))), "code": synthetic(((0.3, 1.0), (0.5, 1.0)))}
+    target = 0.4  # mean density 0.6: one head dense (1.0), one sparse (0.2)
+    worst = robust_scores(per_kind, "worst").choose(target)
+    mean = robust_scores(per_kind, "mean").choose(target)
+    assert worst.tolist() == [[1, 0]] and mean.tolist() == [[0, 1]]
+    assert per_kind["prose"].choose(target).tolist() == [[0, 1]]  # prose alone would starve head 0 too
+    one = {"prose": per_kind["prose"]}
+    assert robust_scores(one, "worst") is per_kind["prose"]  # one kind: its own scores, unchanged
+
+
+def test_kind_stats_give_each_kinds_sparsity_under_its_own_densities():
+    """block_topk's density depends on the text: the same choice is sparser on one kind than another, and the
+    allocation's density is their mean."""
+    per_kind = {"a": synthetic(((0.9, 1.0), (0.9, 1.0)), density=((0.1, 1.0), (0.1, 1.0))),
+                "b": synthetic(((0.9, 1.0), (0.9, 1.0)), density=((0.3, 1.0), (0.3, 1.0)))}
+    scores = robust_scores(per_kind, "worst")
+    choice = torch.tensor([[0, 0]])
+    texts = {"a": torch.zeros(1, 256, dtype=torch.long), "b": torch.zeros(1, 256, dtype=torch.long)}
+    stats = kind_stats(texts, per_kind, choice, {}, {"a": "a.txt"})
+    assert stats == {"a": {"text": "a.txt", "scored_tokens": 256, "achieved_sparsity": 0.9},
+                     "b": {"text": "b", "scored_tokens": 256, "achieved_sparsity": 0.7}}
+    assert scores.sparsity(choice) == pytest.approx(0.8)
+
+
+def two_kinds(n=512):
+    g = torch.Generator().manual_seed(3)
+    prose = torch.randint(0, 128, (1, 3 * n), generator=g)  # two different "kinds": disjoint byte ranges
+    code = torch.randint(128, 256, (1, 3 * n), generator=g)
+    ids = {"prose": prose[:, :n], "code": code[:, :n]}
+    held = {"prose": HeldOut(prose[:, n:], prose[:, :1], "prose text"), "code": HeldOut(code[:, n:], code[:, :1], "code text")}
+    return ids, held
+
+
+def test_calibrate_on_two_kinds_records_each_kind():
+    model = tiny_model("llama")
+    ids, _ = two_kinds()
+    recipe = calibrate(model, ids, target_sparsity=0.6, block_size=32, text_name={"prose": "p.txt", "code": "c.txt"})
+    cal = recipe.calibration
+    assert cal["robust"] == "worst" and cal["text"] == "p.txt; c.txt"
+    assert set(cal["kinds"]) == {"prose", "code"}
+    assert all(k["scored_tokens"] == 512 and 0.0 < k["achieved_sparsity"] < 1.0 and "ppl_loss" not in k for k in cal["kinds"].values())
+    # the allocation's density is the kinds' mean, so its sparsity is the mean of theirs
+    mean = sum(k["achieved_sparsity"] for k in cal["kinds"].values()) / 2
+    assert cal["achieved_sparsity"] == pytest.approx(mean, abs=2e-6) and cal["achieved_sparsity"] == pytest.approx(0.6, abs=0.02)
+    assert Recipe.from_dict(recipe.to_dict()).calibration["kinds"] == cal["kinds"]
+    # one kind in a dict allocates as that text alone does
+    alone = calibrate(model, ids["code"], target_sparsity=0.6, block_size=32)
+    one = calibrate(model, {"code": ids["code"]}, target_sparsity=0.6, block_size=32)
+    assert one.to_dict()["layers"] == alone.to_dict()["layers"] and "kinds" not in alone.calibration
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ({}, "non-empty dict"),
+    ({"a": torch.zeros(1, 512, dtype=torch.long), "b": torch.zeros(1, 256, dtype=torch.long)}, "one seq_len long"),
+])
+def test_texts_of_unequal_length_or_none_are_refused(bad, fragment):
+    with pytest.raises(OptionError, match=fragment) as info:
+        calibrate(tiny_model("llama"), bad, block_size=32)
+    assert info.value.option == "input_ids"
+
+
+def test_held_out_must_match_the_kinds():
+    ids, held = two_kinds(256)
+    with pytest.raises(OptionError, match="one HeldOut per kind") as info:
+        calibrate(tiny_model("llama"), ids, max_loss="ppl=2%", held_out=held["prose"], block_size=32)
+    assert info.value.option == "held_out"
+    with pytest.raises(OptionError, match="one HeldOut per kind"):
+        calibrate(tiny_model("llama"), ids["prose"], max_loss="ppl=2%", held_out=held, block_size=32)
+    with pytest.raises(OptionError, match="robust must be one of worst, mean"):
+        calibrate(tiny_model("llama"), ids, robust="best", block_size=32)
+
+
+def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
+    """Code loses four times what prose does at the same sparsity: prose alone would keep the search's ceiling (0.95);
+    with both, the bound holds on code, and every step, verified length and per-kind record says so."""
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
+    rate = {"prose text": 0.02, "code text": 0.08}
+
+    def loss(self, recipe, length):
+        sparsity = 1.0 - sum(h.density for layer in recipe.layers for h in layer) / sum(len(layer) for layer in recipe.layers)
+        return rate[self.held.source] * sparsity, sparsity, length
+
+    monkeypatch.setattr(Verifier, "loss", loss)
+    model = tiny_model("llama")
+    ids, held = two_kinds()
+    prose_only = calibrate(model, ids["prose"], max_loss="ppl=2%", held_out=held["prose"], block_size=32)
+    assert len(prose_only.calibration["search"]) == 1 and prose_only.calibration["target_sparsity"] == 0.95
+
+    recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, robust="mean")
+    cal = recipe.calibration
+    assert cal["verified_on"] == "prose: prose text; code: code text" and cal["robust"] == "mean"
+    for step in cal["search"] + cal["verified"]:
+        by_kind = step["ppl_loss_by_kind"]
+        assert step["ppl_loss"] == by_kind["code"] == pytest.approx(4 * by_kind["prose"], abs=1e-5)
+        assert step["within"] == (by_kind["code"] <= 0.02)
+    assert len(cal["search"]) > 2 and cal["achieved_sparsity"] <= 0.25 + 1e-6
+    kinds = cal["kinds"]
+    assert kinds["code"]["ppl_loss"] == cal["verified"][0]["ppl_loss_by_kind"]["code"] <= 0.02
+    assert kinds["prose"]["ppl_loss"] == pytest.approx(kinds["code"]["ppl_loss"] / 4, abs=1e-5)
+
+
+def test_files_and_shipped_kinds_become_kinds(tmp_path):
+    (tmp_path / "notes.txt").write_text("Some notes. " * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("Other notes. " * 100)
+    (tmp_path / "code.txt").write_text("x = 1\n" * 100)
+    texts = calibration_texts([tmp_path / "notes.txt", tmp_path / "sub" / "notes.txt", tmp_path / "code.txt"], ["code"])
+    assert [t.kind for t in texts] == ["notes", "notes-2", "code-2", "code"]
+    assert texts[-1].source == "patchattn:code-calibration" and texts[-1].held_text
+    tok = byte_tokenizer()
+    ids, held, names = tokenize_texts(tok, texts, 512)
+    assert {k: v.shape for k, v in ids.items()} == {k: (1, 512) for k in names}
+    assert "held-out tokens of the calibration text" in held["notes"].source and "patchattn:code-heldout" in held["code"].source
+    one, one_held, name = tokenize_texts(tok, texts[:1], 512)  # one file: the single-text form, as before
+    assert one.shape == (1, 512) and isinstance(one_held, HeldOut) and name == str(tmp_path / "notes.txt")
+    with pytest.raises(OptionError, match=r"1024 is more than .*code.txt's 600 tokens") as info:
+        tokenize_texts(tok, texts, 1024)
+    assert info.value.option == "seq_len"
+    for kinds, fragment in [(["prose", "prose"], "names prose twice"), (["bogus"], "names unknown bogus"), ([], "needs at least one")]:
+        with pytest.raises(OptionError, match=fragment):
+            calibration_texts([], kinds)
