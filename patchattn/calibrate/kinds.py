@@ -97,6 +97,11 @@ def verifier_for(model, texts: Mapping[str, torch.Tensor], several: bool, held_o
     return WorstKind(model, held_out) if several else Verifier(model, held_out[""])
 
 
+def first_held_out(verifier: Verifier) -> HeldOut:
+    """The held-out text of a verifier's first kind (the KV plans are scored, and verified, on the first kind)."""
+    return next(iter(verifier.kinds.values())).held if isinstance(verifier, WorstKind) else verifier.held
+
+
 def kind_stats(texts: Mapping[str, torch.Tensor], per_kind: Mapping[str, Scores], choice: torch.Tensor, quality: dict,
                names: Mapping[str, str]) -> dict:
     """The recipe's ``kinds`` record: per kind, its text, the tokens scored, the chosen allocation's sparsity under that

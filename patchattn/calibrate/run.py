@@ -22,11 +22,12 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
-from .kinds import kind_stats, robust_scores, texts_by_kind, verifier_for
+from .kinds import first_held_out, kind_stats, robust_scores, texts_by_kind, verifier_for
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
+from .kv_search import DecodeVerifier, search_kv_budget
 from .search import LossBound, SearchStep, search_target
 from .verify import HeldOut, Verifier, lengths_to_verify, split_text
 
@@ -179,7 +180,14 @@ def calibrate(
         calibration["probe"] = probe_stats
     kv_layers = None
     if scores.kv:
-        kv_layers, calibration["kv"] = _allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, kv_budget, objective, decode_pages, decode_recall)
+        def allocate_at(budget: float):
+            return _allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, budget, objective, decode_pages, decode_recall)
+
+        if options.max_loss is None:
+            kv_layers, calibration["kv"] = allocate_at(kv_budget)
+        else:  # the bound covers decoding too: the KV plans verified on the first kind's held-out text
+            decoder = DecodeVerifier(model, first_held_out(verifier), seq_len)
+            kv_layers, calibration["kv"], calibration["kv_search"] = search_kv_budget(decoder, recipe, allocate_at, kv_budget, options.max_loss)
     recipe.calibration, recipe.kv_layers = calibration, kv_layers
     return recipe
 
