@@ -133,11 +133,11 @@ def test_files_and_shipped_kinds_become_kinds(tmp_path):
     (tmp_path / "code.txt").write_text("x = 1\n" * 100)
     texts = calibration_texts([tmp_path / "notes.txt", tmp_path / "sub" / "notes.txt", tmp_path / "code.txt"], ["code"])
     assert [t.kind for t in texts] == ["notes", "notes-2", "code-2", "code"]
-    assert texts[-1].source == "patchattn:code-calibration" and texts[-1].held_text
+    assert texts[-1].source == "patchattn:code-calibration" and texts[-1].shipped
     tok = byte_tokenizer()
     ids, held, names = tokenize_texts(tok, texts, 512)
     assert {k: v.shape for k, v in ids.items()} == {k: (1, 512) for k in names}
-    assert "held-out tokens of the calibration text" in held["notes"].source and "patchattn:code-heldout" in held["code"].source
+    assert all("held-out tokens of the calibration text" in held[k].source for k in ("notes", "code"))
     one, one_held, name = tokenize_texts(tok, texts[:1], 512)  # one file: the single-text form, as before
     assert one.shape == (1, 512) and isinstance(one_held, HeldOut) and name == str(tmp_path / "notes.txt")
     with pytest.raises(OptionError, match=r"1024 is more than .*code.txt's 600 tokens") as info:

@@ -1,8 +1,9 @@
 """Where a calibration's texts come from: the user's files and the shipped kinds, each a kind of its own.
 
 A file's first ``seq_len`` tokens are scored and what follows is held out for verification
-(:func:`~patchattn.calibrate.verify.split_text`); a shipped kind's calibration part is scored and its held-out part
-(:mod:`patchattn.text`) verifies. Files are read when the options are checked, before a model loads; whether each is
+(:func:`~patchattn.calibrate.verify.split_text`); a shipped kind's calibration part likewise. A shipped kind's own
+held-out part (:mod:`patchattn.text`) is never read by calibration: it is what ``eval`` measures on (the prose kind's is
+eval's perplexity text), so verifying on it would tune the recipe on the test. Files are read when the options are checked, before a model loads; whether each is
 ``seq_len`` tokens long is known once the tokenizer is there (:func:`tokenize_texts`).
 """
 
@@ -16,17 +17,17 @@ from typing import Sequence
 from .. import options as check
 from ..errors import OptionError
 from ..text import KINDS, load_kind
-from .verify import held_out_text, split_text
+from .verify import split_text
 
 
 @dataclass(frozen=True)
 class CalibrationText:
-    """One kind of text: ``text`` is scored (its first ``seq_len`` tokens) and, without ``held_text``, held out after."""
+    """One kind of text: ``text``'s first ``seq_len`` tokens are scored, what follows verifies."""
 
     kind: str  # the name the recipe records it under (unique in a calibration)
     source: str  # where it comes from, for the recipe
     text: str
-    held_text: str | None = None  # a separate held-out part (a shipped kind's)
+    shipped: bool = False  # a shipped kind (recorded as a kind even alone)
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -56,7 +57,7 @@ def calibration_texts(paths: Sequence[str | os.PathLike] = (), kinds: Sequence[s
         if kinds.count(kind) > 1:
             raise OptionError("kinds", f"names {kind} twice; name each kind once")
         resources = KINDS[kind]
-        texts.append(CalibrationText(kind, f"patchattn:{resources[0]}", load_kind(kind, "calibration"), load_kind(kind, "heldout")))
+        texts.append(CalibrationText(kind, f"patchattn:{resources[0]}", load_kind(kind, "calibration"), shipped=True))
     return texts
 
 
@@ -67,8 +68,6 @@ def tokenize_texts(tokenizer, texts: Sequence[CalibrationText], seq_len: int, li
     input_ids, held_out = {}, {}
     for t in texts:
         input_ids[t.kind], held_out[t.kind] = split_text(tokenizer, t.text, seq_len, limit, name=t.source)
-        if t.held_text is not None:
-            held_out[t.kind] = held_out_text(tokenizer, t.held_text, f"patchattn:{KINDS[t.kind][1]}")
-    if len(texts) == 1 and texts[0].held_text is None:  # one text, scored and held out as always: no kinds
+    if len(texts) == 1 and not texts[0].shipped:  # one text, scored and held out as always: no kinds
         return input_ids[texts[0].kind], held_out[texts[0].kind], texts[0].source
     return input_ids, held_out, {t.kind: t.source for t in texts}

@@ -68,12 +68,6 @@ def special_prefix(tokenizer) -> torch.Tensor:
     return torch.tensor([_special_prefix(tokenizer)], dtype=torch.long).reshape(1, -1)
 
 
-def held_out_text(tokenizer, text: str, source: str) -> HeldOut:
-    """A whole text held out for verification (none of it scored), its windows starting like prompts."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    return HeldOut(ids, special_prefix(tokenizer), f"{ids.shape[1]} tokens of {source}")
-
-
 def lengths_to_verify(seq_len: int, min_sparse_tokens: int = 0, block_size: int = 64) -> list[int]:
     """The calibration length, then halves of it down to the recipe's ``min_sparse_tokens`` or
     :data:`MIN_VERIFY_TOKENS` (the longer), and never under four blocks; longest first."""
