@@ -1,7 +1,8 @@
 """Calibration: one forward pass, per-head scores for every budget, a global allocation."""
 
 from .probe import Probe, Sensitivity, layer_sensitivity, needle_probes
-from .run import DEFAULT_STRATEGIES, calibrate, candidate_grid, tokens_from_text, uniform_baseline
+from .baseline import uniform_baseline
+from .run import DEFAULT_STRATEGIES, calibrate, candidate_grid, tokens_from_text
 
 __all__ = [
     "DEFAULT_STRATEGIES", "Probe", "Sensitivity", "calibrate", "candidate_grid", "layer_sensitivity", "needle_probes", "tokens_from_text",

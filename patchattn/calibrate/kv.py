@@ -17,6 +17,7 @@ passage is dropped, as DuoAttention's retrieval calibration makes them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 
 from ..cache import PAGE_TOKENS, snapkv_votes
 from ..recipe import KVPlan
+from .allocate import allocate
 
 EVAL_ROWS = 64
 OBS_TOKENS = 32  # SnapKV's observation window
@@ -178,3 +180,43 @@ def _kept(plan: KVPlan, votes, rows, prompt: int, n: int, batch: int, n_kv: int,
         prompt_keep[..., prompt - obs :] = True  # the observation window and everything after the prompt
         return prompt_keep[:, :, None, :] & causal
     return causal.expand(batch, n_kv, -1, -1)
+
+
+def allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):
+    """Choose one KV plan per KV head for ``kv_budget``; returns (plans per layer, calibration stats)."""
+    cost = torch.stack([kv_scores[i].cost for i in range(n_layers)])  # (L, Hkv, C)
+    mass = torch.stack([kv_scores[i].kept_mass for i in range(n_layers)])
+    error = torch.stack([kv_scores[i].output_error for i in range(n_layers)])
+    n_kv, n_cand = cost.shape[1], cost.shape[2]
+    utility = mass if objective == "mass" else 1.0 - error
+    choice = allocate(cost.view(-1, n_cand), utility.reshape(-1, n_cand), kv_budget).view(n_layers, n_kv)
+    plans = []
+    for li in range(n_layers):
+        layer = []
+        auto_pages = pages_for_recall(kv_scores[li].quest_recall, decode_recall) if decode_recall is not None else None
+        for h in range(n_kv):
+            plan = candidates[int(choice[li, h])]
+            if decode_pages and plan.policy in ("full", "snapkv"):
+                plan = dataclasses.replace(plan, decode_pages=decode_pages)
+            elif auto_pages is not None and plan.policy == "full":
+                plan = dataclasses.replace(plan, decode_pages=auto_pages[h])
+            layer.append(plan)
+        plans.append(layer)
+    pick = lambda t: torch.gather(t, -1, choice[..., None]).squeeze(-1)  # noqa: E731
+    policies: dict[str, int] = {}
+    for layer in plans:
+        for p in layer:
+            policies[p.policy] = policies.get(p.policy, 0) + 1
+    stats = {
+        "budget": kv_budget,
+        "achieved": round(float(pick(cost).mean()), 6),
+        "mean_kept_mass": round(float(pick(mass).mean()), 6),
+        "mean_output_error": round(float(pick(error).mean()), 6),
+        "eval_rows": EVAL_ROWS,
+        "eval_text": "calibration text ending on a passage repeated from its middle",
+        "policies": policies,
+        "decode_pages": decode_pages,
+        "decode_recall": decode_recall,
+        "quest_pages": [p.decode_pages for layer in plans for p in layer if p.policy == "full"],
+    }
+    return plans, stats

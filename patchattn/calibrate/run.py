@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import math
 from dataclasses import dataclass
@@ -11,7 +10,6 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .. import __version__
 from .. import options as check
 from ..errors import OptionError, PatchattnError
 from ..hf import text_config
@@ -25,8 +23,9 @@ from .allocate import allocate
 from .kinds import first_held_out, kind_stats, robust_scores, texts_by_kind, verifier_for
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
-from .kv import EVAL_ROWS, KVScores, kv_candidates, pages_for_recall, score_kv_layer, with_copy_tail
+from .kv import EVAL_ROWS, KVScores, allocate_kv, kv_candidates, score_kv_layer, with_copy_tail
 from .scoring import LayerScores, sample_rows, score_layer
+from .record import calibration_stats, head_plans
 from .kv_search import DecodeVerifier, search_kv_budget
 from .search import LossBound, SearchStep, search_target
 from .verify import HeldOut, Verifier, lengths_to_verify, split_text
@@ -154,7 +153,7 @@ def calibrate(
     scores = robust_scores(per_kind, options.robust)
 
     def build(choice: torch.Tensor, min_sparse: int = options.min_sparse_tokens) -> Recipe:
-        chosen = dict(zip(scores.free, _head_plans(scores, choice)))
+        chosen = dict(zip(scores.free, head_plans(scores, choice)))
         n_heads = scores.density.shape[1]
         layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(scores.n_layers)]
         return Recipe(model=model_identity(model.config), layers=layers, block_size=block_size, name="calibrated",
@@ -172,7 +171,7 @@ def calibrate(
         target, recipe, quality = _search(scores, build, verifier, options, on_search)
     choice = scores.choose(target)
     names = text_name if isinstance(text_name, Mapping) else {}
-    calibration = _calibration_stats(scores, choice, options, "; ".join(names.values()) if names else text_name, target)
+    calibration = calibration_stats(scores, choice, options, "; ".join(names.values()) if names else text_name, target)
     calibration.update(quality)
     if several:
         calibration.update(robust=options.robust, kinds=kind_stats(texts, per_kind, choice, quality, names))
@@ -181,7 +180,7 @@ def calibrate(
     kv_layers = None
     if scores.kv:
         def allocate_at(budget: float):
-            return _allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, budget, objective, decode_pages, decode_recall)
+            return allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, budget, objective, decode_pages, decode_recall)
 
         if options.max_loss is None:
             kv_layers, calibration["kv"] = allocate_at(kv_budget)
@@ -310,52 +309,6 @@ def model_windows(config, n_tokens: int) -> list[int | None]:
     return [w if w is not None and w < n_tokens else None for w in sliding_windows(config)]
 
 
-def _head_plans(scores: Scores, choice: torch.Tensor) -> list[list[HeadPlan]]:
-    """Each free layer's chosen candidates as plans, with their calibration scores."""
-    cands, density, mass, error = scores.candidates, scores.density, scores.mass, scores.error
-    return [
-        [
-            HeadPlan(cands[int(c)].name, cands[int(c)].params(), float(density[li, hi, c]), float(mass[li, hi, c]), float(error[li, hi, c]))
-            for hi, c in enumerate(layer_choice)
-        ]
-        for li, layer_choice in enumerate(choice)
-    ]
-
-
-def _calibration_stats(scores: Scores, choice: torch.Tensor, options: CalibrationOptions, text_name: str, target: float) -> dict:
-    """The recipe's calibration record: what was scored, what was chosen, each candidate's means."""
-    density, mass, error = (scores.pick(t, choice) for t in (scores.density, scores.mass, scores.error))
-    layer_density = dict(zip(scores.free, density.mean(-1).tolist()))
-    n_layers = scores.n_layers
-    return {
-        "patchattn_version": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "text": text_name,
-        "seq_len": options.seq_len,
-        "target_sparsity": target,
-        "achieved_sparsity": round(1.0 - float(density.mean()), 6),
-        "mean_kept_mass": round(float(mass.mean()), 6),
-        "mean_output_error": round(float(error.mean()), 6),
-        "objective": options.objective,
-        "sampled_rows": scores.sampled_rows,
-        "retrieval_rows": scores.retrieval_rows,
-        "retrieval_weight": options.retrieval_weight if scores.retrieval_rows else 0.0,
-        "strategies": list(options.strategies),
-        "layer_density": [round(float(layer_density[i]), 6) if i in layer_density else None for i in range(n_layers)],
-        **({"model_windows": {str(i): w for i, w in enumerate(scores.windows) if w is not None}} if len(scores.free) < n_layers else {}),
-        "candidates": [
-            {
-                "strategy": cand.name,
-                "params": cand.params(),
-                "mean_density": round(float(scores.density[..., ci].mean()), 6),
-                "mean_kept_mass": round(float(scores.mass[..., ci].mean()), 6),
-                "mean_output_error": round(float(scores.error[..., ci].mean()), 6),
-            }
-            for ci, cand in enumerate(scores.candidates)
-        ],
-    }
-
-
 def _out_proj(module) -> torch.Tensor | None:
     """The attention module's output projection weight (hidden, Hq * D), where it is a plain linear layer."""
     for name in ("o_proj", "out_proj", "dense"):
@@ -373,76 +326,3 @@ def retrieval_rows(n_tokens: int, block_size: int) -> torch.Tensor | None:
     if start < n_tokens // 2 or n_tokens < 8 * EVAL_ROWS:
         return None
     return torch.arange(start, last_block_start)
-
-
-def _allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):
-    """Choose one KV plan per KV head for ``kv_budget``; returns (plans per layer, calibration stats)."""
-    cost = torch.stack([kv_scores[i].cost for i in range(n_layers)])  # (L, Hkv, C)
-    mass = torch.stack([kv_scores[i].kept_mass for i in range(n_layers)])
-    error = torch.stack([kv_scores[i].output_error for i in range(n_layers)])
-    n_kv, n_cand = cost.shape[1], cost.shape[2]
-    utility = mass if objective == "mass" else 1.0 - error
-    choice = allocate(cost.view(-1, n_cand), utility.reshape(-1, n_cand), kv_budget).view(n_layers, n_kv)
-    plans = []
-    for li in range(n_layers):
-        layer = []
-        auto_pages = pages_for_recall(kv_scores[li].quest_recall, decode_recall) if decode_recall is not None else None
-        for h in range(n_kv):
-            plan = candidates[int(choice[li, h])]
-            if decode_pages and plan.policy in ("full", "snapkv"):
-                plan = dataclasses.replace(plan, decode_pages=decode_pages)
-            elif auto_pages is not None and plan.policy == "full":
-                plan = dataclasses.replace(plan, decode_pages=auto_pages[h])
-            layer.append(plan)
-        plans.append(layer)
-    pick = lambda t: torch.gather(t, -1, choice[..., None]).squeeze(-1)  # noqa: E731
-    policies: dict[str, int] = {}
-    for layer in plans:
-        for p in layer:
-            policies[p.policy] = policies.get(p.policy, 0) + 1
-    stats = {
-        "budget": kv_budget,
-        "achieved": round(float(pick(cost).mean()), 6),
-        "mean_kept_mass": round(float(pick(mass).mean()), 6),
-        "mean_output_error": round(float(pick(error).mean()), 6),
-        "eval_rows": EVAL_ROWS,
-        "eval_text": "calibration text ending on a passage repeated from its middle",
-        "policies": policies,
-        "decode_pages": decode_pages,
-        "decode_recall": decode_recall,
-        "quest_pages": [p.decode_pages for layer in plans for p in layer if p.policy == "full"],
-    }
-    return plans, stats
-
-
-def uniform_baseline(recipe: Recipe, tolerance: float = 0.02) -> Recipe:
-    """The same strategy and budget on every head, at (about) the calibrated recipe's sparsity.
-
-    From the calibration's per-candidate averages: among candidates whose mean density is within
-    ``tolerance`` of the calibrated recipe's, the one keeping the most mass (else the nearest in density).
-    """
-    cands = recipe.calibration.get("candidates")
-    if not cands:
-        raise PatchattnError("this recipe has no calibration statistics; a uniform baseline needs a calibrated recipe")
-    target = 1.0 - recipe.calibration["achieved_sparsity"]
-    near = [c for c in cands if abs(c["mean_density"] - target) <= tolerance and c["strategy"] != "dense"]
-    objective = recipe.calibration.get("objective", "mass")
-    score = (lambda c: c["mean_kept_mass"]) if objective == "mass" else (lambda c: -c.get("mean_output_error", 0.0))
-    best = max(near, key=score) if near else min(cands, key=lambda c: abs(c["mean_density"] - target))
-    windowed = {int(i) for i in recipe.calibration.get("model_windows", {})}  # layers that keep the model's window
-    layers = [
-        [HeadPlan("dense") if li in windowed else HeadPlan(best["strategy"], dict(best["params"])) for _ in layer]
-        for li, layer in enumerate(recipe.layers)
-    ]
-    calibration = {
-        "baseline_of": recipe.name,
-        **({"model_windows": recipe.calibration["model_windows"]} if windowed else {}),
-        "seq_len": recipe.calibration.get("seq_len"),
-        "achieved_sparsity": round(1.0 - best["mean_density"], 6),
-        "mean_kept_mass": best["mean_kept_mass"],
-        "mean_output_error": best.get("mean_output_error"),
-    }
-    return Recipe(
-        model=dict(recipe.model), layers=layers, block_size=recipe.block_size, calibration=calibration, name="uniform",
-        min_sparse_tokens=recipe.min_sparse_tokens, dense_prefix_tokens=recipe.dense_prefix_tokens,
-    )
