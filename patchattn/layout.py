@@ -96,7 +96,8 @@ def column_counts(columns: torch.Tensor, n_q_blocks: int, block_size: int, dense
     ``columns`` (B, H, C) ascending key positions padded with anything >= the sequence length (a strategy's
     :meth:`~patchattn.strategies.Strategy.columns_heads`). Query block ``i`` reads the columns before its first
     token (``< i * block_size``: its own block is in the layout); the last block and the first ``dense_rows``
-    blocks read every block, so no column. A consumer skips columns whose block its block layout already holds."""
+    blocks read every block, so no column. A consumer skips columns whose block its block layout already holds.
+    :func:`column_reads` pairs these counts with the block layout, so that no query block computes more than dense."""
     batch, heads, _ = columns.shape
     starts = torch.arange(n_q_blocks, device=columns.device, dtype=columns.dtype) * block_size
     counts = torch.searchsorted(columns.contiguous(), starts.expand(batch, heads, n_q_blocks).contiguous(), out_int32=True)
@@ -109,6 +110,24 @@ def column_counts(columns: torch.Tensor, n_q_blocks: int, block_size: int, dense
 def column_tiles(counts: torch.Tensor, block_size: int) -> torch.Tensor:
     """The work of token columns in blocks: each query block gathers its columns ``block_size`` at a time."""
     return (counts + block_size - 1) // block_size
+
+
+def column_reads(keep: torch.Tensor, columns: torch.Tensor, block_size: int, dense_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block layout with token columns as the kernels run it: ``(keep, counts)``, ``counts`` the
+    :func:`column_counts` of each query block, except where a query block's blocks and :func:`column_tiles` would cost
+    at least as much as all its causal blocks: that block reads all of them instead, and no column.
+
+    The kernels gather every column a count names (those in a held block are masked, not skipped), so without this a
+    short sequence, whose early query blocks hold most of their few causal blocks through the sink and the diagonals,
+    would compute more than dense attention; with it no query block computes more than its causal blocks, and such a
+    block loses no mass. ``keep`` (B, H, n, n) raw or :func:`finalize`-d (a raw one is finished afterwards; its
+    last query block and first ``dense_rows`` read no column either way). No device sync."""
+    n = keep.shape[-1]
+    counts = column_counts(columns, n, block_size, dense_rows)
+    causal = causal_blocks(n, keep.device)
+    held = ((keep & causal) | diagonal_blocks(n, keep.device)).sum(-1, dtype=torch.int32)  # blocks once finished
+    dense = held + column_tiles(counts, block_size) >= torch.arange(1, n + 1, device=keep.device, dtype=torch.int32)
+    return keep | (dense[..., None] & causal), torch.where(dense, 0, counts)
 
 
 def block_density(keep: torch.Tensor) -> torch.Tensor:

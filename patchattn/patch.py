@@ -28,7 +28,7 @@ from . import cache_hooks, graphs, hf, stats
 from .compiled import RECIPE_KEY, CompiledRecipe, HeadGroup, LayerPlan, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
 from .errors import UnsupportedModelError
 from .kernels import BACKENDS, finalize_ragged, prefill_kernel, sparse_prefill, sparse_prefill_triton, triton_prefill_unsupported
-from .layout import column_counts, column_tiles, finalize, num_blocks, window_blocks
+from .layout import column_reads, column_tiles, finalize, num_blocks, window_blocks
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -210,11 +210,12 @@ def _sparse_attention(
     ``window``: the model's sliding window, which clips the layout and the token columns; sparsity is then counted
     against the blocks the window reaches."""
     keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
-    rows = window_blocks(window, block_size)
-    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed, window_rows=rows)
     columns = None
     if cols is not None:
-        columns = (cols, column_counts(cols, counts.shape[-1], block_size, plan.dense_rows), keep)
+        keep, col_counts = column_reads(keep, cols, block_size, plan.dense_rows)
+        columns = (cols, col_counts, keep)
+    rows = window_blocks(window, block_size)
+    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed, window_rows=rows)
     if graphed:
         density = plan.density if plan.density is not None else 0.25
     elif stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles

@@ -97,6 +97,17 @@ def test_unsupported_architecture(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_short_calibration_writes_a_recipe_that_loads(tiny_model_dir, calibration_text, tmp_path):
+    """At 256 tokens in blocks of 32 the early query blocks of a token-column candidate hold most of their causal
+    blocks already: every candidate's density stays a share of dense work, and the recipe written loads."""
+    result = invoke("calibrate", tiny_model_dir, "--seq-len", 256, "--block-size", 32, "--target-sparsity", 0.5,
+                    "--text", calibration_text, "-o", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    candidates = Recipe.load(tmp_path / "r.json").calibration["candidates"]
+    assert any(c["strategy"] == "vertical_slash_tokens" for c in candidates)
+    assert all(0.0 <= c["mean_density"] <= 1.0 and 0.0 <= c["mean_kept_mass"] <= 1.0 for c in candidates), candidates
+
+
 def test_recipe_for_another_model(tiny_model_dir, tmp_path):
     other = Recipe.uniform(tiny_model("gpt2").config, "dense")
     other.save(tmp_path / "gpt2.json")

@@ -114,6 +114,36 @@ def test_per_head_budgets_in_one_pass_equal_each_head_alone(name):
         assert torch.equal(finalize(grouped)[:, h : h + 1], alone), f"head {h} ({strat})"
 
 
+@pytest.mark.parametrize("n_tokens,block_size", [(96, 32), (200, 32), (256, 32), (256, 16), (300, 64)])
+def test_no_budget_computes_more_than_dense_at_short_lengths(n_tokens, block_size):
+    """Every budget of every strategy scores a density in [0, 1] at short lengths, whose early query blocks hold most
+    of their few causal blocks through the sink and the diagonals; with token columns, no query block computes more
+    blocks plus column tiles (what the kernels gather) than its causal blocks, and the calibration's order (finish,
+    then add the columns) and the prefill's (add the columns, then finish) agree."""
+    from patchattn.calibrate.scoring import sample_rows, score_layer
+    from patchattn.layout import column_reads, column_tiles
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 4, n_tokens, 16, generator=g) * 2 for _ in range(3))
+    rows = sample_rows(n_tokens, 32, block_size, g)
+    causal_per_row = torch.arange(1, num_blocks(n_tokens, block_size) + 1)
+    for name in sorted(STRATEGIES):
+        grid = STRATEGIES[name].budget_grid(n_tokens, block_size)
+        for dense_rows in (0, 2):
+            scores = score_layer(q, k, v, grid, block_size, rows, dense_rows=dense_rows)
+            assert ((scores.density >= 0) & (scores.density <= 1)).all(), f"{name}: {scores.density.max()}"
+            assert (scores.kept_mass <= 1 + 1e-5).all()
+            for cand in grid:
+                est = cand.estimate(q, k, block_size)
+                cols = cand.columns(est)
+                if cols is None:
+                    continue
+                keep, counts = column_reads(finalize(cand.layout(est), dense_rows), cols, block_size, dense_rows)
+                raw_keep, raw_counts = column_reads(cand.layout(est), cols, block_size, dense_rows)
+                assert torch.equal(finalize(raw_keep, dense_rows), keep) and torch.equal(raw_counts, counts)
+                assert (keep.sum(-1) + column_tiles(counts, block_size) <= causal_per_row).all(), cand
+
+
 def test_to_ragged_reports_density():
     from patchattn.layout import to_ragged
 

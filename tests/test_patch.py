@@ -323,7 +323,7 @@ def test_token_columns_end_to_end_equal_masked_attention():
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    from patchattn.layout import column_counts, column_tiles, token_mask
+    from patchattn.layout import column_reads, column_tiles, token_mask
     from patchattn.patch import CompiledRecipe, layer_layout
 
     model = tiny_model("llama")
@@ -341,8 +341,8 @@ def test_token_columns_end_to_end_equal_masked_attention():
 
     def masked_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         keep, cols = layer_layout(compiled.layers[module.layer_idx], query, key, 32, columns=True)
+        keep, counts = column_reads(keep, cols, 32)
         n, n_blk = query.shape[2], keep.shape[-1]
-        counts = column_counts(cols, n_blk, 32)
         mask = token_mask(keep, n, n, 32, cols, counts)
         group = query.shape[1] // key.shape[1]
         out = torch.nn.functional.scaled_dot_product_attention(

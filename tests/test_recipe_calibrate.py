@@ -463,10 +463,11 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
 
 def test_token_columns_are_scored_as_they_run():
     """A token-granular vertical-slash candidate's scored density and kept mass are those of the attention it runs:
-    its blocks plus its columns (each row's columns outside its blocks, in tiles of block_size), and its output error
-    that of the renormalised attention over exactly those keys; on sampled rows, with GQA and a dense prefix."""
+    its blocks plus its columns (each row's columns outside its blocks, in tiles of block_size; a row whose columns
+    would cost as much as dense reads its blocks instead), and its output error that of the renormalised attention over
+    exactly those keys; on sampled rows, with GQA and a dense prefix."""
     from patchattn.calibrate.scoring import score_layer
-    from patchattn.layout import column_counts, column_tiles, finalize, token_mask
+    from patchattn.layout import column_counts, column_reads, column_tiles, finalize, token_mask
     from patchattn.strategies import STRATEGIES
 
     g = torch.Generator().manual_seed(1)
@@ -477,10 +478,10 @@ def test_token_columns_are_scored_as_they_run():
     rows = torch.tensor([37, 90, 150, 211, 260])
     scores = score_layer(q, k, v, [cand], bs, rows, dense_rows=2)
     est = cand.estimate(q, k, bs)
-    keep = finalize(cand.layout(est), 2)
     cols = cand.columns(est)
-    counts = column_counts(cols, keep.shape[-1], bs, 2)
+    keep, counts = column_reads(finalize(cand.layout(est), 2), cols, bs, 2)
     assert int((cols < n).sum(-1).min()) == 40 and int(counts[..., -1].max()) == 0 and int(counts[..., :2].max()) == 0
+    assert (counts < column_counts(cols, keep.shape[-1], bs, 2)).any(), "some row should read its blocks, not columns"
     n_blk = keep.shape[-1]
     expected_density = ((keep.sum((-1, -2)) + column_tiles(counts, bs).sum(-1)) / (n_blk * (n_blk + 1) / 2))[0]
     assert torch.allclose(scores.density[:, 0], expected_density)

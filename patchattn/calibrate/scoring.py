@@ -1,8 +1,9 @@
 """Score every strategy budget on one layer's captured queries and keys.
 
 For each head and each candidate (strategy + budget) two numbers: ``density``, the fraction of causal
-blocks the candidate's layout computes, and ``kept_mass``, the share of the true attention probability
-that falls inside the layout, measured on sampled query rows (never the full N x N matrix).
+blocks the candidate's layout computes (token columns as the tiles of ``block_size`` the kernels gather them in,
+never more than dense: :func:`~patchattn.layout.column_reads`), and ``kept_mass``, the share of the true attention
+probability that falls inside the layout, measured on sampled query rows (never the full N x N matrix).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import block_density, column_counts, column_tiles, finalize, num_blocks
+from ..layout import block_density, column_reads, column_tiles, finalize, num_blocks
 from ..strategies import Strategy
 
 
@@ -148,10 +149,12 @@ def score_layer(
         if est is None:
             est = estimates[type(cand)] = cand.estimate(query, key, block_size)
         keep = finalize(cand.layout(est), dense_rows)
+        cols = cand.columns(est)
+        if cols is not None:  # the query blocks whose columns would cost as much as dense read their blocks instead
+            keep, col_counts = column_reads(keep, cols, block_size, dense_rows)
         keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
         density = block_density(keep)
-        cols = cand.columns(est)
         same_cols = (cols is None) == (chunk_cols is None) and (cols is None or torch.equal(cols, chunk_cols))
         if not same_cols or len(chunk) == CHUNK:
             flush()
@@ -161,7 +164,7 @@ def score_layer(
             col_mass, chunk_col_out = column_mass(cols)
             read = (1.0 - keep_rows) * before_row
             kept = kept + (col_mass * read).sum(-1)
-            density = density + column_tiles(column_counts(cols, n_blk, block_size, dense_rows), block_size).sum(-1) / causal_count
+            density = density + column_tiles(col_counts, block_size).sum(-1) / causal_count
         densities.append(density.mean(0))
         chunk.append((keep_rows, kept, read))
     flush()

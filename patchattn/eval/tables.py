@@ -1,5 +1,5 @@
 """The report's tables as plain cells, computed once from a results dict and rendered by each front end:
-results.md (report.py), report.html (html.py) and the terminal (cli.py, through Rich).
+results.md (report.py), report.html (html.py) and the terminal (cli/eval_run.py, through Rich).
 
 Every cell is already formatted text; a renderer only lays the cells out (and escapes them). A first cell in
 ``*asterisks*`` names a derived row (sparsity, KV cache), which a renderer may set in italics.

@@ -7,8 +7,9 @@ key position), the slash scores. ``vertical_slash`` works at block granularity: 
 diagonals; the sink block and the main diagonal are always kept. ``vertical_slash_tokens`` keeps the same
 diagonal blocks but its verticals are single key positions, as MInference's are: the top ``vertical_tokens``
 columns, read by every query block after them, gathered ``block_size`` at a time (a column costs 1/block_size
-of a block). Heavy-hitter keys (punctuation, newlines, the sink) lie scattered; whole blocks around them waste
-most of what they compute.
+of a block; a query block whose blocks and columns would cost as much as dense reads its causal blocks instead:
+:func:`patchattn.layout.column_reads`). Heavy-hitter keys (punctuation, newlines, the sink) lie scattered; whole
+blocks around them waste most of what they compute.
 """
 
 from __future__ import annotations

@@ -1,0 +1,113 @@
+"""What ``calibrate`` prints about the recipe it wrote: the per-layer choice, the per-kind table, the loss-bound
+search and the verified lengths, and the warning when the heads' outputs are far from dense."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .app import console
+
+# Mean relative error of the heads' attention outputs above which calibrate warns (SmolLM2-135M, 80% sparsity:
+# 0.054 at 8K gave +2.8% perplexity, 0.25 at 2K gave +63%; examples/smollm2-8k-token-columns, smollm2-two-gpus).
+HIGH_OUTPUT_ERROR = 0.15
+
+
+def _print_recipe(recipe) -> None:
+    probe = recipe.calibration.get("probe")
+    caption = ("answer / NLL: what the layer's first-pass plan alone cost the probes (drop of the answer's log-probability, "
+               "rise of the text's NLL a token); weight: the layer's utility weight in the second allocation") if probe else None
+    table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False, caption=caption)
+    rises = probe.get("layer_nll_rise") if probe else None  # recipes probed before the NLL term have none
+    probe_cols = (("answer", *(("NLL",) if rises else ()), "weight") if probe else ())
+    columns = ("layer", "density", "kept mass", "output err", *probe_cols, "strategies")
+    for col in columns:
+        table.add_column(col, justify="right" if col != "strategies" else "left")
+    windows = recipe.calibration.get("model_windows", {})
+    for li, heads in enumerate(recipe.layers):
+        counts: dict[str, int] = {}
+        for h in heads:
+            counts[h.strategy] = counts.get(h.strategy, 0) + 1
+        mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else float("nan")  # noqa: E731
+        table.add_row(
+            str(li),
+            f"{mean([h.density for h in heads]):.3f}",
+            f"{mean([h.kept_mass for h in heads]):.3f}",
+            f"{mean([h.output_error for h in heads]):.3f}",
+            *((f"{probe['layer_drop'][li]:+.3f}", *((f"{rises[li]:+.4f}",) if rises else ()), f"{probe['layer_weight'][li]:.2f}") if probe else ()),
+            f"the model's own window of {windows[str(li)]}" if str(li) in windows else ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        )
+    console.print(table)
+    cal = recipe.calibration
+    console.print(
+        f"target sparsity {cal.get('target_sparsity')}, achieved {cal.get('achieved_sparsity')}, "
+        f"mean kept mass {cal.get('mean_kept_mass')}, heads {recipe.strategy_counts()}"
+    )
+    _print_kinds(cal)
+    _print_search(recipe)
+    error = cal.get("mean_output_error")
+    if error is not None and error > HIGH_OUTPUT_ERROR and "max_loss" not in cal:
+        console.print(
+            f"[yellow]warning: the heads' attention outputs are off by {error:.0%} on average on the calibration text; expect a "
+            f"large quality loss (SmolLM2 at 8K and 80%: 5%, perplexity +2.8%; at 2K and 80%: 25%, perplexity +63%). "
+            f"Lower --target-sparsity or calibrate longer prompts (--seq-len).[/]"
+        )
+    kv = cal.get("kv")
+    if kv:
+        console.print(
+            f"KV cache: budget {kv['budget']}, achieved {kv['achieved']}, mean kept mass {kv['mean_kept_mass']}, "
+            f"output error {kv['mean_output_error']}, KV heads {kv['policies']}"
+        )
+
+
+def _print_search(recipe) -> None:
+    """The loss-bound search (each target tried, its measured perplexity rise) and the lengths the recipe was verified
+    at, when the recipe was calibrated with --max-loss."""
+    cal = recipe.calibration
+    if "max_loss" not in cal:
+        return
+    bound = cal["max_loss"]["ppl"]
+    mark = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
+    kinds = "kinds" in cal  # the perplexity is the worst kind's; the table says which
+    search = Table(title=f"search for perplexity within +{100 * bound:.3g}% (verified on {cal['verified_on']})")
+    for col in ("target sparsity", "achieved", "perplexity", *(("worst kind",) if kinds else ()), "within"):
+        search.add_column(col, justify="right")
+    for step in cal["search"]:
+        search.add_row(f"{step['target']:.3f}", f"{step['sparsity']:.3f}", f"{100 * step['ppl_loss']:+.2f}%",
+                       *((_worst_kind(step),) if kinds else ()), mark(step["within"]))
+    console.print(search)
+    if not cal.get("verified"):
+        console.print(f"[yellow]warning: no sparse recipe kept perplexity within +{100 * bound:.3g}% at {cal['seq_len']} tokens: "
+                      "the recipe is dense. Calibrate longer prompts (--seq-len) or allow more loss (--max-loss).[/]")
+        return
+    lengths = Table(title="verified lengths")
+    for col in ("length", "prefill sparsity", "perplexity", *(("worst kind",) if kinds else ()), "within", "runs"):
+        lengths.add_column(col, justify="right")
+    for row in cal["verified"]:
+        sparsity = "-" if row["sparsity"] is None else f"{row['sparsity']:.3f}"
+        lengths.add_row(str(row["length"]), sparsity, f"{100 * row['ppl_loss']:+.2f}%", *((_worst_kind(row),) if kinds else ()),
+                        mark(row["within"]), "sparse" if row["sparse"] else "dense")
+    console.print(lengths)
+    console.print(f"prompts shorter than {recipe.min_sparse_tokens} tokens prefill densely (below that the loss was not "
+                  f"within the bound, or not verified); `patchattn eval` runs the verified lengths by default")
+
+
+def _worst_kind(row: dict) -> str:
+    """The kind of text whose loss a search step or verified length was measured by (the worst)."""
+    by_kind = row.get("ppl_loss_by_kind") or {}
+    return max(by_kind, key=by_kind.get) if by_kind else "-"
+
+
+def _print_kinds(cal: dict) -> None:
+    """Per kind of text, when the recipe was calibrated on several: tokens scored, the sparsity the allocation reaches on
+    that kind's scores, and (with --max-loss) the recipe's perplexity rise on its held-out text."""
+    kinds = cal.get("kinds")
+    if not kinds:
+        return
+    loss = "max_loss" in cal
+    table = Table(title=f"per kind of text (allocation robust over kinds: {cal.get('robust')}, at {cal['seq_len']} tokens)")
+    for col in ("kind", "text", "scored tokens", "sparsity", *(("perplexity",) if loss else ())):
+        table.add_column(col, justify="left" if col in ("kind", "text") else "right")
+    for kind, entry in kinds.items():
+        table.add_row(kind, entry.get("text", ""), str(entry["scored_tokens"]), f"{entry['achieved_sparsity']:.3f}",
+                      *((f"{100 * entry['ppl_loss']:+.2f}%",) if loss else ()))
+    console.print(table)
