@@ -90,3 +90,15 @@ def test_calibrate_with_a_loss_bound_verifies_the_kv_plans(monkeypatch):
     assert not chosen or chosen[-1]["within"]
     assert recipe.kv_layers is not None
     assert Recipe.from_dict(recipe.to_dict()).kv_plans() == recipe.kv_layers
+
+
+def test_the_calibration_table_shows_the_kv_budgets_tried(capsys):
+    from patchattn.cli.calibrate_tables import _print_kv_search
+
+    cal = {"kv": {"budget": 0.5, "asked_budget": 0.3, "continuation_tokens": 256, "windows": 4},
+           "kv_search": [{"budget": 0.3, "kept": 0.29, "ppl_loss": 0.031, "within": False},
+                         {"budget": 0.5, "kept": 0.49, "ppl_loss": 0.012, "within": True}]}
+    _print_kv_search(cal)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "KV budget within the bound" in out and "+3.10%" in out and "+1.20%" in out
+    assert "lost more than the bound: the recipe keeps 0.500 of the cache" in out

@@ -57,6 +57,26 @@ def _print_recipe(recipe) -> None:
             f"KV cache: budget {kv['budget']}, achieved {kv['achieved']}, mean kept mass {kv['mean_kept_mass']}, "
             f"output error {kv['mean_output_error']}, KV heads {kv['policies']}"
         )
+    _print_kv_search(cal)
+
+
+def _print_kv_search(cal: dict) -> None:
+    """With --max-loss and --kv-budget: each KV budget tried, the loss of held-out text decoded through its cache."""
+    steps = cal.get("kv_search")
+    if not steps:
+        return
+    kv = cal["kv"]
+    table = Table(title=f"KV budget within the bound (the last {kv['continuation_tokens']} tokens of {kv['windows']} held-out "
+                        "window(s) decoded through the cache)")
+    for col in ("budget", "kept", "perplexity", "within"):
+        table.add_column(col, justify="right")
+    for step in steps:
+        table.add_row(f"{step['budget']:.3f}", f"{step['kept']:.3f}", f"{100 * step['ppl_loss']:+.2f}%",
+                      "[green]yes[/]" if step["within"] else "[red]no[/]")
+    console.print(table)
+    if kv["budget"] > kv["asked_budget"] + 1e-9:
+        console.print(f"[yellow]the KV plans at --kv-budget {kv['asked_budget']} lost more than the bound: the recipe keeps "
+                      f"{kv['budget']:.3f} of the cache[/]")
 
 
 def _print_search(recipe) -> None:
