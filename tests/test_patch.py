@@ -67,7 +67,8 @@ def test_sparse_recipe_changes_output_and_reports_sparsity(arch):
 @pytest.mark.parametrize(
     "strategy,params",
     [("dense", {}), ("streaming", {"sink_tokens": 32, "window_tokens": 64}), ("block_topk", {"threshold": 0.9}),
-     ("vertical_slash_tokens", {"vertical_tokens": 64, "slash_tokens": 64})],
+     ("vertical_slash_tokens", {"vertical_tokens": 64, "slash_tokens": 64}),
+     ("vertical_slash_adaptive", {"vertical_tokens": 64, "slash_tokens": 64, "mass": 0.9})],
 )
 def test_model_window_applied_by_size_equals_the_models_mask(strategy, params, monkeypatch):
     """Gemma 3's sliding layer: patchattn drops transformers' window mask and applies the window itself (so the

@@ -6,6 +6,7 @@ from .dense import Dense
 from .registry import STRATEGIES, get_strategy, register
 from .streaming import Streaming
 from .vertical_slash import VerticalSlash, VerticalSlashTokens
+from .vertical_slash_adaptive import VerticalSlashAdaptive
 
 __all__ = [
     "STRATEGIES",
@@ -15,6 +16,7 @@ __all__ = [
     "Strategy",
     "Streaming",
     "VerticalSlash",
+    "VerticalSlashAdaptive",
     "VerticalSlashTokens",
     "get_strategy",
     "register",
