@@ -98,7 +98,7 @@ def test_held_out_must_match_the_kinds():
 
 
 def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
-    """Code loses four times what prose does at the same sparsity: prose alone would keep the search's ceiling (0.95);
+    """Code loses four times what prose does at the same sparsity: prose alone would go up to the search's ceiling;
     with both, the bound holds on code, and every step, verified length and per-kind record says so."""
     monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
     rate = {"prose text": 0.02, "code text": 0.08}
@@ -111,7 +111,7 @@ def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
     model = tiny_model("llama")
     ids, held = two_kinds()
     prose_only = calibrate(model, ids["prose"], max_loss="ppl=2%", held_out=held["prose"], block_size=32)
-    assert len(prose_only.calibration["search"]) == 1 and prose_only.calibration["target_sparsity"] == 0.95
+    assert all(s["within"] for s in prose_only.calibration["search"]) and prose_only.calibration["target_sparsity"] > 0.92
 
     recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, robust="mean")
     cal = recipe.calibration

@@ -49,7 +49,7 @@ def test_search_brackets_the_largest_target_within_the_bound_and_stops(threshold
     assert found == (max(within) if within else 0.0)
     assert loss(found) <= bound if found else True
     if threshold >= 0.95:
-        assert found == 0.95 and len(steps) == 1  # the ceiling itself within: one measurement
+        assert found >= 0.95 - 0.025 and all(s.within for s in steps)  # every candidate within: up to the ceiling
     elif threshold:
         assert threshold - 0.95 / 2 ** (SEARCH_MAX_STEPS - 1) <= found <= threshold
     else:
@@ -118,7 +118,8 @@ def test_an_unreachable_bound_gives_the_dense_recipe_and_says_so(monkeypatch, ca
         recipe = calibrate(model, ids, max_loss="ppl=1%", held_out=held, block_size=32)
     assert all(h.strategy == "dense" for layer in recipe.layers for h in layer)
     assert recipe.calibration["verified"] == [] and not any(s["within"] for s in recipe.calibration["search"])
-    assert len(recipe.calibration["search"]) == SEARCH_MAX_STEPS
+    steps = recipe.calibration["search"]
+    assert len(steps) <= SEARCH_MAX_STEPS and min(s["target"] for s in steps) < 0.025  # narrowed down to dense
     assert "no sparse recipe kept perplexity within ppl=1%" in caplog.text
 
 

@@ -22,7 +22,7 @@ from .. import hf
 from ..patch import patched
 from ..recipe import Recipe
 from .search import LossBound, search_target
-from .verify import GPU_VERIFY_FACTOR, HeldOut
+from .verify import VERIFY_WINDOWS, HeldOut
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,12 @@ def continuation_nll(model, window: torch.Tensor, n_cont: int) -> float:
 
 class DecodeVerifier:
     """The perplexity rise of a recipe's decoded continuations over the dense model's, on held-out windows of
-    ``length`` tokens (one on a CPU, :data:`GPU_VERIFY_FACTOR` on a GPU)."""
+    ``length`` tokens (:data:`VERIFY_WINDOWS` of them)."""
 
     def __init__(self, model, held: HeldOut, length: int, n_cont: int = CONTINUATION_TOKENS):
         device = model.get_input_embeddings().weight.device
-        count = GPU_VERIFY_FACTOR if device.type == "cuda" else 1
         self.model, self.n_cont = model, min(n_cont, length // 4)
-        self.windows = [w.to(device) for w in held.windows(length, count)]
+        self.windows = [w.to(device) for w in held.windows(length, VERIFY_WINDOWS)]
         self._dense: float | None = None
 
     def _sum(self) -> float:
@@ -82,7 +81,7 @@ def search_kv_budget(
         return 1.0 - tried[compression][1]["achieved"], loss
 
     compression, steps = search_target(measure, bound.ppl, high=1.0 - kv_budget, tolerance=KV_SEARCH_TOLERANCE,
-                                       max_steps=KV_SEARCH_MAX_STEPS)
+                                       max_steps=KV_SEARCH_MAX_STEPS, high_first=True)
     if compression == 0.0:
         logger.warning("no KV budget from %s up kept the decoded text within %s: the recipe keeps the whole cache", kv_budget, bound)
         tried[0.0] = allocate_at(1.0)

@@ -74,8 +74,11 @@ def search_target(
     tolerance: float = SEARCH_TOLERANCE,
     max_steps: int = SEARCH_MAX_STEPS,
     on_step: Callable[[SearchStep], None] | None = None,
+    high_first: bool = False,
 ) -> tuple[float, list[SearchStep]]:
-    """The largest target sparsity whose measured loss is within ``bound``, by bisection on [0, ``high``].
+    """The largest target sparsity whose measured loss is within ``bound``, by bisection on [0, ``high``]: the midpoint
+    first (a sparsity ceiling is almost never within a useful bound, and a measurement costs forwards), or with
+    ``high_first`` the ceiling first (a KV budget the user asked for usually is).
 
     ``measure(target)`` returns (achieved sparsity, loss). Target 0 is the dense model (no loss) and is never measured.
     Only measured targets are returned: the result is 0.0 (dense) when no measured target stayed within the bound.
@@ -93,9 +96,7 @@ def search_target(
             on_step(step)
         return step.within
 
-    if max_steps < 1:
-        return 0.0, steps
-    if within(high):
+    if high_first and max_steps > 0 and within(high):
         return high, steps
     low = 0.0
     while high - low > tolerance and len(steps) < max_steps:
