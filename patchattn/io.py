@@ -120,3 +120,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def unique_name(name: str, taken) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... : the first not in ``taken`` (variants, texts and kinds named after
+    files)."""
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}-{i}", i + 1
+    return out

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from .. import hf
 from ..patch import patched
 from ..recipe import Recipe
+from .probe import continuation_logits
 from .search import LossBound, search_target
 from .verify import VERIFY_WINDOWS, HeldOut
 
@@ -36,12 +36,7 @@ def continuation_nll(model, window: torch.Tensor, n_cont: int) -> float:
     """Summed negative log-likelihood of ``window``'s last ``n_cont`` tokens, fed through the cache after the rest is
     prefilled (as a greedy decode reads them, one token after another)."""
     prompt, cont = window[:, :-n_cont], window[:, -n_cont:]
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    logits = [out.logits[0, -1:].float()]
-    if n_cont > 1:
-        cached = {hf.cache_argument(model): hf.output_cache(out)}
-        logits.append(model(cont[:, :-1], use_cache=True, **cached).logits[0].float())
-    logits = torch.cat([lg.to(logits[0].device) for lg in logits])
+    logits = continuation_logits(model, model(prompt, use_cache=True, logits_to_keep=1), cont)
     return float(torch.nn.functional.cross_entropy(logits, cont[0].to(logits.device), reduction="sum"))
 
 

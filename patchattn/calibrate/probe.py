@@ -77,6 +77,18 @@ class Sensitivity:
 
 
 @torch.no_grad()
+def continuation_logits(model, prefill_out, continuation: torch.Tensor) -> torch.Tensor:
+    """(A, V) float32 logits predicting each of ``continuation``'s A tokens (1, A): the first from the prefill's last
+    position (``prefill_out``, a forward with ``use_cache=True``), the rest from feeding ``continuation[:, :-1]``
+    through that forward's cache, as a greedy decode reads them."""
+    logits = [prefill_out.logits[0, -1:].float()]
+    if continuation.shape[1] > 1:
+        cached = {hf.cache_argument(model): hf.output_cache(prefill_out)}
+        logits.append(model(continuation[:, :-1], use_cache=True, **cached).logits[0].float())
+    return torch.cat([lg.to(logits[0].device) for lg in logits])
+
+
+@torch.no_grad()
 def probe_scores(model, probe: Probe) -> tuple[float, float]:
     """(log-probability of the probe's answer, mean NLL of the prompt's second half). The answer is read
     greedy-decoding style: the prompt prefilled, then the answer's tokens fed through the cache (so the prompt's last
@@ -91,12 +103,8 @@ def probe_scores(model, probe: Probe) -> tuple[float, float]:
     out = model(prompt, use_cache=True, logits_to_keep=scored + 1)
     logits = out.logits[0].float()
     nll = torch.nn.functional.cross_entropy(logits[:-1], prompt[0, n - scored :].to(logits.device))
-    answer_logits = [logits[-1:]]
-    if answer.shape[1] > 1:
-        cached = {hf.cache_argument(model): hf.output_cache(out)}
-        answer_logits.append(model(answer[:, :-1], use_cache=True, **cached).logits[0].float())
-    logp = torch.cat([lg.to(logits.device) for lg in answer_logits]).log_softmax(-1)
-    return float(logp.gather(-1, answer[0][:, None].to(logits.device)).sum()), float(nll)
+    logp = continuation_logits(model, out, answer).log_softmax(-1)
+    return float(logp.gather(-1, answer[0][:, None].to(logp.device)).sum()), float(nll)
 
 
 def layer_sensitivity(

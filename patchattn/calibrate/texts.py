@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .. import options as check
 from ..errors import OptionError
+from ..io import unique_name
 from ..text import KINDS, load_kind
 from .verify import split_text
 
@@ -49,9 +50,7 @@ def calibration_texts(paths: Sequence[str | os.PathLike] = (), kinds: Sequence[s
     kinds = list(kinds or ())
     texts: list[CalibrationText] = []
     for path in paths:
-        name, i, stem = Path(path).stem or "text", 2, Path(path).stem or "text"
-        while name in {t.kind for t in texts} or name in kinds:
-            name, i = f"{stem}-{i}", i + 1
+        name = unique_name(Path(path).stem or "text", {t.kind for t in texts} | set(kinds))
         texts.append(CalibrationText(name, str(path), read_text_file(path)))
     for kind in kinds:
         if kinds.count(kind) > 1:

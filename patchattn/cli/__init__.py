@@ -14,7 +14,7 @@ from .export_command import export  # isort: skip
 from .eval_command import evaluate  # isort: skip
 
 from .calibrate_tables import HIGH_OUTPUT_ERROR, _print_kinds, _print_recipe, _print_search, _worst_kind
-from .eval_recipes import DEFAULT_EVAL_LENGTHS, _bundles_recipe, _parse_lengths, _unique, _verified_lengths
+from .eval_recipes import DEFAULT_EVAL_LENGTHS, _bundles_recipe, _parse_lengths, _verified_lengths
 from .eval_run import _print_results
 
 __all__ = ["app", "calibrate", "evaluate", "export", "run", "HIGH_OUTPUT_ERROR", "DEFAULT_EVAL_LENGTHS"]

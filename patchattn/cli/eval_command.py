@@ -50,11 +50,11 @@ def evaluate(
             lengths=tuple(_parse_lengths(lengths) if lengths is not None else DEFAULT_EVAL_LENGTHS), tasks=_comma_list(tasks), trials=trials,
             ppl_windows=ppl_windows, speed_runs=speed_runs, backend=backend, baseline=baseline, seed=seed, ppl_texts=tuple(ppl_text),
         )
-        if lengths is None:  # every option checked first; then the recipes say where they were verified
-            options = dataclasses.replace(options, lengths=tuple(_verified_lengths(recipe, model)))
         check_dir_path(output, "--output")
         lm_eval_names, lm_eval_options, task_manager = _lm_eval_plan(lm_eval_tasks, lm_eval_args)
         recipes = _load_recipes(recipe, model)
+        if lengths is None:  # every option checked first; then the recipes say where they were verified
+            options = dataclasses.replace(options, lengths=tuple(_verified_lengths(recipes, model)))
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         _add_exported(lm, model, recipes)

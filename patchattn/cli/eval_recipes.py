@@ -21,14 +21,15 @@ def _parse_lengths(text: str) -> list[int]:
         raise PatchattnError(f"--lengths must be comma-separated integers, not {text!r}") from None
 
 
-def _verified_lengths(recipe_paths: list[Path], model: str | None) -> list[int]:
-    """The lengths the recipes (and an exported directory's own) were verified at and run sparse, else the defaults."""
+def _verified_lengths(recipes: list, model: str | None) -> list[int]:
+    """The lengths the loaded recipes (and an exported directory's own, read from its config before the model loads)
+    were verified at and run sparse, else the defaults."""
     import json
 
     from ..compiled import RECIPE_KEY
     from ..recipe import Recipe
 
-    recipes = [Recipe.load(p) for p in recipe_paths]
+    recipes = list(recipes)
     if _bundles_recipe(model):
         recipes.append(Recipe.from_dict(json.loads((Path(model) / "config.json").read_text())[RECIPE_KEY], source=f"recipe in {model}"))
     verified = sorted({n for r in recipes for n in r.verified_lengths()})
@@ -83,17 +84,11 @@ def _add_exported(lm, model: str | None, recipes: list) -> None:
 def _variants(recipes: list, baseline: str | None) -> dict:
     """Dense, then each recipe (and with --baseline uniform its uniform twin), under names that do not repeat."""
     from ..calibrate import uniform_baseline
+    from ..io import unique_name
 
     variants: dict = {"dense": None}
     for r in recipes:
-        variants[_unique(variants, r.name or "patched")] = r
+        variants[unique_name(r.name or "patched", variants)] = r
         if baseline == "uniform":
-            variants[_unique(variants, f"{r.name or 'patched'}-uniform")] = uniform_baseline(r)
+            variants[unique_name(f"{r.name or 'patched'}-uniform", variants)] = uniform_baseline(r)
     return variants
-
-
-def _unique(existing: dict, name: str) -> str:
-    out, i = name, 2
-    while out in existing:
-        out, i = f"{name}-{i}", i + 1
-    return out

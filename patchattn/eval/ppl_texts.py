@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import OptionError
+from ..io import unique_name
 from .haystack import sentence_starts
 from .tasks import _special_prefix, window_seed
 
@@ -94,10 +95,7 @@ def load_ppl_texts(tokenizer, texts: Sequence[str | os.PathLike | PplText], leng
             ids = tokenizer(read_ppl_text(text), add_special_tokens=False)["input_ids"]
             starts = [0, *sentence_starts(tokenizer, ids, line_breaks=True)]
             text = PplText(Path(text).stem or "text", str(text), ids, prefix, starts)
-        name, i = text.name, 2
-        while name in {t.name for t in loaded}:
-            name, i = f"{text.name}-{i}", i + 1
-        text = dataclasses.replace(text, name=name)
+        text = dataclasses.replace(text, name=unique_name(text.name, {t.name for t in loaded}))
         if not text.fits(lengths[0]):
             raise OptionError(
                 "ppl_texts", f"{text.path} is {len(text.ids)} tokens under this tokenizer, shorter than the shortest eval "
