@@ -103,7 +103,7 @@ def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
     monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
     rate = {"prose text": 0.02, "code text": 0.08}
 
-    def loss(self, recipe, length):
+    def loss(self, recipe, length, bound=None):
         sparsity = 1.0 - sum(h.density for layer in recipe.layers for h in layer) / sum(len(layer) for layer in recipe.layers)
         return rate[self.held.source] * sparsity, sparsity, length
 
@@ -118,12 +118,44 @@ def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
     assert cal["verified_on"] == "prose: prose text; code: code text" and cal["robust"] == "mean"
     for step in cal["search"] + cal["verified"]:
         by_kind = step["ppl_loss_by_kind"]
-        assert step["ppl_loss"] == by_kind["code"] == pytest.approx(4 * by_kind["prose"], abs=1e-5)
+        assert step["ppl_loss"] == by_kind["code"]
         assert step["within"] == (by_kind["code"] <= 0.02)
+        if step["within"]:  # measured on every kind
+            assert by_kind["code"] == pytest.approx(4 * by_kind["prose"], abs=1e-5)
+    # once code had broken the bound it went first, and a candidate over the bound on code skipped prose
+    assert any(set(step["ppl_loss_by_kind"]) == {"code"} for step in cal["search"] if not step["within"])
     assert len(cal["search"]) > 2 and cal["achieved_sparsity"] <= 0.25 + 1e-6
     kinds = cal["kinds"]
     assert kinds["code"]["ppl_loss"] == cal["verified"][0]["ppl_loss_by_kind"]["code"] <= 0.02
     assert kinds["prose"]["ppl_loss"] == pytest.approx(kinds["code"]["ppl_loss"] / 4, abs=1e-5)
+
+
+def test_the_worst_kind_goes_first_and_a_candidate_over_the_bound_stops_there():
+    """Each kind's verifier is asked worst-first (by its latest loss); the first over the bound ends the measurement,
+    and only what was measured is reported. The windows are shared out over the kinds, at least one each."""
+    from patchattn.calibrate.kinds import WorstKind, windows_per_kind
+
+    assert [windows_per_kind(n) for n in (1, 2, 3, 5)] == [4, 2, 2, 1]
+    held = {k: HeldOut(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long), k) for k in ("a", "b", "c")}
+    verifier = WorstKind(None, held)
+    assert {v.n_windows for v in verifier.kinds.values()} == {2}
+    asked = []
+
+    def fake(kind, rate):
+        class Fake:
+            def loss(self, recipe, length, bound=None):
+                asked.append(kind)
+                return rate * recipe, 0.5, length
+
+        return Fake()
+
+    verifier.kinds = {"a": fake("a", 0.001), "b": fake("b", 0.004), "c": fake("c", 0.002)}
+    assert verifier.loss(1, 64, bound=0.01)[0] == 0.004 and asked == ["a", "b", "c"]  # within: every kind, in order
+    asked.clear()
+    rise, sparsity, scored = verifier.loss(5, 64, bound=0.01)  # b is worst now: asked first, over the bound, done
+    assert asked == ["b"] and rise == pytest.approx(0.02) and scored == 64 and verifier.loss_detail() == {"ppl_loss_by_kind": {"b": 0.02}}
+    asked.clear()
+    assert verifier.loss(5, 64)[0] == pytest.approx(0.02) and asked == ["b", "c", "a"]  # no bound: every kind
 
 
 def test_files_and_shipped_kinds_become_kinds(tmp_path):

@@ -82,7 +82,7 @@ def test_calibrate_to_a_loss_bound_writes_the_sparsest_verified_recipe(monkeypat
     monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
     real_loss = Verifier.loss
 
-    def penalised(self, recipe, length):
+    def penalised(self, recipe, length, bound=None):
         rise, sparsity, scored = real_loss(self, recipe, length)
         return rise + 0.1 * max(0.0, (sparsity or 0.0) - 0.3), sparsity, scored
 
@@ -112,7 +112,7 @@ def test_calibrate_to_a_loss_bound_writes_the_sparsest_verified_recipe(monkeypat
 
 
 def test_an_unreachable_bound_gives_the_dense_recipe_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(Verifier, "loss", lambda self, recipe, length: (0.5, 0.5, length))
+    monkeypatch.setattr(Verifier, "loss", lambda self, recipe, length, bound=None: (0.5, 0.5, length))
     model, ids, held = _model_and_text(512)
     with caplog.at_level(logging.WARNING):
         recipe = calibrate(model, ids, max_loss="ppl=1%", held_out=held, block_size=32)

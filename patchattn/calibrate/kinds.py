@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from ..errors import OptionError
-from .verify import HeldOut, Verifier
+from .verify import VERIFY_WINDOWS, HeldOut, Verifier
 
 if TYPE_CHECKING:
     from .run import Scores
@@ -57,24 +57,43 @@ def robust_scores(per_kind: Mapping[str, Scores], robust: str) -> Scores:
     return dataclasses.replace(first, utility=utility, **mean)
 
 
+def windows_per_kind(n_kinds: int) -> int:
+    """Verification windows per kind: :data:`VERIFY_WINDOWS` shared out over the kinds, at least one each (five
+    kinds: one window each, five in all; the worst of five texts decides, which no one flattering window can)."""
+    return max(1, -(-VERIFY_WINDOWS // max(n_kinds, 1)))
+
+
 class WorstKind(Verifier):
-    """Verifies a recipe on every kind's :class:`HeldOut` windows (a :class:`Verifier` each); its loss is the worst
-    kind's, and :meth:`loss_detail` gives each kind's (``ppl_loss_by_kind``). Shares ``verify_lengths``."""
+    """Verifies a recipe on every kind's :class:`HeldOut` windows (a :class:`Verifier` each, :func:`windows_per_kind`
+    windows); its loss is the worst kind's, and :meth:`loss_detail` gives each kind's measured (``ppl_loss_by_kind``).
+    Shares ``verify_lengths``."""
 
     def __init__(self, model, held: Mapping[str, HeldOut], tokens: int | None = None):
         self.model = model
-        self.kinds = {kind: Verifier(model, h, tokens) for kind, h in held.items()}
+        per_kind = windows_per_kind(len(held))
+        self.kinds = {kind: Verifier(model, h, tokens, windows=per_kind) for kind, h in held.items()}
         self.by_kind: dict[str, float] = {}
+        self._last: dict[str, float] = {}  # each kind's latest loss: the likeliest to break a bound goes first
 
     @property
     def source(self) -> str:
         return "; ".join(f"{kind}: {v.source}" for kind, v in self.kinds.items())
 
-    def loss(self, recipe, length: int) -> tuple[float, float | None, int]:
-        """(the worst kind's perplexity rise, the mean prefill sparsity over kinds, tokens scored over all kinds)."""
-        measured = {kind: v.loss(recipe, length) for kind, v in self.kinds.items()}
-        self.by_kind = {kind: m[0] for kind, m in measured.items()}
-        logger.info("at %d tokens: %s", length, ", ".join(f"{k} {100 * r:+.2f}%" for k, r in self.by_kind.items()))
+    def loss(self, recipe, length: int, bound: float | None = None) -> tuple[float, float | None, int]:
+        """(the worst kind's perplexity rise, the mean prefill sparsity over the kinds measured, tokens scored). With
+        ``bound``, the kinds are measured worst-first (by their latest loss) and the rest skipped once one is over it:
+        the recipe is over the bound whatever they read (``by_kind`` then names only the kinds measured)."""
+        order = sorted(self.kinds, key=lambda kind: -self._last.get(kind, 0.0))
+        measured = {}
+        for kind in order:
+            measured[kind] = self.kinds[kind].loss(recipe, length)
+            self._last[kind] = measured[kind][0]
+            if bound is not None and measured[kind][0] > bound:
+                break
+        self.by_kind = {kind: measured[kind][0] for kind in self.kinds if kind in measured}
+        skipped = [kind for kind in self.kinds if kind not in measured]
+        logger.info("at %d tokens: %s%s", length, ", ".join(f"{k} {100 * r:+.2f}%" for k, r in self.by_kind.items()),
+                    f" ({', '.join(skipped)} not measured: over the bound already)" if skipped else "")
         sparsities = [m[1] for m in measured.values()]
         sparsity = None if None in sparsities else sum(sparsities) / len(sparsities)
         return max(self.by_kind.values()), sparsity, sum(m[2] for m in measured.values())

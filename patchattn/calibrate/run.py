@@ -284,7 +284,7 @@ def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptio
 
     def measure(target: float) -> tuple[float, float]:
         choice = scores.choose(target)
-        loss = verifier.loss(build(choice), n_tokens)[0]
+        loss = verifier.loss(build(choice), n_tokens, bound.ppl)[0]
         detail[target] = verifier.loss_detail()
         return scores.sparsity(choice), loss
 

@@ -81,11 +81,11 @@ def lengths_to_verify(seq_len: int, min_sparse_tokens: int = 0, block_size: int 
 
 class Verifier:
     """Measures a recipe's perplexity rise over the dense model on :class:`HeldOut` windows, ``tokens`` tokens of them at
-    every length; None: :data:`VERIFY_WINDOWS` windows of the first length measured (the calibration length: the
-    search measures it first)."""
+    every length; None: ``windows`` windows of the first length measured (the calibration length: the search measures
+    it first)."""
 
-    def __init__(self, model, held: HeldOut, tokens: int | None = None):
-        self.model, self.held, self.tokens = model, held, tokens
+    def __init__(self, model, held: HeldOut, tokens: int | None = None, windows: int = VERIFY_WINDOWS):
+        self.model, self.held, self.tokens, self.n_windows = model, held, tokens, windows
         self._dense: dict[int, list[float]] = {}  # length -> dense NLL sum per window
         self._measured: dict[tuple[str, int], tuple[float, float | None, int]] = {}  # (plan hash, length) -> loss
 
@@ -102,7 +102,7 @@ class Verifier:
     def _windows(self, length: int) -> list[torch.Tensor]:
         device = self.model.get_input_embeddings().weight.device
         if self.tokens is None:
-            self.tokens = length * VERIFY_WINDOWS
+            self.tokens = length * self.n_windows
         return [w.to(device) for w in self.held.windows(length, max(1, -(-self.tokens // length)))]
 
     def _nll_sums(self, windows: list[torch.Tensor]) -> list[float]:
@@ -110,8 +110,9 @@ class Verifier:
 
         return [float(token_nll(self.model, w).double().sum()) for w in windows]
 
-    def loss(self, recipe: Recipe, length: int) -> tuple[float, float | None, int]:
-        """(relative perplexity rise, the prefill sparsity it ran at, tokens scored) of ``recipe`` at ``length``."""
+    def loss(self, recipe: Recipe, length: int, bound: float | None = None) -> tuple[float, float | None, int]:
+        """(relative perplexity rise, the prefill sparsity it ran at, tokens scored) of ``recipe`` at ``length``.
+        ``bound``: the loss that decides (a verifier of several texts may stop once one text is over it)."""
         key = (recipe.plan_hash(), length)
         if key not in self._measured:
             self._measured[key] = self._loss(recipe, length)
@@ -132,7 +133,7 @@ class Verifier:
         ``bound`` (the recipe's new ``min_sparse_tokens``; the longest length plus one when even it is not)."""
         rows, valid_from, all_within = [], lengths[0] + 1, True
         for length in lengths:
-            rise, sparsity, scored = self.loss(recipe, length)
+            rise, sparsity, scored = self.loss(recipe, length, bound)
             within = rise <= bound
             all_within = all_within and within
             if all_within:

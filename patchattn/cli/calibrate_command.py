@@ -25,9 +25,9 @@ def calibrate(
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
     strategies: str = typer.Option("dense,streaming,vertical_slash,vertical_slash_tokens,block_topk", "--strategies", help="Comma-separated strategies to choose from."),
     objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default), attention 'mass', or 'residual' (output error after the output projection, as a share of the layer's attention output: heads weighed by what they contribute)."),
-    text: List[Path] = typer.Option([], "--text", help="Calibration text file, a UTF-8 kind of text of its own named by its stem: its first --seq-len tokens are scored, the rest verifies --max-loss (repeatable; default: shipped public-domain prose)."),
+    text: List[Path] = typer.Option([], "--text", help="Calibration text file, a UTF-8 kind of text of its own named by its stem: its first --seq-len tokens are scored, the rest verifies --max-loss (repeatable; default: every shipped kind, see --kinds)."),
     kinds: Optional[str] = typer.Option(
-        None, "--kinds", help="Comma-separated shipped kinds of text to calibrate on (prose, code, docs, dialogue, structured): each kind's calibration part is scored and its held-out part verifies --max-loss; with --text files too. Several kinds: one allocation robust over them (--robust), the loss bound held on each kind."
+        None, "--kinds", help="Comma-separated shipped kinds of text to calibrate on (prose, code, docs, dialogue, structured): each kind's calibration part is scored and its held-out part verifies --max-loss; with --text files too. Several kinds: one allocation robust over them (--robust), the loss bound held on each kind. Default without --text: all five."
     ),
     robust: str = typer.Option("worst", "--robust", help="With several kinds of text: allocate on each head's 'worst' utility over the kinds (default) or their 'mean'."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
@@ -92,12 +92,14 @@ def _check_outputs(outputs: dict) -> None:
 
 
 def _calibration_texts(options) -> list:
-    """The texts to calibrate on: --text files and --kinds, else the shipped prose."""
-    from ..calibrate.texts import CalibrationText, calibration_texts
-    from ..text import load_text
+    """The texts to calibrate on: --text files and --kinds; with neither, every shipped kind (prose first: the probes'
+    and the KV plans' text)."""
+    from ..calibrate.texts import calibration_texts
+    from ..text import KINDS
 
-    return calibration_texts(options.texts, options.kinds) or [
-        CalibrationText("prose", "patchattn:calibration (State of the Union 1901-1961)", load_text("calibration"))]
+    if not options.texts and options.kinds is None:
+        return calibration_texts((), list(KINDS))
+    return calibration_texts(options.texts, options.kinds)
 
 
 def _needle_probes(lm, tokenizer, first_ids, options) -> tuple:
