@@ -5,9 +5,11 @@ transformers offers no supported way for a library to supply its own cache class
 patched model decides, once per forward and for every caller alike (``generate``, a plain ``model(...,
 use_cache=True)``, lm-eval): a fresh cache -- none, or transformers' empty ``DynamicCache`` under whichever keyword
 the installed release uses (:mod:`patchattn.hf`) -- becomes a :class:`~patchattn.cache.HeadBudgetCache` when the
-recipe compresses the KV cache and the budget pays. The forward's post-hook checks what the forward actually ran
-on: a recipe that compresses the KV cache finishing on any other cache is said once per model and reason (a logged
-warning), and :func:`kv_cache_status` tells ``patchattn eval`` so its KV figures are not reported as the recipe's.
+recipe compresses the KV cache and the budget pays, its pools sized for the generation's ``max_new_tokens`` when a
+``generate`` call runs the forward (:func:`patchattn.hf.generation_new_tokens`). The forward's post-hook checks what
+the forward actually ran on: a recipe that compresses the KV cache finishing on any other cache is said once per model
+and reason (a logged warning), and :func:`kv_cache_status` tells ``patchattn eval`` so its KV figures are not reported
+as the recipe's.
 """
 
 from __future__ import annotations
@@ -81,10 +83,22 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
                                "so the full cache (faster, no page headroom) is used")
     if _is_padded(kwargs.get("attention_mask")):
         return None, ("padded", "a padded batch: the head-budgeted KV cache needs unpadded rows, so the full cache is used")
-    budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config)
+    budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config, reserve_tokens=_decode_tokens(model, prompt))
     kwargs.pop(name, None)
     kwargs[hf.cache_argument(model)] = budget
     return budget, None
+
+
+def _decode_tokens(model, prompt) -> int | None:
+    """Decode tokens to reserve room for: what the ``generate`` call running this forward may still add, within the
+    model's context; None outside ``generate`` (the cache then keeps a little headroom and grows on demand)."""
+    if prompt is None:
+        return None
+    new_tokens = hf.generation_new_tokens(prompt.shape[1])
+    context = hf.context_length(model.config)
+    if new_tokens is not None and context:
+        new_tokens = max(0, min(new_tokens, context - prompt.shape[1]))
+    return new_tokens
 
 
 def _bypassed(model, output, chosen: HeadBudgetCache | None, reason):

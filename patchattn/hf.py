@@ -3,17 +3,21 @@
 patchattn is tested on the transformers range ``pyproject.toml`` states (5.17 to 5.25). Across it the KV cache
 travels under two names: up to 5.2x a model's ``forward`` takes ``past_key_values``; 5.25 takes ``cache`` (and
 renames a ``past_key_values`` it is given, with a deprecation warning), and ``generate`` passes ``cache``. Every
-other module asks here rather than naming either, and asks here for a config's text part, its context length and
-whether a model routes attention through the registry; ``tests/test_hf_internals.py`` fails loudly when a release
-moves what this module, the mask builder or the cache layer contract relies on.
+other module asks here rather than naming either, and asks here for a config's text part, its context length,
+whether a model routes attention through the registry and how many tokens the running ``generate`` call may add;
+``tests/test_hf_internals.py`` fails loudly when a release moves what this module, the mask builder or the cache layer
+contract relies on.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # the newest name first
+GENERATE_MODULE = "transformers.generation.utils"  # where generate and its decoding loops live
+MAX_FRAMES = 64  # how far up the stack a forward looks for the generate call running it
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +48,23 @@ def output_cache(output):
     if not isinstance(output, dict):
         return None
     return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
+
+
+def generation_new_tokens(prompt_tokens: int) -> int | None:
+    """How many tokens the ``generate`` call running this forward may add after its ``prompt_tokens``-token prompt,
+    or None when no ``generate`` runs it. transformers hands ``forward`` no length, so this reads the per-call
+    ``generation_config`` from generate's own frame (its ``max_length`` is prompt + ``max_new_tokens`` by then); a
+    stack without one gives None. Called once per new cache, not per step."""
+    frame = sys._getframe(1)
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_globals.get("__name__") == GENERATE_MODULE:
+            max_length = getattr(frame.f_locals.get("generation_config"), "max_length", None)
+            if isinstance(max_length, int):
+                return max(0, max_length - prompt_tokens)
+        frame = frame.f_back
+    return None
 
 
 def text_config(config):

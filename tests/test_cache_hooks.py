@@ -15,7 +15,7 @@ import patchattn
 from patchattn import cache_hooks, hf
 from patchattn.cache import HeadBudgetCache
 from patchattn.eval.tables import NOT_BUDGETED, fmt_kv
-from patchattn.recipe import Recipe
+from patchattn.recipe import KVPlan, Recipe
 
 pytestmark = pytest.mark.internals  # CI runs these on the oldest supported transformers too
 
@@ -54,6 +54,23 @@ def test_generate_with_a_kv_compressing_recipe_keeps_fewer_bytes_than_dense(arch
     assert isinstance(cache, HeadBudgetCache) and cache.get_seq_length() == 319
     assert 0 < cache.kv_bytes() < 0.5 * dense
     assert WARNING not in caplog.text
+
+
+def test_generate_sizes_the_pools_for_its_new_tokens_once():
+    """generate's own ``max_new_tokens`` reaches the cache (read from generate's frame: transformers hands forward no
+    length): a growing head gets room for exactly that many tokens, page-rounded, and never regrows; a plain forward,
+    outside generate, keeps the default headroom."""
+    model = tiny_model("llama")
+    ids = prompt(140)
+    recipe = Recipe.uniform(model.config, "dense")
+    recipe.kv_layers = [[KVPlan("full", decode_pages=4), KVPlan("window", sink_tokens=4, window_tokens=32)] for _ in recipe.layers]
+    with patchattn.patched(model, recipe, backend="torch"):
+        for new_tokens, cap in ((40, 192), (80, 224)):  # 140 + new tokens, rounded up to 16-token pages
+            cache = hf.output_cache(model.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True))
+            assert [(layer.reserve_tokens, layer.caps) for layer in cache.layers] == [(new_tokens, [cap, 48])] * 2
+            assert cache.get_seq_length() == 140 + new_tokens - 1
+        cache = hf.output_cache(model(ids, use_cache=True))
+    assert [(layer.reserve_tokens, layer.caps) for layer in cache.layers] == [(None, [208, 48])] * 2  # 140 + 64 headroom
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # 5.25 deprecates the old name, still reads it

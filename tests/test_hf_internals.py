@@ -136,6 +136,21 @@ def test_the_dense_path_and_the_attention_switch_exist():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_forward_run_by_generate_sees_its_new_tokens():
+    """generate hands forward no length; :func:`hf.generation_new_tokens` reads it from generate's frame (its per-call
+    ``generation_config``), which must still be there: ``max_new_tokens`` at the prefill, None outside generate."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(hf.generation_new_tokens(30)), with_kwargs=True)
+    try:
+        model.generate(ids, max_new_tokens=7, do_sample=False)
+        model(ids)
+    finally:
+        handle.remove()
+    assert seen[0] == 7 and seen[-1] is None
+
+
 def test_the_budget_layer_fills_the_cache_layer_contract():
     """Every abstract method of a cache layer is BudgetLayer's own, and every layer method it overrides is still one
     transformers defines (a renamed method would leave the override dead and DynamicLayer's in charge)."""
@@ -143,7 +158,8 @@ def test_the_budget_layer_fills_the_cache_layer_contract():
     assert abstract <= set(vars(BudgetLayer)), f"BudgetLayer lacks {abstract - set(vars(BudgetLayer))}"
     overrides = {name for name, value in vars(BudgetLayer).items() if callable(value) and not name.startswith("_")}
     contract = {name for name in overrides if hasattr(CacheLayerMixin, name) or hasattr(DynamicLayer, name)}
-    ours = {"attend", "finish_prefill", "page_lists", "pool_views", "kept_positions", "kv_bytes", "dense_kv_bytes", "caps_used"}
+    ours = {"attend", "decode_step", "finish_prefill", "reserve", "page_lists", "pool_views", "kept_positions", "kv_bytes",
+            "dense_kv_bytes", "caps_used"}
     assert overrides - contract == ours, f"methods transformers no longer defines: {overrides - contract - ours}"
     for name in ("update", "get_seq_length", "get_mask_sizes", "reorder_cache", "crop", "reset"):
         assert name in contract

@@ -119,7 +119,7 @@ def quest_recall(q_rows: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, p
     ``q_rows`` (B, Hq, R, D) the evaluated rows' queries, ``probs`` (B, Hq, R, N) their exact attention. Pages are
     the prompt's full pages (``PAGE_TOKENS`` each); a page's bound for a row is the largest, over the KV head's
     query group, of sum_d max(q_d min_d, q_d max_d); the first page and every token after the last full prompt
-    page (the newest, which the cache always reads) count as read, as in :meth:`BudgetLayer._quest_pages`.
+    page (the newest, which the cache always reads) count as read, as in :func:`patchattn.cache.quest.pick_pages`.
     """
     batch, n_q_heads, n_rows, dim = q_rows.shape
     n_kv = key.shape[1]

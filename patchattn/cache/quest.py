@@ -1,0 +1,63 @@
+"""Quest (Tang et al., 2024) over the pooled cache: per-page key bounds, and the pages one decode query reads.
+
+A page's bound on q.k is sum_d max(q_d * min_d, q_d * max_d) over its keys' per-dimension minima and maxima, the
+largest over the KV head's query group. A Quest head reads the ``decode_pages`` pages of largest bound, its first page
+(the attention sink) and its newest always among them (a budget of one page reads the newest, which holds the query's
+own token); a head with no more pages than that reads them all.
+
+The pick has fixed shapes, so a decode step asks the host nothing and looks the same from step to step: every Quest
+head scores the same ``P`` candidate pages (the widest Quest head's capacity), pages past a head's valid count score
+-inf, and one top-k serves all heads, each keeping the prefix of its own budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rebuild_bounds(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, first_page: int, n_tokens: int, page: int) -> None:
+    """Write the bounds of one head's pages: its ``n_tokens`` valid slots from pool page ``first_page`` on, in ``keys``
+    (B, C, D); a partial last page bounds its valid slots only. After the prefill or a reallocation."""
+    n_pages = -(-n_tokens // page)
+    region = keys[:, first_page * page : (first_page + n_pages) * page]  # min/max: exact in any dtype
+    region = region.view(region.shape[0], n_pages, page, -1)
+    filled = (torch.arange(n_pages * page, device=region.device) < n_tokens).view(1, n_pages, page, 1)
+    page_min[:, first_page : first_page + n_pages] = region.masked_fill(~filled, float("inf")).amin(2)
+    page_max[:, first_page : first_page + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2)
+
+
+def update_bounds(page_min: torch.Tensor, page_max: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, page: int) -> None:
+    """Fold one new token per Quest head (``key`` (B, h, D), written at pool ``slots`` (h,) long) into its page's
+    bounds; a token that opens a page replaces them."""
+    pages = slots // page
+    opens = (slots % page == 0)[None, :, None]
+    page_min[:, pages] = torch.where(opens, key, torch.minimum(page_min[:, pages], key))
+    page_max[:, pages] = torch.where(opens, key, torch.maximum(page_max[:, pages], key))
+
+
+def pick_pages(
+    query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, candidates: torch.Tensor, n_pages: torch.Tensor,
+    budgets: torch.Tensor, k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages each Quest head reads for one decode query.
+
+    ``query`` (B, h, G, D): the Quest heads' query groups; ``page_min``/``page_max`` (B, C / page, D) the pool's page
+    bounds; ``candidates`` (h, P) long: each head's first ``P`` pool pages (junk past its region, masked); ``n_pages``
+    (h,) int32: its valid pages; ``budgets`` (h,) int32: its ``decode_pages``; ``k`` = min(max budget, P), fixed by
+    the pool layout. Returns (pages (B, h, k) int32, ascending, each head's first ``counts[h]`` entries being its
+    pick; counts (h,) int32 = min(n_pages, budget)). Tensor ops only."""
+    n_candidates = candidates.shape[-1]
+    kmin = page_min[:, candidates].float()  # (B, h, P, D)
+    kmax = page_max[:, candidates].float()
+    q = query.float()[:, :, :, None]  # (B, h, G, 1, D)
+    bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, h, P)
+    index = torch.arange(n_candidates, device=query.device)
+    valid = n_pages[:, None].long()
+    bound = bound.masked_fill(index == 0, torch.finfo(bound.dtype).max)  # the attention sink
+    bound = bound.masked_fill(index == valid - 1, float("inf"))  # the newest tokens, first of all
+    bound = bound.masked_fill(index >= valid, float("-inf"))
+    top = bound.topk(k, dim=-1).indices  # best first: each head's own pick is the prefix of its budget
+    past_budget = torch.arange(k, device=query.device) >= budgets[:, None]
+    top = top.masked_fill(past_budget, n_candidates).sort(-1).values  # ascending; past-budget entries last
+    pages = candidates.expand(top.shape[0], -1, -1).gather(-1, top.clamp(max=n_candidates - 1))
+    return pages.to(torch.int32), torch.minimum(n_pages, budgets)
