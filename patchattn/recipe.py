@@ -7,6 +7,8 @@ from the prefill plans (:func:`derive_kv_plans`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,13 +19,14 @@ from typing import Any
 from .errors import RecipeError
 from .hf import text_config
 from .io import write_json_atomic
+from .kv_policies import POLICIES, KVPolicy, policy_class
 from .layout import BLOCK_SIZES, num_blocks
 from .strategies import Strategy, get_strategy
 from .strategies.base import check_int, check_number, shown
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-KV_POLICIES = ("full", "window", "snapkv")
+KV_POLICIES = tuple(POLICIES)  # the KV policies' names (:mod:`patchattn.kv_policies`)
 _IDENTITY_FIELDS = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 _KV_SIZES = ("sink_tokens", "window_tokens", "budget_tokens", "decode_pages")
 # Calibration writes float32 statistics rounded to 6 places: a fraction of the whole may land a hair above 1.
@@ -84,16 +87,18 @@ class HeadPlan:
         return d
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVPlan:
-    """What the KV cache keeps of one KV head, and how the decode step reads it.
+    """What the KV cache keeps of one KV head, and how the decode step reads it: a recipe's JSON form of a
+    :mod:`KV policy <patchattn.kv_policies>`, which :meth:`build` gives.
 
     ``policy``: ``"full"`` keeps every token; ``"window"`` keeps the first ``sink_tokens`` and a rolling
     window of the last ``window_tokens`` (streaming heads: memory stays constant); ``"snapkv"`` keeps
     ``budget_tokens`` prompt tokens chosen after prefill by the attention of the prompt's last ``window_tokens``
     queries (SnapKV), then every generated token. ``decode_pages`` > 0 (``full`` and ``snapkv``): each decode
     step reads only that many cache pages per head, the ones whose key bounds promise the largest scores
-    for the current query (Quest), always including the first and the newest page.
+    for the current query (Quest), always including the first and the newest page. Sizes a policy does not take
+    are checked and written back, never used. Frozen: the policy is built once, when the plan is made.
     """
 
     policy: str = "full"
@@ -103,29 +108,29 @@ class KVPlan:
     decode_pages: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.policy, str) or self.policy not in KV_POLICIES:
-            raise ValueError(f"unknown KV policy {shown(self.policy)}; choose from {', '.join(KV_POLICIES)}")
+        cls = policy_class(self.policy)
         for name in _KV_SIZES:
             check_int(name, getattr(self, name))
-        if self.policy == "window" and self.window_tokens < 1:
-            raise ValueError("a window KV plan needs window_tokens >= 1")
-        if self.policy == "snapkv" and not 0 < self.window_tokens <= self.budget_tokens:
-            raise ValueError("a snapkv KV plan needs 0 < window_tokens <= budget_tokens")
-        if self.policy == "window" and self.decode_pages:
-            raise ValueError("decode_pages applies to full and snapkv KV plans, not window")
+        policy = cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})  # its own rules
+        object.__setattr__(self, "_policy", policy)
+
+    def build(self) -> KVPolicy:
+        """The policy this plan names, with its sizes."""
+        return self._policy
+
+    @classmethod
+    def of(cls, policy: KVPolicy) -> "KVPlan":
+        """The plan that builds ``policy``."""
+        return cls(policy.name, **dataclasses.asdict(policy))
 
     @property
     def compresses(self) -> bool:
         """Whether this head keeps or reads less than the full cache."""
-        return self.policy != "full" or self.decode_pages > 0
+        return self.build().compresses
 
     def kept_tokens(self, n_tokens: int) -> int:
         """Prompt tokens this head holds after a prefill of ``n_tokens``."""
-        if self.policy == "window":
-            return min(n_tokens, self.sink_tokens + self.window_tokens)
-        if self.policy == "snapkv":
-            return min(n_tokens, self.budget_tokens)
-        return n_tokens
+        return self.build().kept_tokens(n_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"policy": self.policy}
@@ -141,6 +146,10 @@ class KVPlan:
         return cls(**_fields(data, "KV plan", required=("policy",), optional=_KV_SIZES))
 
 
+# Plans are frozen, so derived ones are shared: a prefill-only recipe's plans are derived on every patched forward.
+_shared_kv_plan = functools.lru_cache(maxsize=4096)(KVPlan)
+
+
 def derive_kv_plans(layers: list[list[HeadPlan]], num_kv_heads: int) -> list[list[KVPlan]]:
     """KV plans implied by prefill plans: a KV head whose query heads are all ``streaming`` keeps their
     (largest) sink and window and nothing else, as DuoAttention's streaming heads do; any other keeps all."""
@@ -153,9 +162,9 @@ def derive_kv_plans(layers: list[list[HeadPlan]], num_kv_heads: int) -> list[lis
             if members and all(h.strategy == "streaming" for h in members):
                 sink = max(int(h.params.get("sink_tokens", 64)) for h in members)
                 window = max(int(h.params.get("window_tokens", 1024)) for h in members)
-                layer.append(KVPlan("window", sink_tokens=sink, window_tokens=window))
+                layer.append(_shared_kv_plan("window", sink_tokens=sink, window_tokens=window))
             else:
-                layer.append(KVPlan("full"))
+                layer.append(_shared_kv_plan("full"))
         plans.append(layer)
     return plans
 

@@ -2,10 +2,10 @@
 
 :class:`HeadBudgetCache` is a transformers ``Cache`` of :class:`~.layer.BudgetLayer` s. The cache never sees
 queries: the prompt's keys and values wait until the patched attention function, which has the queries, calls
-:meth:`BudgetLayer.finish_prefill`; each head then keeps what its plan chooses (:mod:`.plans`), in its own region of
-the layer's pools, sized once with room for the decode tokens to come. A decode step is a fixed sequence of tensor
-ops over those pools, with per-head counts and page lists on the device (:mod:`.layer`); Quest heads read their
-best pages (:mod:`.quest`).
+:meth:`BudgetLayer.finish_prefill`; each head then keeps what its plan's :mod:`KV policy <patchattn.kv_policies>`
+chooses (:mod:`.plans`), in its own region of the layer's pools, sized once with room for the decode tokens to come. A
+decode step is a fixed sequence of tensor ops over those pools, with per-head counts and page lists on the device
+(:mod:`.layer`); Quest heads read their best pages (:mod:`.quest`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 from transformers.cache_utils import Cache
 
 from ..hf import context_length
+from ..kv_policies import SNAPKV_POOL, snapkv_votes
 from .layer import GROWTH_TOKENS, PAGE_TOKENS, BudgetLayer
-from .plans import SNAPKV_POOL, cap_to_context, kept_prompt_tokens, respect_sliding_window, sliding_windows, snapkv_votes
+from .plans import cap_to_context, kept_prompt_tokens, respect_sliding_window, sliding_windows
 
 
 class HeadBudgetCache(Cache):

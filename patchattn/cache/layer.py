@@ -1,9 +1,10 @@
 """One layer of the head-budgeted KV cache: its pools, where each head's tokens go, and transformers' layer contract.
 
 A layer holds one key pool and one value pool of shape (B, C, D). KV head ``h`` owns the page-aligned region
-``[offset_h, offset_h + cap_h)``, so a head's memory is its own budget, not the longest head's: a ``window`` head
-(sinks + rolling window, StreamingLLM) holds ``sink + window`` slots for ever, a ``snapkv`` head the prompt tokens
-chosen after prefill plus what is generated, a ``full`` head everything. Inside its region a head's valid slots are one
+``[offset_h, offset_h + cap_h)``, so a head's memory is its own budget, not the longest head's. Each head's
+:mod:`KV policy <patchattn.kv_policies>` says what it keeps and how its region fills: a ``window`` head (sinks +
+rolling window, StreamingLLM) holds ``sink + window`` slots for ever, a ``snapkv`` head the prompt tokens chosen after
+prefill plus what is generated, a ``full`` head everything. Inside its region a head's valid slots are one
 run from the offset, so the decode kernel reads every head from the same pool (a zero head stride) with per-head page
 lists and limits (:func:`patchattn.kernels.sparse_decode`); Quest heads read their best pages (:mod:`.quest`).
 
@@ -29,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..kernels import decode_function
 from ..kernels.sparse_decode.op import sparse_decode_op
+from ..kv_policies import ring_slot
 from ..recipe import KVPlan
 from .plans import kept_prompt_tokens
 from .quest import pick_pages, rebuild_bounds, update_bounds
@@ -38,10 +40,6 @@ logger = logging.getLogger(__name__)
 PAGE_TOKENS = 16  # cache page: the unit of the decode kernel's lists and of Quest's key bounds
 GROWTH_TOKENS = 512  # the most headroom a growing head gets when its region is (re)allocated without a reserve
 NEVER_FULL = torch.iinfo(torch.int32).max  # a growing head's span: it always takes the next token at its valid count
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, (n + multiple - 1) // multiple * multiple)
 
 
 def _headroom(n_tokens: int, page: int) -> int:
@@ -60,6 +58,7 @@ class BudgetLayer(DynamicLayer):
     def __init__(self, plans: list[KVPlan], page_tokens: int = PAGE_TOKENS, reserve_tokens: int | None = None):
         super().__init__()
         self.plans = plans
+        self.policies = [p.build() for p in plans]  # what each head keeps: the cache asks these, never the names
         self.page = page_tokens
         self.reserve_tokens = reserve_tokens
         self.seen = 0  # tokens this layer has been given (the logical sequence length)
@@ -68,7 +67,7 @@ class BudgetLayer(DynamicLayer):
         self.caps = [0] * len(plans)  # each head's region: host lists, changed only when the pools are (re)allocated
         self.offsets = [0] * len(plans)
         self.room_tokens = 0  # tokens every growing head can still take before the pools must grow
-        self.quest_heads = [h for h, p in enumerate(plans) if p.decode_pages > 0]
+        self.quest_heads = [h for h, p in enumerate(self.policies) if p.decode_pages > 0]
         self.page_min = self.page_max = None
 
     # ---- transformers' layer contract --------------------------------------------------------------
@@ -146,7 +145,7 @@ class BudgetLayer(DynamicLayer):
         self.pending = None
         batch, n_kv, n, dim = key.shape
         scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-        keep = kept_prompt_tokens(self.plans, query, key, scale)
+        keep = kept_prompt_tokens(self.policies, query, key, scale)
         counts = [k.shape[-1] for k in keep]
         extra = [self.reserve_tokens if self.reserve_tokens is not None else _headroom(c, self.page) for c in counts]
         caps = [self._cap(h, c + e) for h, (c, e) in enumerate(zip(counts, extra))]
@@ -163,19 +162,12 @@ class BudgetLayer(DynamicLayer):
 
     def _cap(self, h: int, n_tokens: int) -> int:
         """Head ``h``'s region for ``n_tokens`` slots: a window head's is its sinks and window, whatever it holds."""
-        plan = self.plans[h]
-        return _round_up(plan.sink_tokens + plan.window_tokens if plan.policy == "window" else n_tokens, self.page)
+        return self.policies[h].pool_slots(n_tokens, self.page)
 
     def _prompt_slots(self, h: int, n: int, count: int) -> torch.Tensor:
         """Pool slots of head ``h``'s kept prompt tokens: in order, except a full window head, whose window
         tokens sit where the ring formula of :meth:`_write` puts them."""
-        plan, base = self.plans[h], self.offsets[h]
-        local = torch.arange(count, device=self.keys.device)
-        if plan.policy == "window" and n > plan.sink_tokens + plan.window_tokens:
-            sink, window = plan.sink_tokens, plan.window_tokens
-            positions = torch.arange(n - window, n, device=self.keys.device)
-            local[sink:] = sink + (positions - sink) % window
-        return base + local
+        return self.offsets[h] + self.policies[h].prompt_slots(n, count, self.keys.device)
 
     # ---- storage: sized when the prefill ends, regrown only past the reserve ---------------------------
     def reserve(self, n_tokens: int) -> None:
@@ -213,23 +205,24 @@ class BudgetLayer(DynamicLayer):
         keys = torch.zeros(batch, total, dim, dtype=dtype, device=device)  # zeros: unwritten slots stay finite
         values = torch.zeros_like(keys)
         positions = torch.full((batch, total), -1, dtype=torch.int32, device=device)  # each slot's token index
-        windows = [p.policy == "window" for p in self.plans]
+        grows = [p.grows for p in self.policies]
         if self.keys is not None:
-            for h, is_window in enumerate(windows):
-                n = self.caps[h] if is_window else valid[h]
+            for h, growing in enumerate(grows):
+                n = valid[h] if growing else self.caps[h]
                 new, old = slice(offsets[h], offsets[h] + n), slice(self.offsets[h], self.offsets[h] + n)
                 keys[:, new], values[:, new], positions[:, new] = self.keys[:, old], self.values[:, old], self.positions[:, old]
         self.keys, self.values, self.positions = keys, values, positions
         self.caps, self.offsets = list(caps), offsets
         self.dtype, self.device = dtype, device
-        self.room_tokens = min((c - v for c, v, w in zip(caps, valid, windows) if not w), default=sys.maxsize)
+        self.room_tokens = min((c - v for c, v, g in zip(caps, valid, grows) if g), default=sys.maxsize)
 
         as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
         self.valid_t = as_int32(valid)  # per head: valid slots, from its offset
         self.offsets_t = as_int32(offsets)
-        self.span_t = as_int32([p.sink_tokens + p.window_tokens if w else NEVER_FULL for p, w in zip(self.plans, windows)])
-        self.sink_t = as_int32([p.sink_tokens for p in self.plans])
-        self.ring_t = as_int32([max(1, p.window_tokens) for p in self.plans])
+        rings = [p.ring or (0, 1) for p in self.policies]  # a growing head's ring: never reached
+        self.span_t = as_int32([p.span_tokens or NEVER_FULL for p in self.policies])
+        self.sink_t = as_int32([sink for sink, _ in rings])
+        self.ring_t = as_int32([window for _, window in rings])
         page = self.page
         cap_pages = [c // page for c in caps]
         table = torch.zeros(len(caps), max(cap_pages), dtype=torch.int32)
@@ -239,7 +232,7 @@ class BudgetLayer(DynamicLayer):
         self.read_width = max(cap_pages)  # page lists' width with a query (Quest heads list only their pick)
         if self.quest_heads:
             n_candidates = max(cap_pages[h] for h in self.quest_heads)
-            budgets = [self.plans[h].decode_pages for h in self.quest_heads]
+            budgets = [self.policies[h].decode_pages for h in self.quest_heads]
             self.quest_heads_t = torch.tensor(self.quest_heads, device=device)
             self.quest_pages_t = self.page_table[self.quest_heads_t, :n_candidates].long()
             self.quest_budget_t = as_int32(budgets)
@@ -255,8 +248,7 @@ class BudgetLayer(DynamicLayer):
 
     def caps_used(self, h: int) -> int:
         """Slots a window head holds when full (sinks + window); a growing head's capacity."""
-        plan = self.plans[h]
-        return plan.sink_tokens + plan.window_tokens if plan.policy == "window" else self.caps[h]
+        return self.policies[h].capacity(self.caps[h])
 
     @property
     def valid(self) -> list[int]:
@@ -277,7 +269,7 @@ class BudgetLayer(DynamicLayer):
         valid count, a full window head at its ring slot -- and advance the counts. In-place tensor ops only."""
         t = self.written_t
         filling = self.valid_t < self.span_t
-        ring = self.sink_t + (t - self.sink_t).remainder(self.ring_t)
+        ring = ring_slot(t, self.sink_t, self.ring_t)
         slots = (self.offsets_t + torch.where(filling, self.valid_t, ring)).long()
         self.keys[:, slots] = key
         self.values[:, slots] = value

@@ -15,15 +15,34 @@ from __future__ import annotations
 import torch
 
 
+def page_extremes(keys: torch.Tensor, n_tokens: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per page, the minimum and maximum of each key dimension over the first ``n_tokens`` of ``keys`` (..., T, D):
+    two (..., ceil(n_tokens / page), D) tensors; a partial last page bounds its valid keys only (exact in any dtype).
+    What the cache keeps per page and what calibration's Quest recall bounds with."""
+    n_pages = -(-n_tokens // page)
+    region = keys[..., : n_pages * page, :]
+    region = region.reshape(*region.shape[:-2], n_pages, page, region.shape[-1])
+    filled = (torch.arange(n_pages * page, device=region.device) < n_tokens).view(n_pages, page, 1)
+    return region.masked_fill(~filled, float("inf")).amin(-2), region.masked_fill(~filled, float("-inf")).amax(-2)
+
+
+def page_bounds(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+    """Quest's bound on q.k over each page: ``query`` (B, h, G, *, D) each KV head's query group (any row dimensions
+    after it), ``page_min``/``page_max`` (B, h, P, D) the pages' key extremes; returns (B, h, *, P) float32, the
+    largest over the group of sum_d max(q_d min_d, q_d max_d)."""
+    q = query.float().unsqueeze(-2)  # (B, h, G, *, 1, D)
+    rows = (1,) * (query.dim() - 4)
+    lo = page_min.float().view(*page_min.shape[:2], 1, *rows, *page_min.shape[2:])
+    hi = page_max.float().view(*page_max.shape[:2], 1, *rows, *page_max.shape[2:])
+    return torch.maximum(q * lo, q * hi).sum(-1).amax(2)
+
+
 def rebuild_bounds(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, first_page: int, n_tokens: int, page: int) -> None:
     """Write the bounds of one head's pages: its ``n_tokens`` valid slots from pool page ``first_page`` on, in ``keys``
     (B, C, D); a partial last page bounds its valid slots only. After the prefill or a reallocation."""
-    n_pages = -(-n_tokens // page)
-    region = keys[:, first_page * page : (first_page + n_pages) * page]  # min/max: exact in any dtype
-    region = region.view(region.shape[0], n_pages, page, -1)
-    filled = (torch.arange(n_pages * page, device=region.device) < n_tokens).view(1, n_pages, page, 1)
-    page_min[:, first_page : first_page + n_pages] = region.masked_fill(~filled, float("inf")).amin(2)
-    page_max[:, first_page : first_page + n_pages] = region.masked_fill(~filled, float("-inf")).amax(2)
+    lo, hi = page_extremes(keys[:, first_page * page :], n_tokens, page)
+    page_min[:, first_page : first_page + lo.shape[1]] = lo
+    page_max[:, first_page : first_page + hi.shape[1]] = hi
 
 
 def update_bounds(page_min: torch.Tensor, page_max: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, page: int) -> None:
@@ -47,10 +66,7 @@ def pick_pages(
     the pool layout. Returns (pages (B, h, k) int32, ascending, each head's first ``counts[h]`` entries being its
     pick; counts (h,) int32 = min(n_pages, budget)). Tensor ops only."""
     n_candidates = candidates.shape[-1]
-    kmin = page_min[:, candidates].float()  # (B, h, P, D)
-    kmax = page_max[:, candidates].float()
-    q = query.float()[:, :, :, None]  # (B, h, G, 1, D)
-    bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, h, P)
+    bound = page_bounds(query, page_min[:, candidates], page_max[:, candidates])  # (B, h, P)
     index = torch.arange(n_candidates, device=query.device)
     valid = n_pages[:, None].long()
     bound = bound.masked_fill(index == 0, torch.finfo(bound.dtype).max)  # the attention sink

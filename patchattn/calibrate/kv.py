@@ -1,12 +1,13 @@
 """Score KV-cache plans per KV head from the calibration pass (decode budgets, as in TCA-Attention and AdaKV).
 
 The last ``eval_rows`` positions of the calibration text stand in for generated tokens: the prompt ends at
-``P = N - eval_rows``, each plan keeps some of the prompt's keys (a window keeps sinks and the latest tokens,
-SnapKV the tokens the prompt's last ``obs`` queries attend most, full everything), and every "generated" row
-attends what its plan kept plus the rows after the prompt (within the window for window plans). Against the
-exact causal attention of those rows, per KV head (averaged over its query heads and the rows): the
-attention mass the plan keeps and the relative error of the attention output. Cost is the share of the prompt's
-tokens the head holds. Nothing here materialises more than (rows x N) scores per head.
+``P = N - eval_rows``, each plan keeps some of the prompt's keys by its policy's own keep rule, the one the cache
+applies (:mod:`patchattn.kv_policies`: a window keeps sinks and the latest tokens, SnapKV the tokens the prompt's last
+``obs`` queries attend most, full everything), and every "generated" row attends what its plan kept plus the rows
+after the prompt, less what the policy evicts (a window's ring). Against the exact causal attention of those rows,
+per KV head (averaged over its query heads and the rows): the attention mass the plan keeps and the relative error of
+the attention output. Cost is the share of the prompt's tokens the head holds. Nothing here materialises more than
+(rows x N) scores per head.
 
 Plain prose is a poor stand-in for generation that retrieves: its last rows mostly look nearby, so every head
 seems compressible. :func:`with_copy_tail` therefore ends the calibration text with a passage repeated from its
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import PAGE_TOKENS, snapkv_votes
+from ..cache import PAGE_TOKENS
+from ..cache.quest import page_bounds, page_extremes
+from ..kv_policies import POLICIES, KVPolicy, observation_votes
 from ..recipe import KVPlan
 from .allocate import allocate
 
 EVAL_ROWS = 64
 OBS_TOKENS = 32  # SnapKV's observation window
-SINK_TOKENS = 64
 
 
 QUEST_PAGE_BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024)  # pages of PAGE_TOKENS read per decode step
@@ -60,15 +62,15 @@ def with_copy_tail(input_ids: torch.Tensor, generator: torch.Generator, eval_row
 
 
 def kv_candidates(n_tokens: int, eval_rows: int = EVAL_ROWS, obs: int = OBS_TOKENS) -> list[KVPlan]:
-    """Windows and SnapKV budgets from 1/64 of the prompt up to a half, then full (last)."""
+    """Every registered policy's candidates (:meth:`KVPolicy.candidates`) on token sizes from 1/64 of the prompt up to
+    a half (windows, SnapKV budgets), those that keep the whole prompt (full) last."""
     prompt = n_tokens - eval_rows
     sizes, size = [], max(64, prompt // 64)
     while size <= prompt // 2:
         sizes.append(size)
         size *= 2
-    windows = [KVPlan("window", sink_tokens=SINK_TOKENS, window_tokens=s) for s in sizes if SINK_TOKENS + s < prompt]
-    snaps = [KVPlan("snapkv", budget_tokens=s, window_tokens=obs) for s in sizes if obs < s < prompt]
-    return windows + snaps + [KVPlan("full")]
+    policies = [p for cls in POLICIES.values() for p in cls.candidates(prompt, sizes, obs)]
+    return [KVPlan.of(p) for p in sorted(policies, key=lambda p: p.kept_tokens(prompt) >= prompt)]
 
 
 def score_kv_layer(
@@ -95,10 +97,17 @@ def score_kv_layer(
     dense_out = torch.matmul(probs, v)  # (B, Hq, R, D)
     dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
 
-    votes = _snapkv_votes(query, key, prompt, candidates, scale)  # (B, Hkv, prompt - obs) or None
+    votes: dict[int, torch.Tensor] = {}  # per observation window: (B, Hkv, prompt - obs)
     costs, masses, errors = [], [], []
     for plan in candidates:
-        keep = _kept(plan, votes, rows, prompt, n, batch, n_kv, query.device)  # (B, Hkv, R, N) bool
+        policy = plan.build()
+        ranked = None
+        if policy.votes_needed(prompt) is not None:
+            obs, depth = policy.votes_needed(prompt)
+            if obs not in votes:
+                votes[obs] = observation_votes(query[:, :, :prompt], key[:, :, :prompt], obs, scale)
+            ranked = votes[obs].topk(depth, dim=-1).indices  # (B, Hkv, depth)
+        keep = _held(policy, ranked, rows, prompt, n, batch, n_kv)  # (B, Hkv, R, N) bool
         keep_q = keep.repeat_interleave(group, 1)
         kept_probs = probs * keep_q
         kept = kept_probs.sum(-1)  # (B, Hq, R)
@@ -117,18 +126,18 @@ def quest_recall(q_rows: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, p
     """Attention mass on the pages Quest would read, per KV head and page budget (Hkv, len(QUEST_PAGE_BUDGETS)).
 
     ``q_rows`` (B, Hq, R, D) the evaluated rows' queries, ``probs`` (B, Hq, R, N) their exact attention. Pages are
-    the prompt's full pages (``PAGE_TOKENS`` each); a page's bound for a row is the largest, over the KV head's
-    query group, of sum_d max(q_d min_d, q_d max_d); the first page and every token after the last full prompt
-    page (the newest, which the cache always reads) count as read, as in :func:`patchattn.cache.quest.pick_pages`.
+    the prompt's full pages (``PAGE_TOKENS`` each); a page's bound for a row is the cache's own
+    (:func:`patchattn.cache.quest.page_bounds` over :func:`~patchattn.cache.quest.page_extremes`); the first page and
+    every token after the last full prompt page (the newest, which the cache always reads) count as read, as in
+    :func:`patchattn.cache.quest.pick_pages`. Unlike the cache, the budget counts neither those tokens nor pages that
+    decoding adds: the recall is of the prompt's pages, at one fixed page set.
     """
     batch, n_q_heads, n_rows, dim = q_rows.shape
     n_kv = key.shape[1]
     group = n_q_heads // n_kv
     n_pages = prompt // PAGE_TOKENS
-    pages = key[:, :, : n_pages * PAGE_TOKENS].float().view(batch, n_kv, n_pages, PAGE_TOKENS, dim)
-    kmin, kmax = pages.amin(3), pages.amax(3)  # (B, Hkv, P, D)
-    q = q_rows.float().view(batch, n_kv, group, n_rows, 1, dim)
-    bound = torch.maximum(q * kmin[:, :, None, None], q * kmax[:, :, None, None]).sum(-1).amax(2)  # (B, Hkv, R, P)
+    kmin, kmax = page_extremes(key[:, :, : n_pages * PAGE_TOKENS].float(), n_pages * PAGE_TOKENS, PAGE_TOKENS)  # (B, Hkv, P, D)
+    bound = page_bounds(q_rows.view(batch, n_kv, group, n_rows, dim), kmin, kmax)  # (B, Hkv, R, P), as the cache bounds
     bound[..., 0] = float("inf")
     page_mass = probs[..., : n_pages * PAGE_TOKENS].view(batch, n_q_heads, n_rows, n_pages, PAGE_TOKENS).sum(-1)
     page_mass = page_mass.view(batch, n_kv, group, n_rows, n_pages)
@@ -153,33 +162,20 @@ def pages_for_recall(recall: torch.Tensor, target: float) -> list[int]:
     return chosen
 
 
-def _snapkv_votes(query, key, prompt: int, candidates: list[KVPlan], scale: float) -> torch.Tensor | None:
-    """SnapKV's votes of the prompt's last ``obs`` queries for the prompt tokens before them (as the cache does)."""
-    obs = next((p.window_tokens for p in candidates if p.policy == "snapkv"), None)
-    if obs is None:
-        return None
-    n_kv = key.shape[1]
-    group = query.shape[1] // n_kv
-    q_obs = query[:, :, prompt - obs : prompt].reshape(query.shape[0], n_kv, group, obs, -1)
-    return snapkv_votes(q_obs, key[:, :, :prompt], scale)
-
-
-def _kept(plan: KVPlan, votes, rows, prompt: int, n: int, batch: int, n_kv: int, device) -> torch.Tensor:
-    """Which keys each evaluated row reads under ``plan``: (B, Hkv, R, N) bool (causal included)."""
+def _held(policy: KVPolicy, ranked: torch.Tensor | None, rows: torch.Tensor, prompt: int, n: int, batch: int, n_kv: int) -> torch.Tensor:
+    """Which keys each evaluated row reads under ``policy``: (B, Hkv, R, N) bool (causal included). What the cache
+    holds: the prompt tokens the policy's keep rule keeps when the prefill ends (``ranked``: the tokens its votes rank
+    highest, for a rule that asks for them), then every token after the prompt, less what the policy has evicted by
+    that row (a window's ring)."""
+    device = rows.device
     positions = torch.arange(n, device=device)
-    causal = positions[None, :] <= rows[:, None]  # (R, N)
-    if plan.policy == "window":
-        near = positions[None, :] > rows[:, None] - plan.window_tokens
-        keep = causal & ((positions[None, :] < plan.sink_tokens) | near)
-        return keep.expand(batch, n_kv, -1, -1)
-    if plan.policy == "snapkv":
-        obs = plan.window_tokens
-        chosen = votes.topk(plan.budget_tokens - obs, dim=-1).indices  # (B, Hkv, budget - obs)
-        prompt_keep = torch.zeros(batch, n_kv, n, dtype=torch.bool, device=device)
-        prompt_keep.scatter_(-1, chosen, True)
-        prompt_keep[..., prompt - obs :] = True  # the observation window and everything after the prompt
-        return prompt_keep[:, :, None, :] & causal
-    return causal.expand(batch, n_kv, -1, -1)
+    kept = policy.keep(prompt, device, ranked)  # (T,) or (B, Hkv, T)
+    held = torch.zeros(batch, n_kv, n, dtype=torch.bool, device=device)
+    held.scatter_(-1, kept.expand(batch, n_kv, -1), True)
+    held[..., prompt:] = True
+    held = held[:, :, None, :] & (positions[None, :] <= rows[:, None])
+    evicted = policy.evicted(positions, rows)  # (R, N) or None
+    return held if evicted is None else held & ~evicted
 
 
 def allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: float, objective: str, decode_pages: int, decode_recall):
@@ -190,17 +186,21 @@ def allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: flo
     n_kv, n_cand = cost.shape[1], cost.shape[2]
     utility = mass if objective == "mass" else 1.0 - error
     choice = allocate(cost.view(-1, n_cand), utility.reshape(-1, n_cand), kv_budget).view(n_layers, n_kv)
-    plans = []
+    plans, quest_pages = [], []  # quest_pages: the pages of the heads that keep every token
     for li in range(n_layers):
         layer = []
         auto_pages = pages_for_recall(kv_scores[li].quest_recall, decode_recall) if decode_recall is not None else None
         for h in range(n_kv):
             plan = candidates[int(choice[li, h])]
-            if decode_pages and plan.policy in ("full", "snapkv"):
-                plan = dataclasses.replace(plan, decode_pages=decode_pages)
-            elif auto_pages is not None and plan.policy == "full":
-                plan = dataclasses.replace(plan, decode_pages=auto_pages[h])
-            layer.append(plan)
+            policy = plan.build()  # a candidate: it reads every page
+            pages = plan.decode_pages
+            if decode_pages and policy.reads_pages:
+                pages = decode_pages
+            elif auto_pages is not None and not policy.compresses:  # the recall was measured over the whole prompt
+                pages = auto_pages[h]
+            layer.append(dataclasses.replace(plan, decode_pages=pages))
+            if not policy.compresses:
+                quest_pages.append(pages)
         plans.append(layer)
     pick = lambda t: torch.gather(t, -1, choice[..., None]).squeeze(-1)  # noqa: E731
     policies: dict[str, int] = {}
@@ -217,6 +217,6 @@ def allocate_kv(kv_scores: dict, candidates: list, n_layers: int, kv_budget: flo
         "policies": policies,
         "decode_pages": decode_pages,
         "decode_recall": decode_recall,
-        "quest_pages": [p.decode_pages for layer in plans for p in layer if p.policy == "full"],
+        "quest_pages": quest_pages,
     }
     return plans, stats

@@ -5,16 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..registry import registrar
 from .base import Strategy, shown
 
 STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    if not cls.name or cls.name in STRATEGIES:
-        raise ValueError(f"strategy name {cls.name!r} is empty or taken")
-    STRATEGIES[cls.name] = cls
-    return cls
+register = registrar(STRATEGIES, "strategy")
 
 
 def get_strategy(name: str, **params: Any) -> Strategy:
