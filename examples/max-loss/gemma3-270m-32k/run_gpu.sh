@@ -10,6 +10,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:${SRC:-$PWD}
 OUT=${OUT:-out}
 python "$(dirname "$0")/convert_gguf_on_transformers_5_17.py" "${TOK:-tok}"
 R=$OUT/gemma3-270m-32k-max-loss-2.5.json
-python -m patchattn.cli calibrate /tmp/gemma-hf --seq-len 32768 --max-loss ppl=2.5% -o "$R" --heatmap /tmp/h.png 2>&1 | tee "$OUT/calibrate.log"
+python -m patchattn.cli calibrate /tmp/gemma-hf --seq-len 32768 --kinds prose --max-loss ppl=2.5% -o "$R" --heatmap /tmp/h.png 2>&1 | tee "$OUT/calibrate.log"
 python -m patchattn.cli eval /tmp/gemma-hf -r "$R" -r examples/gemma3-270m-windows/recipe_32k_s80_h100.json --lengths 32768 \
     --ppl-windows 4 --tasks ppl,passkey,single --trials 10 --speed-runs 1 -o /tmp/geval 2>&1 | tee "$OUT/eval.log"
