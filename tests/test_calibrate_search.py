@@ -29,6 +29,16 @@ def test_loss_bound_refuses_what_it_cannot_read(text):
     assert info.value.option == "max_loss" and "ppl=2%" in str(info.value) or "below 100%" in str(info.value)
 
 
+def test_loss_bound_may_also_bound_the_probes_answers():
+    bound = LossBound.parse("ppl=2%, answer=0.5")
+    assert (bound.ppl, bound.answer) == (0.02, 0.5) and bound.to_dict() == {"ppl": 0.02, "answer": 0.5}
+    assert LossBound.parse(str(bound)) == bound and LossBound.parse("2%").to_dict() == {"ppl": 0.02}
+    for text in ("answer=0.5", "ppl=2%,answer=0", "ppl=2%,answer=1,answer=2", "ppl=2%,recall=1"):
+        with pytest.raises(OptionError) as info:
+            LossBound.parse(text)
+        assert info.value.option == "max_loss"
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.13, 0.5, 0.777, 0.93, 0.99])
 def test_search_brackets_the_largest_target_within_the_bound_and_stops(threshold):
     """With a loss that grows with the target, every target found within the bound lies below every one found over
@@ -178,3 +188,35 @@ def test_a_prompt_under_min_sparse_tokens_prefills_densely_and_says_so_once(capl
     assert torch.allclose(first, dense, atol=1e-5) and torch.allclose(second, dense, atol=1e-5)
     said = [r for r in caplog.records if "min_sparse_tokens" in r.getMessage()]
     assert len(said) == 1 and "256-token prompt" in said[0].getMessage() and "short-is-dense" in said[0].getMessage()
+
+
+def test_with_probes_each_candidate_records_its_answer_drop_and_the_answer_bound_decides(monkeypatch):
+    """Each candidate within the perplexity bound is run on the probes; its answers' drop is recorded, and with an
+    answer bound a candidate that keeps perplexity but loses the answers is over the bound."""
+    from patchattn.calibrate import answers as answers_module
+    from patchattn.calibrate.probe import needle_probes
+
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
+    monkeypatch.setattr(Verifier, "loss", lambda self, recipe, length, bound=None: (0.0, 0.5, length))  # perplexity holds
+    sparsity = lambda recipe: 1.0 - sum(h.density for layer in recipe.layers for h in layer) / sum(map(len, recipe.layers))  # noqa: E731
+    real_drop = answers_module.AnswerCheck.drop
+    measured = []
+
+    def drop(self, recipe):
+        measured.append(real_drop(self, recipe))  # the real measurement runs (dense scored once, then the recipe)
+        return 2.0 * sparsity(recipe)
+
+    monkeypatch.setattr(answers_module.AnswerCheck, "drop", drop)
+    model, ids, held = _model_and_text(512)
+    probes = needle_probes(byte_tokenizer(), ids, 1)
+    free = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, probes=probes)
+    bounded = calibrate(model, ids, max_loss="ppl=2%,answer=0.5", held_out=held, block_size=32, probes=probes)
+    assert measured and all(math.isfinite(m) for m in measured)
+    assert all("answer_drop" in s and s["within"] for s in free.calibration["search"])
+    steps = bounded.calibration["search"]
+    assert bounded.calibration["max_loss"] == {"ppl": 0.02, "answer": 0.5}
+    assert all(s["within"] == (s["answer_drop"] <= 0.5) for s in steps) and not all(s["within"] for s in steps)
+    assert bounded.calibration["target_sparsity"] < free.calibration["target_sparsity"]
+    assert 2.0 * bounded.calibration["achieved_sparsity"] <= 0.5 + 1e-3
+    with pytest.raises(OptionError, match="no probes run"):
+        calibrate(model, ids, max_loss="ppl=2%,answer=0.5", held_out=held, block_size=32)

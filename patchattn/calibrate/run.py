@@ -20,6 +20,7 @@ from ..patch import ATTN_NAME, capture, check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
+from .answers import AnswerCheck
 from .kinds import first_held_out, kind_stats, robust_scores, texts_by_kind, verifier_for
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
@@ -168,7 +169,8 @@ def calibrate(
         target = options.target_sparsity
         recipe = build(scores.choose(target))
     else:
-        target, recipe, quality = _search(scores, build, verifier, options, on_search)
+        answers = _answer_check(model, probes, options.max_loss)
+        target, recipe, quality = _search(scores, build, verifier, options, on_search, answers)
     choice = scores.choose(target)
     names = text_name if isinstance(text_name, Mapping) else {}
     calibration = calibration_stats(scores, choice, options, "; ".join(names.values()) if names else text_name, target)
@@ -276,21 +278,36 @@ def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Prob
     }
 
 
-def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptions, on_search) -> tuple[float, Recipe, dict]:
-    """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length, its recipe
-    verified at shorter lengths (dense below the shortest one within the bound), and the record of both."""
+def _answer_check(model, probes: Sequence[Probe], bound: LossBound) -> AnswerCheck | None:
+    """The probes' answers as a second measure of each candidate (where probes run); an answer bound without probes is
+    refused."""
+    if bound.answer is not None and not probes:
+        raise OptionError("max_loss", f"{bound} bounds the layer probes' answers, but no probes run; ask for some (probes > 0)")
+    return AnswerCheck(model, probes) if probes else None
+
+
+def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptions, on_search,
+            answers: AnswerCheck | None = None) -> tuple[float, Recipe, dict]:
+    """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length (and, with
+    ``answers``, its answer bound on the probes), its recipe verified at shorter lengths (dense below the shortest one
+    within the perplexity bound), and the record of both."""
     bound, n_tokens = options.max_loss, options.seq_len
     detail: dict[float, dict] = {}  # target -> what the verifier measured beyond the loss (per kind)
 
     def measure(target: float) -> tuple[float, float]:
         choice = scores.choose(target)
-        loss = verifier.loss(build(choice), n_tokens, bound.ppl)[0]
+        recipe = build(choice)
+        loss = verifier.loss(recipe, n_tokens, bound.ppl)[0]
         detail[target] = verifier.loss_detail()
-        return scores.sparsity(choice), loss
+        if answers is None or loss > bound.ppl:  # over on perplexity already: the probes cannot save it
+            return scores.sparsity(choice), loss
+        drop = answers.drop(recipe)
+        detail[target]["answer_drop"] = round(drop, 4)
+        return scores.sparsity(choice), loss, bound.answer is None or drop <= bound.answer
 
     target, steps = search_target(measure, bound.ppl, on_step=on_search)
     recipe = build(scores.choose(target))
-    record = {"max_loss": {"ppl": bound.ppl}, "verified_on": verifier.source, "search": [{**s.to_dict(), **detail[s.target]} for s in steps]}
+    record = {"max_loss": bound.to_dict(), "verified_on": verifier.source, "search": [{**s.to_dict(), **detail[s.target]} for s in steps]}
     if target == 0.0:
         logger.warning("no sparse recipe kept perplexity within %s at %d tokens; the recipe is dense", bound, n_tokens)
         record["verified"] = []

@@ -29,26 +29,46 @@ SEARCH_MAX_STEPS = 7
 @dataclass(frozen=True)
 class LossBound:
     """The most quality a recipe may lose against the dense model: ``ppl`` is the relative rise of perplexity on
-    held-out text (0.02: +2%)."""
+    held-out text (0.02: +2%); ``answer`` (optional, nats) the most log-probability the layer probes' answers may lose
+    on average (:mod:`patchattn.calibrate.answers`; only where probes run)."""
 
     ppl: float
+    answer: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> "LossBound":
-        """``"ppl=2%"``, ``"ppl=0.02"`` (a fraction) or just ``"2%"``; :class:`OptionError` (``max_loss``) otherwise."""
+        """``"ppl=2%"``, ``"ppl=0.02"`` (a fraction) or just ``"2%"``, optionally with ``",answer=0.5"`` (nats);
+        :class:`OptionError` (``max_loss``) otherwise."""
         if isinstance(text, LossBound):
             return text
-        spec = str(text).replace(" ", "")
-        match = re.fullmatch(r"(?:ppl=)?([0-9]*\.?[0-9]+)(%?)", spec)
-        if match is None:
-            raise OptionError("max_loss", f"must read like ppl=2% (the perplexity rise a recipe may cost), not {text!r}")
-        value = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
-        if not 0.0 < value < 1.0:
-            raise OptionError("max_loss", f"must be a perplexity rise above 0% and below 100%, not {text!r}")
-        return cls(ppl=value)
+        parts = str(text).replace(" ", "").split(",")
+        ppl = _parse_ppl(parts[0], text)
+        answer = None
+        for part in parts[1:]:
+            match = re.fullmatch(r"answer=([0-9]*\.?[0-9]+)", part)
+            if match is None or answer is not None:
+                raise OptionError("max_loss", f"must read like ppl=2% or ppl=2%,answer=0.5 (nats the probes' answers may lose), not {text!r}")
+            answer = float(match.group(1))
+            if answer <= 0.0:
+                raise OptionError("max_loss", f"answer must be a loss above 0 nats, not {text!r}")
+        return cls(ppl=ppl, answer=answer)
+
+    def to_dict(self) -> dict:
+        return {"ppl": self.ppl, **({} if self.answer is None else {"answer": self.answer})}
 
     def __str__(self) -> str:
-        return f"ppl={self.ppl:.4g}" if self.ppl < 0.001 else f"ppl={100 * self.ppl:.3g}%"
+        ppl = f"ppl={self.ppl:.4g}" if self.ppl < 0.001 else f"ppl={100 * self.ppl:.3g}%"
+        return ppl if self.answer is None else f"{ppl},answer={self.answer:g}"
+
+
+def _parse_ppl(spec: str, text) -> float:
+    match = re.fullmatch(r"(?:ppl=)?([0-9]*\.?[0-9]+)(%?)", spec)
+    if match is None:
+        raise OptionError("max_loss", f"must read like ppl=2% (the perplexity rise a recipe may cost), not {text!r}")
+    value = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+    if not 0.0 < value < 1.0:
+        raise OptionError("max_loss", f"must be a perplexity rise above 0% and below 100%, not {text!r}")
+    return value
 
 
 # The bound `patchattn calibrate` keeps when given neither --target-sparsity nor --max-loss.
@@ -80,7 +100,8 @@ def search_target(
     first (a sparsity ceiling is almost never within a useful bound, and a measurement costs forwards), or with
     ``high_first`` the ceiling first (a KV budget the user asked for usually is).
 
-    ``measure(target)`` returns (achieved sparsity, loss). Target 0 is the dense model (no loss) and is never measured.
+    ``measure(target)`` returns (achieved sparsity, loss), or (achieved sparsity, loss, whether the other bounds held)
+    when there are others (the probes' answers). Target 0 is the dense model (no loss) and is never measured.
     Only measured targets are returned: the result is 0.0 (dense) when no measured target stayed within the bound.
     Assumes the loss grows with the target (it does, up to measurement noise: a higher target keeps less of every
     head's scored attention); every target returned was measured within the bound, whatever the noise. Stops after ``max_steps`` measurements or when the bracket is narrower than
@@ -88,8 +109,8 @@ def search_target(
     steps: list[SearchStep] = []
 
     def within(target: float) -> bool:
-        sparsity, loss = measure(target)
-        step = SearchStep(target, sparsity, loss, loss <= bound)
+        sparsity, loss, *held = measure(target)
+        step = SearchStep(target, sparsity, loss, loss <= bound and all(held))
         steps.append(step)
         logger.info("target sparsity %.3f: achieved %.3f, perplexity %+.2f%%", target, sparsity, 100 * loss)
         if on_step is not None:

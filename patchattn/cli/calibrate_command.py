@@ -18,7 +18,7 @@ def calibrate(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity", "-s", help="Fraction of causal query-key blocks to skip, averaged over heads, whatever it costs (instead of --max-loss)."),
     max_loss: Optional[str] = typer.Option(
-        None, "--max-loss", help="The quality loss to stay within, e.g. ppl=2%: the sparsest recipe whose perplexity on held-out calibration text rises at most that much, verified with patched forwards at the calibration length and shorter ones (dense below the shortest within the bound). Default when --target-sparsity is not given: ppl=2%."
+        None, "--max-loss", help="The quality loss to stay within, e.g. ppl=2% (or ppl=2%,answer=0.5: the layer probes' answers may also lose at most 0.5 nats of log-probability on average; needs --probes): the sparsest recipe whose perplexity on held-out calibration text rises at most that much, verified with patched forwards at the calibration length and shorter ones (dense below the shortest within the bound). Default when --target-sparsity is not given: ppl=2%."
     ),
     seq_len: int = typer.Option(4096, "--seq-len", "-n", help="Calibration length in tokens."),
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),

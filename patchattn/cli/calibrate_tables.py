@@ -88,12 +88,18 @@ def _print_search(recipe) -> None:
     bound = cal["max_loss"]["ppl"]
     mark = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
     kinds = "kinds" in cal  # the perplexity is the worst kind's; the table says which
-    search = Table(title=f"search for perplexity within +{100 * bound:.3g}% (verified on {cal['verified_on']})")
-    for col in ("target sparsity", "achieved", "perplexity", *(("worst kind",) if kinds else ()), "within"):
+    answers = any("answer_drop" in step for step in cal["search"])  # probes ran: their answers' drop, in nats
+    answer_bound = cal["max_loss"].get("answer")
+    title = f"search for perplexity within +{100 * bound:.3g}%" + ("" if answer_bound is None else f" and answers within {answer_bound:g} nats")
+    search = Table(title=f"{title} (verified on {cal['verified_on']})",
+                   caption="answer drop: the mean log-probability the layer probes' answers lost (nats)" if answers else None)
+    for col in ("target sparsity", "achieved", "perplexity", *(("worst kind",) if kinds else ()), *(("answer drop",) if answers else ()), "within"):
         search.add_column(col, justify="right")
     for step in cal["search"]:
+        drop = step.get("answer_drop")
         search.add_row(f"{step['target']:.3f}", f"{step['sparsity']:.3f}", f"{100 * step['ppl_loss']:+.2f}%",
-                       *((_worst_kind(step),) if kinds else ()), mark(step["within"]))
+                       *((_worst_kind(step),) if kinds else ()), *((("-" if drop is None else f"{drop:+.3f}"),) if answers else ()),
+                       mark(step["within"]))
     console.print(search)
     if not cal.get("verified"):
         console.print(f"[yellow]warning: no sparse recipe kept perplexity within +{100 * bound:.3g}% at {cal['seq_len']} tokens: "
