@@ -6,7 +6,8 @@ patched model decides, once per forward and for every caller alike (``generate``
 use_cache=True)``, lm-eval): a fresh cache -- none, or transformers' empty ``DynamicCache`` under whichever keyword
 the installed release uses (:mod:`patchattn.hf`) -- becomes a :class:`~patchattn.cache.HeadBudgetCache` when the
 recipe compresses the KV cache and the budget pays, its pools sized for the generation's ``max_new_tokens`` when a
-``generate`` call runs the forward (:func:`patchattn.hf.generation_new_tokens`). The forward's post-hook checks what
+``generate`` call runs the forward (:func:`patchattn.hf.generation_new_tokens`), and told each row's left padding, read
+off the forward's ``attention_mask`` (:func:`left_padding`), before its prefill. The forward's post-hook checks what
 the forward actually ran on: a recipe that compresses the KV cache finishing on any other cache is said once per model
 and reason (a logged warning), and :func:`kv_cache_status` tells ``patchattn eval`` so its KV figures are not reported
 as the recipe's.
@@ -25,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 from . import hf
 from .cache import HeadBudgetCache
 from .compiled import compiled_for
+from .errors import UnsupportedBatchError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ HOOKS_ATTR = "_patchattn_cache_hooks"
 REASON_ATTR = "_patchattn_kv_bypass"  # (weak ref to the cache, reason) of the last forward that ran on another cache
 WARNED_ATTR = "_patchattn_kv_warned"  # the reasons already said for this model
 MAX_KV_KEPT = 0.9  # plans keeping more of a prompt than this (and no Quest heads): the full cache is the better deal
+NOT_LEFT = "a batch padded other than on the left (a row's attention_mask has zeros after its first real token)"
 
 # The head-budgeted cache of the forward running now (set by the model's pre-hook, cleared after it).
 _ACTIVE_CACHE: contextvars.ContextVar[HeadBudgetCache | None] = contextvars.ContextVar("patchattn_cache", default=None)
@@ -52,8 +55,17 @@ def worth_budgeting(kv_plans, n_tokens: int) -> bool:
     return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
 
 
-def _is_padded(attention_mask) -> bool:
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all())
+def left_padding(attention_mask) -> tuple[bool, list[int] | None]:
+    """Whether the head-budgeted cache takes a forward's ``attention_mask``, and each row's pad tokens on the left of
+    it (None: no padding; no mask or one not (B, N) counts as none). It takes a mask whose zeros all come before a
+    row's first real token (``generate``'s left padding); right padding or holes it does not. A host read, once per
+    new cache."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return True, None
+    real = attention_mask.bool()
+    if not bool((real[:, 1:] >= real[:, :-1]).all()):
+        return False, None
+    return True, (~real).sum(1).tolist()
 
 
 def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple[str, str] | None]:
@@ -63,6 +75,12 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     when the recipe keeps the full cache anyway or the forward caches nothing)."""
     name, cache = hf.given_cache(kwargs)
     if isinstance(cache, HeadBudgetCache):
+        if cache.get_seq_length() == 0:  # its prefill: tell it the padding
+            left, pads = left_padding(kwargs.get("attention_mask"))
+            if not left:
+                raise UnsupportedBatchError(f"the head-budgeted cache takes left-padded batches only, not {NOT_LEFT}; pad "
+                                            "on the left (tokenizer padding_side='left') or pass no HeadBudgetCache")
+            cache.set_left_padding(pads)
         return cache, None
     compiled = compiled_for(model.config)
     use_cache = kwargs.get("use_cache")
@@ -81,9 +99,12 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
         return None, ("short", f"on a {prompt.shape[1]}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
                                "so the full cache (faster, no page headroom) is used")
-    if _is_padded(kwargs.get("attention_mask")):
-        return None, ("padded", "a padded batch: the head-budgeted KV cache needs unpadded rows, so the full cache is used")
+    left, pads = left_padding(kwargs.get("attention_mask"))
+    if not left:
+        return None, ("padded", f"{NOT_LEFT}: the head-budgeted KV cache takes left padding only, so the full cache is "
+                                "used")
     budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config, reserve_tokens=_decode_tokens(model, prompt))
+    budget.set_left_padding(pads)
     kwargs.pop(name, None)
     kwargs[hf.cache_argument(model)] = budget
     return budget, None

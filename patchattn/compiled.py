@@ -66,6 +66,7 @@ class CompiledRecipe:
             self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
         self.said_dense_below = False  # whether a prompt under min_sparse_tokens was said to prefill densely
+        self.said_no_kernel = False  # whether a prefill the kernels could not take was said to run dense
 
 
 _COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()

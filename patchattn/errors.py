@@ -19,6 +19,10 @@ class RecipeError(PatchattnError):
     """A recipe is corrupt, of an unknown schema, or made for another model."""
 
 
+class UnsupportedBatchError(PatchattnError):
+    """A batch the head-budgeted KV cache passed in cannot hold (padded other than on the left)."""
+
+
 class InputTooLongError(PatchattnError):
     """A prompt does not fit in the model's context."""
 

@@ -187,7 +187,7 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
     return out_dir
 
 
-def load(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", backend: str = "auto"):
+def load(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", backend: str | None = None):
     """Load an exported directory: returns ``(model, tokenizer)``, patched with its recipe."""
     from .models import load_model
     from .patch import patch

@@ -3,10 +3,10 @@
 patchattn is tested on the transformers range ``pyproject.toml`` states (5.17 to 5.25). Across it the KV cache
 travels under two names: up to 5.2x a model's ``forward`` takes ``past_key_values``; 5.25 takes ``cache`` (and
 renames a ``past_key_values`` it is given, with a deprecation warning), and ``generate`` passes ``cache``. Every
-other module asks here rather than naming either, and asks here for a config's text part, its context length,
-whether a model routes attention through the registry and how many tokens the running ``generate`` call may add;
-``tests/test_hf_internals.py`` fails loudly when a release moves what this module, the mask builder or the cache layer
-contract relies on.
+other module asks here rather than naming either, and asks here for a config's text part, its layer count, its
+sliding windows, its context length, whether a model routes attention through the registry and how many tokens the
+running ``generate`` call may add; ``tests/test_hf_internals.py`` fails loudly when a release moves what this module,
+the mask builder or the cache layer contract relies on.
 """
 
 from __future__ import annotations
@@ -70,6 +70,24 @@ def generation_new_tokens(prompt_tokens: int) -> int | None:
 def text_config(config):
     """The text (decoder) part of a model config: multimodal configs nest it, plain ones are it."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def num_layers(config) -> int:
+    """The decoder's layer count."""
+    return text_config(config).num_hidden_layers
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the model's own sliding attention window (None for full-attention layers)."""
+    text = text_config(config)
+    n_layers = text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return [None] * n_layers
+    types = getattr(text, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n_layers
 
 
 def context_length(config) -> int | None:

@@ -39,6 +39,25 @@ ORIGINAL_KEY = "patchattn_original_attn"
 GRAPHS_KEY = "patchattn_cuda_graphs"
 _CAPTURE_HOOKS: list[Callable] = []
 
+# What ``patch(..., backend=...)`` accepts. "auto": the fastest correct path, the sparse kernels where they take the
+# input and dense attention where they cannot (a CPU, float32, a padded mask: the PyTorch reference would be slower
+# than dense), said once; "sparse": always the recipe's layouts, the kernels where they take the input and the PyTorch
+# reference elsewhere (what calibration and eval's quality tasks run: the recipe's quality on any device); "torch",
+# "triton": that implementation of the layouts.
+PATCH_BACKENDS = ("auto", "sparse", *(b for b in BACKENDS if b != "auto"))
+DEFAULT_BACKEND = "auto"  # the backend of patch() and patched() when none is named
+
+
+def kernel_backend(backend: str) -> str:
+    """The kernels' own backend (:data:`patchattn.kernels.BACKENDS`) for a patch backend."""
+    return "auto" if backend in ("auto", "sparse") else backend
+
+
+def quality_backend(backend: str) -> str:
+    """The backend that measures a recipe's quality for a user's ``backend``: its layouts always run ("auto" becomes
+    "sparse"), whatever this device's speed."""
+    return "sparse" if backend == "auto" else backend
+
 
 def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None or attention_mask.dtype == torch.bool:
@@ -94,9 +113,9 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     layer_idx = getattr(module, "layer_idx", 0) or 0
     cache = cache_hooks.active_cache()
     cache_layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
-    backend = getattr(module.config, BACKEND_KEY, "auto")
+    backend = getattr(module.config, BACKEND_KEY, None) or DEFAULT_BACKEND  # None: loaded patched, without patch()
     if cache_layer is not None and cache_layer.incoming is not None:  # decode steps: the budgeted cache
-        return cache_layer.attend(query, scaling, backend), None
+        return cache_layer.attend(query, scaling, kernel_backend(backend)), None
     out = _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs)
     if cache_layer is not None and cache_layer.pending is not None:
         cache_layer.finish_prefill(query, scaling)
@@ -166,6 +185,16 @@ def _say_dense_below(compiled: CompiledRecipe, n_tokens: int) -> None:
                    recipe.name or "(unnamed)", recipe.min_sparse_tokens, why)
 
 
+def _say_no_kernel(compiled: CompiledRecipe, reason: str) -> None:
+    """Once per patched recipe: the sparse kernels cannot take this prefill, so it runs dense (backend "auto")."""
+    if compiled.said_no_kernel:
+        return
+    compiled.said_no_kernel = True
+    logger.warning("patchattn: the sparse prefill kernels cannot run here (%s), and the PyTorch reference is slower than "
+                   "dense attention: prefilling densely, so recipe %s saves no time on this device; backend='sparse' "
+                   "runs its layouts anyway (to measure its quality)", reason, compiled.recipe.name or "(unnamed)")
+
+
 def _prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs):
     compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
@@ -176,6 +205,11 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
         _say_dense_below(compiled, n_q)
         sparse_ok = False
     plan = compiled.layers[layer_idx] if sparse_ok else None
+    if plan is not None and not plan.all_dense and backend == "auto":
+        no_kernel = triton_prefill_unsupported(query, key, value, compiled.block_size, _bool_mask(attention_mask))
+        if no_kernel is not None:  # the reference would lose to dense attention: dense, said once
+            _say_no_kernel(compiled, no_kernel)
+            plan = None
     if plan is None or plan.all_dense:
         if window:
             block_size = compiled.block_size if compiled is not None else 64
@@ -188,8 +222,9 @@ def _prefill_attention(module, query, key, value, attention_mask, scaling, dropo
 
     block_size = compiled.block_size
     if window:
-        out = _sparse_attention(plan, query, key, value, block_size, scaling, backend, None, layer_idx=layer_idx, window=window)
+        out = _sparse_attention(plan, query, key, value, block_size, scaling, kernel_backend(backend), None, layer_idx=layer_idx, window=window)
         return out.transpose(1, 2).contiguous()
+    backend = kernel_backend(backend)
     if _graphable(module.config, query, key, value, attention_mask, backend, block_size):
         graphed = graphs.graph_for(
             compiled.graphs, (layer_idx, tuple(query.shape), tuple(key.shape), query.dtype, query.device, scaling),
@@ -287,14 +322,18 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(_unsupported_message(type(model).__name__))
 
 
-def patch(model, recipe: Recipe, backend: str = "auto", cuda_graphs: bool | None = None):
+def patch(model, recipe: Recipe, backend: str | None = None, cuda_graphs: bool | None = None):
     """Make ``model`` run ``recipe``'s sparse attention. Returns the model (changed in place).
 
-    ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``. ``cuda_graphs``: replay
-    each layer's short-prompt prefill attention as a CUDA graph (:mod:`patchattn.graphs`; default: the
-    ``PATCHATTN_CUDA_GRAPHS`` environment variable, else off)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    ``backend`` (one of :data:`PATCH_BACKENDS`; default :data:`DEFAULT_BACKEND`): ``"auto"`` runs the sparse kernels
+    where they take the input and dense attention where they cannot (on a CPU, in float32), saying so once, since the
+    PyTorch reference is slower than dense there; ``"sparse"`` always runs the recipe's layouts (the reference where
+    no kernel can), which measures a recipe's quality on any device; ``"torch"`` or ``"triton"`` that implementation.
+    ``cuda_graphs``: replay each layer's short-prompt prefill attention as a CUDA graph (:mod:`patchattn.graphs`;
+    default: the ``PATCHATTN_CUDA_GRAPHS`` environment variable, else off)."""
+    backend = DEFAULT_BACKEND if backend is None else backend
+    if backend not in PATCH_BACKENDS:
+        raise ValueError(f"backend must be one of {PATCH_BACKENDS}, not {backend!r}")
     check_supported(model)
     recipe.check_model(model.config)
     config = model.config
@@ -335,7 +374,7 @@ def is_patched(model) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, recipe: Recipe | None, backend: str = "auto", cuda_graphs: bool | None = None):
+def patched(model, recipe: Recipe | None, backend: str | None = None, cuda_graphs: bool | None = None):
     """Run a block with ``recipe`` applied (``None``: the model as it is), then restore the model exactly."""
     if recipe is None:
         yield model

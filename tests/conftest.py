@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
     # Triton kernels run through Triton's interpreter on CPU; it must be set before Triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+@pytest.fixture(autouse=True)
+def _recipes_run_their_layouts(monkeypatch):
+    """Tests check what a recipe computes: patch() runs its layouts on the CPU too (backend "sparse"). A user's default,
+    "auto", prefills densely where no sparse kernel runs (tests/test_patch.py checks that on its own)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("patchattn.patch"), "DEFAULT_BACKEND", "sparse")  # (patchattn.patch is the function)
+
+
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256, max_position_embeddings=2048)
 
 

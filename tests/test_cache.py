@@ -234,15 +234,20 @@ def test_recipe_kv_plans_round_trip_and_validate(tmp_path):
     assert Recipe.from_dict(v1).kv_layers is None and not Recipe.from_dict(v1).compresses_kv
 
 
-def test_beam_search_through_the_budgeted_cache_matches_dense():
-    """Beam search reorders the pools between steps (reorder_cache): with everything kept, dense's beams."""
+@pytest.mark.parametrize("pad", [None, 40])
+def test_beam_search_through_the_budgeted_cache_matches_dense(pad):
+    """Beam search reorders the pools between steps (reorder_cache), and a left-padded batch's per-row counts with
+    them: with everything kept, dense's beams."""
     model = tiny_model("llama")
-    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(0))
-    dense = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
+    ids = torch.randint(0, 256, (1 if pad is None else 2, 150), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False)
     recipe = Recipe.uniform(model.config, "dense")
     recipe.kv_layers = [[KVPlan("full", decode_pages=1000) for _ in range(2)] for _ in recipe.layers]
     with patchattn.patched(model, recipe, backend="torch"):
-        out = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False,
+                             return_dict_in_generate=True)
     assert isinstance(hf.output_cache(out), HeadBudgetCache)
     assert torch.equal(out.sequences, dense)
 

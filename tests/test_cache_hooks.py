@@ -14,6 +14,7 @@ from transformers.cache_utils import DynamicCache
 import patchattn
 from patchattn import cache_hooks, hf
 from patchattn.cache import HeadBudgetCache
+from patchattn.errors import UnsupportedBatchError
 from patchattn.eval.tables import NOT_BUDGETED, fmt_kv
 from patchattn.recipe import KVPlan, Recipe
 
@@ -92,20 +93,53 @@ def test_plain_forwards_get_the_budgeted_cache_under_either_keyword(keyword):
         assert hf.output_cache(step) is cache and cache.get_seq_length() == 301
 
 
-def test_a_padded_batch_runs_on_the_full_cache_and_says_so_once(caplog):
+def test_a_left_padded_batch_generates_for_each_row_what_it_generates_alone(caplog):
+    """generate's left padding reaches the budgeted cache (the pre-hook reads it off ``attention_mask``): 3 rows of
+    300, 230 and 150 tokens under window and SnapKV heads each generate, greedily, the tokens the row generates alone,
+    unpadded, on the budgeted cache too -- tokens the dense model does not generate, so the plans are in effect."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "dense")
+    plans = [KVPlan("window", sink_tokens=4, window_tokens=40), KVPlan("snapkv", budget_tokens=64, window_tokens=8)]
+    recipe.kv_layers = [plans for _ in recipe.layers]
+    rows = [prompt(n, seed=n)[0] for n in (300, 230, 150)]
+    ids = torch.zeros(3, 300, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, 300 - len(row) :], mask[b, 300 - len(row) :] = row, 1
+    generate = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    dense = model.generate(ids, attention_mask=mask, **generate).sequences[:, 300:]
+    with caplog.at_level(logging.WARNING), patchattn.patched(model, recipe, backend="torch"):
+        out = model.generate(ids, attention_mask=mask, **generate)
+        assert cache_hooks.kv_cache_status(model, hf.output_cache(out)) == "budgeted"
+        for b, row in enumerate(rows):
+            alone = model.generate(row[None], **generate)
+            assert cache_hooks.kv_cache_status(model, hf.output_cache(alone)) == "budgeted"
+            assert out.sequences[b, 300:].tolist() == alone.sequences[0, len(row) :].tolist(), b
+    assert not torch.equal(out.sequences[:, 300:], dense)
+    assert WARNING not in caplog.text
+    layer = hf.output_cache(out).layers[0]
+    assert layer.valid_t.tolist() == [[44, 73], [44, 73], [44, 73]]  # sinks + window; SnapKV's 64 + 9 generated
+    sinks = [layer.kept_positions(0)[b, :4].tolist() for b in range(3)]
+    assert sinks == [[0, 1, 2, 3], [70, 71, 72, 73], [150, 151, 152, 153]]  # each row's first real tokens
+
+
+def test_a_batch_padded_on_the_right_runs_on_the_full_cache_and_says_so_once(caplog):
     model = tiny_model("llama")
     ids = prompt(batch=2)
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, -5:] = 0
     with caplog.at_level(logging.WARNING), patchattn.patched(model, streaming_recipe(model), backend="torch"):
         for _ in range(2):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         cache = hf.output_cache(out)
         status = cache_hooks.kv_cache_status(model, cache)
+        with pytest.raises(UnsupportedBatchError, match="left-padded batches only"):  # a budgeted cache passed in
+            model(ids, attention_mask=mask, use_cache=True, **{hf.cache_argument(model): HeadBudgetCache.from_recipe(
+                streaming_recipe(model), model.config)})
     assert not isinstance(cache, HeadBudgetCache)
-    assert status.startswith("full: a padded batch")
+    assert status.startswith("full: a batch padded other than on the left")
     said = [r for r in caplog.records if WARNING in r.getMessage()]
-    assert len(said) == 1 and "padded batch" in said[0].getMessage()  # once per model and reason, not per step
+    assert len(said) == 1 and "padded other than on the left" in said[0].getMessage()  # once per model and reason
 
 
 def test_a_cache_the_model_ignores_is_said(monkeypatch, caplog):

@@ -8,7 +8,7 @@ from conftest import byte_tokenizer, tiny_model
 from patchattn.calibrate import calibrate
 from patchattn.calibrate import verify as verify_module
 from patchattn.calibrate.kinds import kind_stats, robust_scores
-from patchattn.calibrate.run import Scores
+from patchattn.calibrate.capture import Scores
 from patchattn.calibrate.texts import calibration_texts, tokenize_texts
 from patchattn.calibrate.verify import HeldOut, Verifier
 from patchattn.errors import OptionError

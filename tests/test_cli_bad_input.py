@@ -90,7 +90,7 @@ EVAL = [
     (["--ppl-text", "blank.txt"], "--ppl-text blank.txt is empty"),
     (["--ppl-text", "latin1.txt"], "--ppl-text cannot read latin1.txt: not UTF-8 text"),
     (["--ppl-text", "a_dir"], "--ppl-text cannot read a_dir: Is a directory"),
-    (["--backend", "cuda"], "--backend must be one of auto, torch, triton"),
+    (["--backend", "cuda"], "--backend must be one of auto, sparse, torch, triton"),
     (["--baseline", "median"], "--baseline must be one of uniform"),
     (["-o", "a_file"], "--output a_file exists and is not a directory"),
     (["-r", "missing.json"], "recipe missing.json does not exist"),

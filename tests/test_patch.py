@@ -400,3 +400,31 @@ def test_model_window_on_gpu_runs_the_kernel(strategy, params, head_dim):
     assert ((out - ref).norm() / ref.norm()).item() < (2e-2 if strategy == "dense" else 6e-2)
     if strategy == "dense":
         assert ((out - dense).norm() / dense.norm()).item() < 2e-2
+
+
+def test_auto_prefills_densely_where_no_sparse_kernel_runs_and_says_so_once(caplog):
+    """On a CPU (float32) the sparse kernels cannot run and the PyTorch reference is slower than dense attention:
+    backend "auto" (a user's default) prefills densely, says so once, and records no sparsity; "sparse" still runs the
+    recipe's layouts (what calibration and eval's quality tasks measure)."""
+    import logging
+
+    import importlib
+
+    patch_module = importlib.import_module("patchattn.patch")
+
+    assert patch_module.DEFAULT_BACKEND == "sparse"  # the test suite's (conftest); a user's is "auto"
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with caplog.at_level(logging.WARNING), patch_module.patched(model, recipe, backend="auto"), record_sparsity() as auto:
+            fast = model(ids).logits
+            model(ids)
+        with patch_module.patched(model, recipe, backend="sparse"), record_sparsity() as sparse:
+            layouts = model(ids).logits
+    assert torch.allclose(fast, dense, atol=1e-5) and auto.sparsity == 0.0
+    assert caplog.text.count("the sparse prefill kernels cannot run here") == 1 and "backend='sparse'" in caplog.text
+    assert not torch.allclose(layouts, dense, atol=1e-3) and sparse.sparsity > 0.3
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_module.patch(model, recipe, backend="fastest")

@@ -187,9 +187,9 @@ def test_strategies_refuse_bad_budgets_however_built():
 
 def _rehash(model: dict) -> dict:
     """What a determined hand-editor does after changing the model description: recompute its config_hash."""
-    from patchattn.recipe import _config_hash
+    from patchattn.recipe.identity import config_hash
 
-    return {**model, "config_hash": _config_hash(model)}
+    return {**model, "config_hash": config_hash(model)}
 
 
 def test_recipe_edited_for_another_geometry_is_refused(tmp_path):
@@ -281,7 +281,7 @@ def test_calibrate_leaves_a_models_own_window_layers_alone():
     assert recipe.calibration["layer_density"][0] is None
     baseline = uniform_baseline(recipe)
     assert all(h.strategy == "dense" for h in baseline.layers[0]) and baseline.layers[1][0].strategy != "dense"
-    from patchattn.calibrate.run import model_windows
+    from patchattn.calibrate.capture import model_windows
 
     assert model_windows(model.config, 1024) == [48, None] and model_windows(model.config, 48) == [None, None]
 
@@ -295,7 +295,7 @@ def test_calibrate_refuses_a_model_of_window_layers_only():
 
 def test_retrieval_rows_continue_a_copied_passage_outside_the_last_block():
     from patchattn.calibrate.kv import EVAL_ROWS, with_copy_tail
-    from patchattn.calibrate.run import retrieval_rows
+    from patchattn.calibrate.capture import retrieval_rows
 
     n, block = 1000, 32  # a short last block (1000 = 31 * 32 + 8)
     ids = torch.randperm(5000, generator=torch.Generator().manual_seed(1))[:n][None]  # distinct tokens

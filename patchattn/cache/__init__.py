@@ -3,9 +3,10 @@
 :class:`HeadBudgetCache` is a transformers ``Cache`` of :class:`~.layer.BudgetLayer` s. The cache never sees
 queries: the prompt's keys and values wait until the patched attention function, which has the queries, calls
 :meth:`BudgetLayer.finish_prefill`; each head then keeps what its plan's :mod:`KV policy <patchattn.kv_policies>`
-chooses (:mod:`.plans`), in its own region of the layer's pools, sized once with room for the decode tokens to come. A
-decode step is a fixed sequence of tensor ops over those pools, with per-head counts and page lists on the device
-(:mod:`.layer`); Quest heads read their best pages (:mod:`.quest`).
+chooses (:mod:`.plans`) among each row's real tokens (a left-padded batch says its padding first), in its own region
+of the layer's pools, sized once with room for the decode tokens to come. A decode step is a fixed sequence of tensor
+ops over those pools, with per-row and per-head counts and page lists on the device (:mod:`.layer`); Quest heads read
+their best pages (:mod:`.quest`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class HeadBudgetCache(Cache):
             context = context_length(config)
             plans = [cap_to_context(respect_sliding_window(p, w), context) for p, w in zip(plans, sliding_windows(config))]
         return cls(plans, page_tokens, reserve_tokens)
+
+    def set_left_padding(self, pad_tokens: list[int] | None) -> None:
+        """Each row's pad tokens on the left of the prompt, before the prefill (see
+        :meth:`BudgetLayer.set_left_padding`); :mod:`patchattn.cache_hooks` reads them off the forward's mask."""
+        for layer in self.layers:
+            layer.set_left_padding(pad_tokens)
 
     def reserve(self, n_tokens: int) -> None:
         """Room for ``n_tokens`` more decode tokens in every layer (see :meth:`BudgetLayer.reserve`)."""

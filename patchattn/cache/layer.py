@@ -8,14 +8,20 @@ prefill plus what is generated, a ``full`` head everything. Inside its region a 
 run from the offset, so the decode kernel reads every head from the same pool (a zero head stride) with per-head page
 lists and limits (:func:`patchattn.kernels.sparse_decode`); Quest heads read their best pages (:mod:`.quest`).
 
+Rows of a batch may differ in length: a left-padded batch (``generate``'s, for prompts of different lengths) tells the
+layer each row's pad tokens before the prefill (:meth:`BudgetLayer.set_left_padding`). A row's region then holds its
+real tokens alone, laid out as if the row ran by itself: its keep rules see only its real tokens (the sinks are its
+first real ones, SnapKV votes among them, Quest's first page starts at them), and its counts, ring slots and limits
+are its own, per (row, head) on the device. A region is sized for the row that holds the most.
+
 The pools are sized when the prefill ends, growing heads (``full``, ``snapkv``) with room for ``reserve_tokens`` more
 (the generation's ``max_new_tokens`` when :mod:`patchattn.cache_hooks` can see it; else a little headroom). A decode
 step then has two halves. The host's, once per layer: count the token off ``room_tokens`` and, only past the reserve,
 reallocate (logged). The device's (:meth:`BudgetLayer.decode_step`), a fixed sequence of tensor ops over buffers that
 stay put: write the token at each head's slot (a growing head at its valid count, a full window at its ring slot),
-fold it into the Quest bounds, advance the per-head counts (``valid_t``, ``written_t``: device tensors, changed in
-place), build page lists whose width the pool layout fixes, and run the decode op. Nothing in it reads the host or
-loops over heads, so ``torch.compile(fullgraph=True)`` traces it and a CUDA graph can replay it.
+fold it into the Quest bounds, advance the counts (``valid_t`` per row and head, ``written_t``: device tensors,
+changed in place), build page lists whose width the pool layout fixes, and run the decode op. Nothing in it reads the
+host or loops over heads or rows, so ``torch.compile(fullgraph=True)`` traces it and a CUDA graph can replay it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,17 @@ GROWTH_TOKENS = 512  # the most headroom a growing head gets when its region is 
 NEVER_FULL = torch.iinfo(torch.int32).max  # a growing head's span: it always takes the next token at its valid count
 
 
+def _runs_of_equal_padding(pads: list[int]) -> list[tuple[int, slice]]:
+    """(pad, rows) of each run of neighbouring rows with the same left padding: slices, so that a run's prompt is a
+    view (an unpadded batch is one run of every row)."""
+    runs, start = [], 0
+    for pad, rows in itertools.groupby(pads):
+        stop = start + len(list(rows))
+        runs.append((pad, slice(start, stop)))
+        start = stop
+    return runs
+
+
 def _headroom(n_tokens: int, page: int) -> int:
     """Free slots a growing head gets on (re)allocation without a reserve: a 32nd of what it holds, 4 pages to
     GROWTH_TOKENS (a head kept in full then holds at most ~3% more than the dense cache; growing by 512 tokens copies
@@ -64,6 +81,7 @@ class BudgetLayer(DynamicLayer):
         self.seen = 0  # tokens this layer has been given (the logical sequence length)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt, until finish_prefill
         self.incoming: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's new tokens, until attend
+        self.pad_tokens: list[int] | None = None  # per row, pad tokens left of its prompt (None: unpadded)
         self.caps = [0] * len(plans)  # each head's region: host lists, changed only when the pools are (re)allocated
         self.offsets = [0] * len(plans)
         self.room_tokens = 0  # tokens every growing head can still take before the pools must grow
@@ -122,8 +140,10 @@ class BudgetLayer(DynamicLayer):
         """Reorder the batch rows in place (the pools stay the same buffers)."""
         if self.pending is not None:
             self.pending = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.pending)
+            if self.pad_tokens is not None:
+                self.pad_tokens = [self.pad_tokens[i] for i in beam_idx.tolist()]
         if self.keys is not None:
-            for t in (self.keys, self.values, self.positions, self.page_min, self.page_max):
+            for t in (self.keys, self.values, self.positions, self.page_min, self.page_max, self.valid_t, self.pad_t):
                 if t is not None:
                     t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
@@ -137,27 +157,46 @@ class BudgetLayer(DynamicLayer):
         raise NotImplementedError("the head-budgeted cache does not support batch selection")
 
     # ---- prefill: choose what each head keeps, size the pools ----------------------------------------
+    def set_left_padding(self, pad_tokens: list[int] | None) -> None:
+        """Before the prefill: each row's pad tokens on the left of its prompt (None or zeros: unpadded). Pad tokens
+        are never kept; each row keeps, counts and evicts among its own real tokens (see the module docstring)."""
+        if self.seen:
+            raise RuntimeError("set the left padding before the prefill: this layer already holds tokens")
+        self.pad_tokens = list(pad_tokens) if pad_tokens is not None and any(pad_tokens) else None
+
     def finish_prefill(self, query: torch.Tensor | None = None, scale: float | None = None) -> None:
-        """Compress the pending prompt into the pool (``query`` (B, Hq, N, D) post-RoPE, for SnapKV)."""
+        """Compress the pending prompt into the pool (``query`` (B, Hq, N, D) post-RoPE, for SnapKV). Rows with the
+        same left padding, next to each other, choose together (a batch of one length: one choice for all rows)."""
         if self.pending is None:
             return
         key, value = self.pending
         self.pending = None
         batch, n_kv, n, dim = key.shape
         scale = scale if scale is not None else 1.0 / math.sqrt(dim)
-        keep = kept_prompt_tokens(self.policies, query, key, scale)
-        counts = [k.shape[-1] for k in keep]
-        extra = [self.reserve_tokens if self.reserve_tokens is not None else _headroom(c, self.page) for c in counts]
-        caps = [self._cap(h, c + e) for h, (c, e) in enumerate(zip(counts, extra))]
+        pads = self.pad_tokens or [0] * batch
+        if len(pads) != batch or max(pads) > n:
+            raise ValueError(f"left padding {pads} does not fit a batch of {batch} rows of {n} tokens")
+        runs = _runs_of_equal_padding(pads)
+        keeps = []  # per run, per head: indices among the run's real tokens, (rows, T) or (T,)
+        counts = [[0] * n_kv for _ in range(batch)]  # per row and head: prompt tokens kept
+        for pad, rows in runs:
+            q = query[rows, :, pad:] if query is not None else None
+            keeps.append(kept_prompt_tokens(self.policies, q, key[rows, :, pad:], scale))
+            counts[rows] = [[k.shape[-1] for k in keeps[-1]]] * (rows.stop - rows.start)
+        most = [max(row[h] for row in counts) for h in range(n_kv)]
+        extra = [self.reserve_tokens if self.reserve_tokens is not None else _headroom(c, self.page) for c in most]
+        caps = [self._cap(h, c + e) for h, (c, e) in enumerate(zip(most, extra))]
         self._allocate(caps, counts, batch, dim, key.dtype, key.device)
-        for h, idx in enumerate(keep):
-            idx_b = idx.expand(batch, -1) if idx.dim() == 1 else idx
-            gather = idx_b[..., None].expand(-1, -1, dim)
-            slots = self._prompt_slots(h, n, counts[h])
-            self.keys[:, slots] = torch.gather(key[:, h], 1, gather)
-            self.values[:, slots] = torch.gather(value[:, h], 1, gather)
-            self.positions[:, slots] = idx_b.to(torch.int32)
+        for (pad, rows), keep in zip(runs, keeps):
+            for h, idx in enumerate(keep):
+                idx_b = idx.expand(rows.stop - rows.start, -1) if idx.dim() == 1 else idx
+                gather = idx_b[..., None].expand(-1, -1, dim)
+                slots = self._prompt_slots(h, n - pad, idx_b.shape[-1])
+                self.keys[rows, slots] = torch.gather(key[rows, h, pad:], 1, gather)
+                self.values[rows, slots] = torch.gather(value[rows, h, pad:], 1, gather)
+                self.positions[rows, slots] = (idx_b + pad).to(torch.int32)
         self.written_t = torch.tensor(n, dtype=torch.int32, device=key.device)  # the next token's index
+        self.pad_t = torch.tensor(pads, dtype=torch.int32, device=key.device)[:, None]  # (B, 1)
         self._rebuild_bounds(counts)
 
     def _cap(self, h: int, n_tokens: int) -> int:
@@ -189,17 +228,18 @@ class BudgetLayer(DynamicLayer):
 
     def _grow(self, n_tokens: int, headroom: bool) -> None:
         """Reallocate so that every growing head takes ``n_tokens`` more (and its headroom, when ``headroom``)."""
-        valid = self.valid  # a device read: reallocation only
+        valid = self.valid_t.tolist()  # a device read: reallocation only
         caps = [
             max(cap, self._cap(h, v + n_tokens + (_headroom(v, self.page) if headroom else 0)))
-            for h, (cap, v) in enumerate(zip(self.caps, valid))
+            for h, (cap, v) in enumerate(zip(self.caps, map(max, zip(*valid))))
         ]
         self._allocate(caps, valid, self.keys.shape[0], self.keys.shape[-1], self.keys.dtype, self.keys.device)
         self._rebuild_bounds(valid)
 
-    def _allocate(self, caps: list[int], valid: list[int], batch: int, dim: int, dtype, device) -> None:
-        """(Re)allocate the pools for ``caps``, copying what each head holds (``valid`` slots; a window head its
-        ring), and set every layout tensor a decode step reads."""
+    def _allocate(self, caps: list[int], valid: list[list[int]], batch: int, dim: int, dtype, device) -> None:
+        """(Re)allocate the pools for ``caps``, copying what each head holds (``valid`` slots per row and head; a
+        window head its ring), and set every layout tensor a decode step reads."""
+        most = [max(row[h] for row in valid) for h in range(len(caps))]
         offsets = list(itertools.accumulate([0] + caps[:-1]))
         total = sum(caps)
         keys = torch.zeros(batch, total, dim, dtype=dtype, device=device)  # zeros: unwritten slots stay finite
@@ -208,16 +248,16 @@ class BudgetLayer(DynamicLayer):
         grows = [p.grows for p in self.policies]
         if self.keys is not None:
             for h, growing in enumerate(grows):
-                n = valid[h] if growing else self.caps[h]
+                n = most[h] if growing else self.caps[h]
                 new, old = slice(offsets[h], offsets[h] + n), slice(self.offsets[h], self.offsets[h] + n)
                 keys[:, new], values[:, new], positions[:, new] = self.keys[:, old], self.values[:, old], self.positions[:, old]
         self.keys, self.values, self.positions = keys, values, positions
         self.caps, self.offsets = list(caps), offsets
         self.dtype, self.device = dtype, device
-        self.room_tokens = min((c - v for c, v, g in zip(caps, valid, grows) if g), default=sys.maxsize)
+        self.room_tokens = min((c - v for c, v, g in zip(caps, most, grows) if g), default=sys.maxsize)
 
         as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-        self.valid_t = as_int32(valid)  # per head: valid slots, from its offset
+        self.valid_t = as_int32(valid)  # (B, Hkv): valid slots of each row's region, from the head's offset
         self.offsets_t = as_int32(offsets)
         rings = [p.ring or (0, 1) for p in self.policies]  # a growing head's ring: never reached
         self.span_t = as_int32([p.span_tokens or NEVER_FULL for p in self.policies])
@@ -242,9 +282,10 @@ class BudgetLayer(DynamicLayer):
             self.page_min = torch.zeros(batch, total // page, dim, dtype=dtype, device=device)
             self.page_max = torch.zeros_like(self.page_min)
 
-    def _rebuild_bounds(self, valid: list[int]) -> None:
+    def _rebuild_bounds(self, valid: list[list[int]]) -> None:
         for h in self.quest_heads:
-            rebuild_bounds(self.keys, self.page_min, self.page_max, self.offsets[h] // self.page, valid[h], self.page)
+            n_tokens = [row[h] for row in valid]
+            rebuild_bounds(self.keys, self.page_min, self.page_max, self.offsets[h] // self.page, n_tokens, self.page)
 
     def caps_used(self, h: int) -> int:
         """Slots a window head holds when full (sinks + window); a growing head's capacity."""
@@ -252,8 +293,9 @@ class BudgetLayer(DynamicLayer):
 
     @property
     def valid(self) -> list[int]:
-        """Valid slots per head (a device read: for prefill, reallocation and inspection, never a decode step)."""
-        return self.valid_t.tolist() if self.keys is not None else [0] * len(self.plans)
+        """Valid slots per head, of the row that holds the most (a device read: for reallocation and inspection,
+        never a decode step; ``valid_t`` has every row's)."""
+        return self.valid_t.amax(0).tolist() if self.keys is not None else [0] * len(self.plans)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write tokens that no query attends (key/value (B, Hkv, n, D)), finishing a prefill nobody finished."""
@@ -265,17 +307,19 @@ class BudgetLayer(DynamicLayer):
 
     # ---- the device's half of a decode step ------------------------------------------------------------
     def _write(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write token ``written_t`` (key/value (B, Hkv, D)) into every head's region -- a head still filling at its
-        valid count, a full window head at its ring slot -- and advance the counts. In-place tensor ops only."""
+        """Write token ``written_t`` (key/value (B, Hkv, D)) into every row's region of every head -- a head still
+        filling at the row's valid count, a full window head at the ring slot of the row's own token index (past its
+        padding) -- and advance the counts. In-place tensor ops only."""
         t = self.written_t
-        filling = self.valid_t < self.span_t
-        ring = ring_slot(t, self.sink_t, self.ring_t)
-        slots = (self.offsets_t + torch.where(filling, self.valid_t, ring)).long()
-        self.keys[:, slots] = key
-        self.values[:, slots] = value
-        self.positions[:, slots] = t
+        filling = self.valid_t < self.span_t  # (B, Hkv)
+        ring = ring_slot(t - self.pad_t, self.sink_t, self.ring_t)
+        slots = (self.offsets_t + torch.where(filling, self.valid_t, ring)).long()  # (B, Hkv)
+        at_slots = slots[..., None].expand(-1, -1, key.shape[-1])
+        self.keys.scatter_(1, at_slots, key)
+        self.values.scatter_(1, at_slots, value)
+        self.positions.scatter_(1, slots, t.expand(slots.shape))
         if self.quest_heads:
-            update_bounds(self.page_min, self.page_max, slots[self.quest_heads_t], key[:, self.quest_heads_t], self.page)
+            update_bounds(self.page_min, self.page_max, slots[:, self.quest_heads_t], key[:, self.quest_heads_t], self.page)
         self.valid_t.add_(filling.to(torch.int32))
         self.written_t.add_(1)
 
@@ -283,20 +327,21 @@ class BudgetLayer(DynamicLayer):
         """(page_ids (B, Hkv, W) int32, page_counts (B, Hkv) int32, limits (B, Hkv) int32) for one decode step, from
         the device counts alone. W is fixed by the pool layout: with ``query`` (B, Hq, D), ``read_width`` (the widest
         non-Quest head's capacity in pages, or the Quest pick), without it every head's capacity (Quest heads then
-        read all their pages). Each head's list is ascending, its first ``count`` entries valid."""
+        read all their pages). Each row's list for a head is ascending, its first ``count`` entries valid; counts and
+        limits are the row's own."""
         batch = self.keys.shape[0]
-        counts = (self.valid_t + (self.page - 1)) // self.page
-        limits = (self.offsets_t + self.valid_t).expand(batch, -1)
+        counts = (self.valid_t + (self.page - 1)) // self.page  # (B, Hkv)
+        limits = self.offsets_t + self.valid_t
         if query is None or not self.quest_heads:
-            return self.page_table.expand(batch, -1, -1), counts.expand(batch, -1), limits
+            return self.page_table.expand(batch, -1, -1), counts, limits
         q = query.view(batch, len(self.plans), -1, query.shape[-1])[:, self.quest_heads_t]  # (B, h, G, D)
-        picked, picked_counts = pick_pages(
-            q, self.page_min, self.page_max, self.quest_pages_t, counts[self.quest_heads_t], self.quest_budget_t, self.quest_k
-        )
+        n_pages = counts[:, self.quest_heads_t]
+        picked, picked_counts = pick_pages(q, self.page_min, self.page_max, self.quest_pages_t, n_pages, self.quest_budget_t,
+                                           self.quest_k)
         ids = self.page_table[:, : self.read_width].expand(batch, -1, -1).clone()
         ids[:, self.quest_heads_t, : self.quest_k] = picked
-        counts = counts.index_put((self.quest_heads_t,), picked_counts)
-        return ids, counts.expand(batch, -1), limits
+        counts[:, self.quest_heads_t] = picked_counts
+        return ids, counts, limits
 
     def decode_step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                     backend: str = "auto") -> torch.Tensor:
@@ -326,7 +371,9 @@ class BudgetLayer(DynamicLayer):
 
     # ---- inspection and accounting -------------------------------------------------------------------
     def kept_positions(self, h: int) -> torch.Tensor:
-        """Token indices head ``h`` holds now (B, valid), in slot order (for tests and inspection)."""
+        """Token indices head ``h`` holds now, in slot order (for tests and inspection): (B, the most any row holds),
+        indices in the batch's sequence (a left-padded row's first real token is its pad count), -1 in the slots a
+        row holds no token in."""
         return self.positions[:, self.offsets[h] : self.offsets[h] + self.valid[h]]
 
     def kv_bytes(self) -> int:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..hf import text_config
+from ..hf import sliding_windows  # noqa: F401  (re-exported: the cache's own name for it)
 from ..kv_policies import KVPolicy, observation_votes
 from ..recipe import KVPlan
 
@@ -37,19 +37,6 @@ def kept_prompt_tokens(plans: list[KVPlan | KVPolicy], query: torch.Tensor | Non
         for i, h in enumerate(heads):
             keep[h] = policies[h].keep(n, device, top[:, i])
     return keep
-
-
-def sliding_windows(config) -> list[int | None]:
-    """Per layer, the model's own sliding attention window (None for full-attention layers)."""
-    text = text_config(config)
-    n_layers = text.num_hidden_layers
-    window = getattr(text, "sliding_window", None)
-    if not window or getattr(text, "use_sliding_window", True) is False:
-        return [None] * n_layers
-    types = getattr(text, "layer_types", None)
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * n_layers
 
 
 def respect_sliding_window(plans: list[KVPlan], window: int | None) -> list[KVPlan]:

@@ -15,14 +15,17 @@ from __future__ import annotations
 import torch
 
 
-def page_extremes(keys: torch.Tensor, n_tokens: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+def page_extremes(keys: torch.Tensor, n_tokens: int | list[int], page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per page, the minimum and maximum of each key dimension over the first ``n_tokens`` of ``keys`` (..., T, D):
     two (..., ceil(n_tokens / page), D) tensors; a partial last page bounds its valid keys only (exact in any dtype).
-    What the cache keeps per page and what calibration's Quest recall bounds with."""
-    n_pages = -(-n_tokens // page)
+    ``n_tokens`` a list: one count per row of ``keys`` (B, T, D), the pages as many as the largest needs (a row's
+    pages past its count bound nothing: +inf minima, -inf maxima). What the cache keeps per page and what
+    calibration's Quest recall bounds with."""
+    counts = torch.tensor(n_tokens).view(-1, 1)
+    n_pages = -(-int(counts.max()) // page)
     region = keys[..., : n_pages * page, :]
     region = region.reshape(*region.shape[:-2], n_pages, page, region.shape[-1])
-    filled = (torch.arange(n_pages * page, device=region.device) < n_tokens).view(n_pages, page, 1)
+    filled = (torch.arange(n_pages * page) < counts).view(len(counts), n_pages, page, 1).to(region.device)
     return region.masked_fill(~filled, float("inf")).amin(-2), region.masked_fill(~filled, float("-inf")).amax(-2)
 
 
@@ -37,21 +40,22 @@ def page_bounds(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
     return torch.maximum(q * lo, q * hi).sum(-1).amax(2)
 
 
-def rebuild_bounds(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, first_page: int, n_tokens: int, page: int) -> None:
-    """Write the bounds of one head's pages: its ``n_tokens`` valid slots from pool page ``first_page`` on, in ``keys``
-    (B, C, D); a partial last page bounds its valid slots only. After the prefill or a reallocation."""
+def rebuild_bounds(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, first_page: int, n_tokens: list[int],
+                   page: int) -> None:
+    """Write the bounds of one head's pages: each row's ``n_tokens`` valid slots from pool page ``first_page`` on, in
+    ``keys`` (B, C, D); a partial last page bounds its valid slots only. After the prefill or a reallocation."""
     lo, hi = page_extremes(keys[:, first_page * page :], n_tokens, page)
     page_min[:, first_page : first_page + lo.shape[1]] = lo
     page_max[:, first_page : first_page + hi.shape[1]] = hi
 
 
 def update_bounds(page_min: torch.Tensor, page_max: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, page: int) -> None:
-    """Fold one new token per Quest head (``key`` (B, h, D), written at pool ``slots`` (h,) long) into its page's
-    bounds; a token that opens a page replaces them."""
-    pages = slots // page
-    opens = (slots % page == 0)[None, :, None]
-    page_min[:, pages] = torch.where(opens, key, torch.minimum(page_min[:, pages], key))
-    page_max[:, pages] = torch.where(opens, key, torch.maximum(page_max[:, pages], key))
+    """Fold one new token per row and Quest head (``key`` (B, h, D), written at pool ``slots`` (B, h) long) into its
+    page's bounds; a token that opens a page replaces them."""
+    pages = (slots // page)[..., None].expand_as(key)
+    opens = (slots % page == 0)[..., None]
+    page_min.scatter_(1, pages, torch.where(opens, key, torch.minimum(page_min.gather(1, pages), key)))
+    page_max.scatter_(1, pages, torch.where(opens, key, torch.maximum(page_max.gather(1, pages), key)))
 
 
 def pick_pages(
@@ -62,13 +66,13 @@ def pick_pages(
 
     ``query`` (B, h, G, D): the Quest heads' query groups; ``page_min``/``page_max`` (B, C / page, D) the pool's page
     bounds; ``candidates`` (h, P) long: each head's first ``P`` pool pages (junk past its region, masked); ``n_pages``
-    (h,) int32: its valid pages; ``budgets`` (h,) int32: its ``decode_pages``; ``k`` = min(max budget, P), fixed by
-    the pool layout. Returns (pages (B, h, k) int32, ascending, each head's first ``counts[h]`` entries being its
-    pick; counts (h,) int32 = min(n_pages, budget)). Tensor ops only."""
+    (B, h) or (h,) int32: its valid pages, per row or for all; ``budgets`` (h,) int32: its ``decode_pages``; ``k`` =
+    min(max budget, P), fixed by the pool layout. Returns (pages (B, h, k) int32, ascending, each head's first
+    ``counts[..., h]`` entries being its pick; counts, shaped as ``n_pages``, = min(n_pages, budget)). Tensor ops only."""
     n_candidates = candidates.shape[-1]
     bound = page_bounds(query, page_min[:, candidates], page_max[:, candidates])  # (B, h, P)
     index = torch.arange(n_candidates, device=query.device)
-    valid = n_pages[:, None].long()
+    valid = n_pages[..., None].long()
     bound = bound.masked_fill(index == 0, torch.finfo(bound.dtype).max)  # the attention sink
     bound = bound.masked_fill(index == valid - 1, float("inf"))  # the newest tokens, first of all
     bound = bound.masked_fill(index >= valid, float("-inf"))

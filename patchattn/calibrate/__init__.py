@@ -2,7 +2,8 @@
 
 from .probe import Probe, Sensitivity, layer_sensitivity, needle_probes
 from .baseline import uniform_baseline
-from .run import DEFAULT_STRATEGIES, calibrate, candidate_grid, tokens_from_text
+from .capture import candidate_grid
+from .run import DEFAULT_STRATEGIES, calibrate, tokens_from_text
 
 __all__ = [
     "DEFAULT_STRATEGIES", "Probe", "Sensitivity", "calibrate", "candidate_grid", "layer_sensitivity", "needle_probes", "tokens_from_text",

@@ -30,7 +30,7 @@ class AnswerCheck:
         if key not in self._measured:
             if self._dense is None:
                 self._dense = [probe_scores(self.model, p)[0] for p in self.probes]
-            with patched(self.model, recipe):
+            with patched(self.model, recipe, backend="sparse"):
                 sparse = [probe_scores(self.model, p)[0] for p in self.probes]
             self._measured[key] = sum(d - s for d, s in zip(self._dense, sparse)) / len(self.probes)
         return self._measured[key]

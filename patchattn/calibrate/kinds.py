@@ -20,7 +20,7 @@ from ..errors import OptionError
 from .verify import VERIFY_WINDOWS, HeldOut, Verifier
 
 if TYPE_CHECKING:
-    from .run import Scores
+    from .capture import Scores
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class DecodeVerifier:
     def loss(self, recipe: Recipe) -> float:
         if self._dense is None:
             self._dense = self._sum()
-        with patched(self.model, recipe):
+        with patched(self.model, recipe, backend="sparse"):
             sparse = self._sum()
         return math.exp((sparse - self._dense) / (self.n_cont * len(self.windows))) - 1.0
 

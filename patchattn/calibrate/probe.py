@@ -119,7 +119,7 @@ def layer_sensitivity(
     for li, heads in enumerate(recipe.layers):
         if any(h.strategy != "dense" for h in heads):
             only = [layer if i == li else [HeadPlan("dense")] * len(layer) for i, layer in enumerate(recipe.layers)]
-            with patched(model, replace(recipe, layers=only, kv_layers=None)):
+            with patched(model, replace(recipe, layers=only, kv_layers=None), backend="sparse"):
                 sparse = [probe_scores(model, p) for p in probes]
             drops[li] = sum(d[0] - s[0] for d, s in zip(dense, sparse)) / len(probes)
             rises[li] = sum(s[1] - d[1] for d, s in zip(dense, sparse)) / len(probes)

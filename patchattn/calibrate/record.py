@@ -12,7 +12,7 @@ from ..recipe import HeadPlan
 from .options import CalibrationOptions
 
 if TYPE_CHECKING:
-    from .run import Scores
+    from .capture import Scores
 
 
 def head_plans(scores: Scores, choice: torch.Tensor) -> list[list[HeadPlan]]:

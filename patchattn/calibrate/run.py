@@ -1,85 +1,41 @@
-"""One forward pass over real text: capture each layer's post-RoPE q/k, score, allocate, write a recipe."""
+"""Calibration end to end: the scoring pass over real text (:mod:`.capture`), the allocation to a target or the search
+for the sparsest recipe within a loss bound, the calibration record and the KV plans; a recipe comes out."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import math
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .. import options as check
-from ..errors import OptionError, PatchattnError
-from ..hf import text_config
-from ..cache import sliding_windows
-from ..layout import num_blocks
-from ..models import context_length, prefill
-from ..patch import ATTN_NAME, capture, check_supported
+from ..errors import OptionError
+from ..models import context_length
+from ..patch import check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
-from ..strategies import STRATEGIES, Strategy
-from .allocate import allocate
 from .answers import AnswerCheck
+from .capture import Scores, kv_candidates_for, score_text
 from .kinds import first_held_out, kind_stats, robust_scores, texts_by_kind, verifier_for
+from .kv import allocate_kv
+from .kv_search import DecodeVerifier, search_kv_budget
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
-from .kv import EVAL_ROWS, KVScores, allocate_kv, kv_candidates, score_kv_layer, with_copy_tail
-from .scoring import LayerScores, sample_rows, score_layer
 from .record import calibration_stats, head_plans
-from .kv_search import DecodeVerifier, search_kv_budget
+from .scoring import LayerScores
 from .search import LossBound, SearchStep, search_target
 from .verify import HeldOut, Verifier, lengths_to_verify, split_text
 
 logger = logging.getLogger(__name__)
 
-# Share of the scoring given to rows that copy a passage from far back (see ``retrieval_rows``); the rest goes to
-# rows sampled over the whole text.
+# Share of the scoring given to rows that copy a passage from far back (see :func:`.capture.retrieval_rows`); the rest
+# goes to rows sampled over the whole text.
 RETRIEVAL_WEIGHT = 0.0
-
-
-def candidate_grid(strategies: Sequence[str], n_tokens: int, block_size: int) -> list[Strategy]:
-    check.all_of("strategies", strategies, sorted(STRATEGIES))  # the words CalibrationOptions uses
-    return [cand for name in strategies for cand in STRATEGIES[name].budget_grid(n_tokens, block_size)]
 
 
 def tokens_from_text(tokenizer, text: str, seq_len: int, config=None) -> torch.Tensor:
     """The first ``seq_len`` tokens of ``text`` (a BOS first where the tokenizer adds one)."""
     return split_text(tokenizer, text, seq_len, context_length(config) if config is not None else None)[0]
-
-
-def _num_layers(config) -> int:
-    config = text_config(config)
-    return config.num_hidden_layers
-
-
-@dataclass
-class Scores:
-    """What the one scoring pass measured, per free layer (those without the model's own window), head and candidate:
-    (F, H, C) tensors; allocating them to any target costs no further forward."""
-
-    free: list[int]
-    n_layers: int
-    windows: list[int | None]
-    candidates: list[Strategy]
-    density: torch.Tensor
-    mass: torch.Tensor
-    error: torch.Tensor
-    utility: torch.Tensor  # what the allocation maximises (the objective's, later weighed by the probes)
-    sampled_rows: int
-    retrieval_rows: int
-    kv: dict[int, KVScores]
-
-    def choose(self, target_sparsity: float) -> torch.Tensor:
-        n_cand = self.density.shape[-1]
-        flat = allocate(self.density.view(-1, n_cand), self.utility.reshape(-1, n_cand), 1.0 - target_sparsity)
-        return flat.view(len(self.free), -1)
-
-    def pick(self, values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        return torch.gather(values, -1, choice[..., None]).squeeze(-1)
-
-    def sparsity(self, choice: torch.Tensor) -> float:
-        return 1.0 - float(self.pick(self.density, choice).mean())
 
 
 @torch.no_grad()
@@ -140,9 +96,8 @@ def calibrate(
     ``retrieval_weight`` applies to every kind's pass, and the probes (built from whichever text) weigh the robust
     utility."""
     texts, several = texts_by_kind(input_ids)
-    seq_len = next(iter(texts.values())).shape[1]
     options = CalibrationOptions(
-        target_sparsity=target_sparsity, max_loss=max_loss, seq_len=seq_len, block_size=block_size,
+        target_sparsity=target_sparsity, max_loss=max_loss, seq_len=next(iter(texts.values())).shape[1], block_size=block_size,
         strategies=tuple(strategies), objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages,
         decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
         min_sparse_tokens=min_sparse_tokens, robust=robust,
@@ -150,117 +105,75 @@ def calibrate(
     check_supported(model)
     verifier = verifier_for(model, texts, several, held_out) if options.max_loss is not None else None
     first_only = dataclasses.replace(options, kv_budget=None, decode_pages=0, decode_recall=None)  # KV: the first kind's
-    per_kind = {kind: _score(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
+    per_kind = {kind: score_text(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
     scores = robust_scores(per_kind, options.robust)
-
-    def build(choice: torch.Tensor, min_sparse: int = options.min_sparse_tokens) -> Recipe:
-        chosen = dict(zip(scores.free, head_plans(scores, choice)))
-        n_heads = scores.density.shape[1]
-        layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(scores.n_layers)]
-        return Recipe(model=model_identity(model.config), layers=layers, block_size=block_size, name="calibrated",
-                      dense_prefix_tokens=dense_prefix_tokens, min_sparse_tokens=min_sparse)
-
+    build = functools.partial(_build, model.config, scores, options)
     probe_stats = None
     if probes:
         first = options.target_sparsity if options.max_loss is None else PROBE_TARGET
         probe_stats = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
-    quality = {}
+    target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search)
+    recipe.calibration = _record(scores, target, options, text_name, quality, (texts, per_kind) if several else None)
+    if probe_stats is not None:
+        recipe.calibration["probe"] = probe_stats
+    recipe.kv_layers = _kv_plans(model, scores, options, recipe, verifier) if scores.kv else None
+    return recipe
+
+
+def _allocate(model, scores: Scores, build, verifier: Verifier | None, options: CalibrationOptions,
+              probes: Sequence[Probe], on_search) -> tuple[float, Recipe, dict]:
+    """(target sparsity, its recipe, the search's record): the fixed target, or the sparsest within the loss bound."""
     if options.max_loss is None:
-        target = options.target_sparsity
-        recipe = build(scores.choose(target))
-    else:
-        answers = _answer_check(model, probes, options.max_loss)
-        target, recipe, quality = _search(scores, build, verifier, options, on_search, answers)
+        return options.target_sparsity, build(scores.choose(options.target_sparsity)), {}
+    answers = _answer_check(model, probes, options.max_loss)
+    return _search(scores, build, verifier, options, on_search, answers)
+
+
+def _record(scores: Scores, target: float, options: CalibrationOptions, text_name: str | Mapping[str, str],
+            quality: dict, kinds: tuple[dict, dict] | None) -> dict:
+    """The recipe's calibration record: the allocation's statistics at ``target``, the search's ``quality`` record, and,
+    for texts of several kinds (``kinds``: the texts and their scores by kind), each kind's."""
     choice = scores.choose(target)
     names = text_name if isinstance(text_name, Mapping) else {}
     calibration = calibration_stats(scores, choice, options, "; ".join(names.values()) if names else text_name, target)
     calibration.update(quality)
-    if several:
+    if kinds is not None:
+        texts, per_kind = kinds
         calibration.update(robust=options.robust, kinds=kind_stats(texts, per_kind, choice, quality, names))
-    if probe_stats is not None:
-        calibration["probe"] = probe_stats
-    kv_layers = None
-    if scores.kv:
-        def allocate_at(budget: float):
-            return allocate_kv(scores.kv, _kv_candidates(options), scores.n_layers, budget, objective, decode_pages, decode_recall)
+    return calibration
 
-        if options.max_loss is None:
-            kv_layers, calibration["kv"] = allocate_at(kv_budget)
-        else:  # the bound covers decoding too: the KV plans verified on the first kind's held-out text
-            decoder = DecodeVerifier(model, first_held_out(verifier), seq_len)
-            kv_layers, calibration["kv"], calibration["kv_search"] = search_kv_budget(decoder, recipe, allocate_at, kv_budget, options.max_loss)
-    recipe.calibration, recipe.kv_layers = calibration, kv_layers
-    return recipe
+
+def _build(config, scores: Scores, options: CalibrationOptions, choice: torch.Tensor, min_sparse: int | None = None) -> Recipe:
+    """The recipe of one allocation ``choice`` (per free layer, head: a candidate's index); the model's windowed layers
+    stay dense (their window applies). ``min_sparse``: its dense threshold (default: the one asked for)."""
+    chosen = dict(zip(scores.free, head_plans(scores, choice)))
+    n_heads = scores.density.shape[1]
+    layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(scores.n_layers)]
+    return Recipe(model=model_identity(config), layers=layers, block_size=options.block_size, name="calibrated",
+                  dense_prefix_tokens=options.dense_prefix_tokens,
+                  min_sparse_tokens=options.min_sparse_tokens if min_sparse is None else min_sparse)
+
+
+def _kv_plans(model, scores: Scores, options: CalibrationOptions, recipe: Recipe, verifier: Verifier | None) -> list:
+    """The KV plans allocated to ``options.kv_budget`` or, with a loss bound, the smallest budget whose plans keep
+    ``recipe`` within it on the first kind's held-out text (the bound covers decoding too); recorded in
+    ``recipe.calibration``."""
+    def allocate_at(budget: float):
+        return allocate_kv(scores.kv, kv_candidates_for(options), scores.n_layers, budget, options.objective,
+                           options.decode_pages, options.decode_recall)
+
+    if options.max_loss is None:
+        kv_layers, recipe.calibration["kv"] = allocate_at(options.kv_budget)
+        return kv_layers
+    decoder = DecodeVerifier(model, first_held_out(verifier), options.seq_len)
+    kv_layers, recipe.calibration["kv"], recipe.calibration["kv_search"] = search_kv_budget(
+        decoder, recipe, allocate_at, options.kv_budget, options.max_loss)
+    return kv_layers
 
 
 # The target a search's probes measure the layers at (the fixed-target default's neighbourhood; SmolLM2 at 8K keeps
 # +2.5% perplexity at 80%).
 PROBE_TARGET = 0.8
-
-
-def _kv_candidates(options: CalibrationOptions) -> list:
-    return kv_candidates(options.seq_len) if options.kv_budget is not None else []
-
-
-def _score(model, input_ids: torch.Tensor, options: CalibrationOptions, on_layer) -> Scores:
-    """The one forward pass: every candidate scored on every head of the layers without the model's own window."""
-    n_tokens, block_size = input_ids.shape[1], options.block_size
-    windows = model_windows(model.config, n_tokens)
-    free = [i for i, w in enumerate(windows) if w is None]  # the layers the allocation chooses for
-    if not free:
-        raise PatchattnError(
-            f"every layer of this model attends through its own sliding window (at most {max(windows)} tokens) at "
-            f"{n_tokens} tokens: there is nothing to make sparse; it already runs on the window's blocks"
-        )
-    candidates = candidate_grid(options.strategies, n_tokens, block_size)
-    rows = sample_rows(n_tokens, options.n_rows, block_size, torch.Generator().manual_seed(options.seed))
-    n_sampled, row_weights = int(rows.numel()), None
-    kv_cands = _kv_candidates(options)
-    copy_rows = retrieval_rows(n_tokens, block_size) if options.retrieval_weight > 0 else None
-    if copy_rows is not None:
-        w = options.retrieval_weight
-        row_weights = torch.cat([torch.full((rows.numel(),), (1.0 - w) / rows.numel()), torch.full((copy_rows.numel(),), w / copy_rows.numel())])
-        rows = torch.cat([rows, copy_rows])
-    if kv_cands or copy_rows is not None:  # end on a passage repeated from the middle
-        input_ids = with_copy_tail(input_ids, torch.Generator().manual_seed(options.seed), eval_rows=EVAL_ROWS + block_size)
-    n_layers = _num_layers(model.config)
-    layer_scores: dict[int, LayerScores] = {}
-    kv_scores: dict[int, KVScores] = {}
-    seen: set[int] = set()
-    prefix_rows = num_blocks(options.dense_prefix_tokens, block_size)
-
-    def hook(module, query, key, value):
-        layer = getattr(module, "layer_idx", len(seen))
-        if query.shape[2] != key.shape[2] or layer in seen:
-            return
-        seen.add(layer)
-        scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
-        if windows[layer] is None:  # a layer under the model's own window keeps it: nothing to score
-            layer_scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), prefix_rows)
-        if kv_cands:
-            kv_scores[layer] = score_kv_layer(query, key, value, kv_cands, scale)
-        if on_layer is not None:
-            on_layer(layer, layer_scores.get(layer))
-
-    original = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
-    try:
-        with capture(hook):
-            prefill(model, input_ids)
-    finally:
-        model.set_attn_implementation(original)
-    if len(seen) != n_layers:
-        raise PatchattnError(f"captured {len(seen)} of {n_layers} layers; this model's attention is not fully routed through the registry")
-    if options.objective == "residual" and any(layer_scores[i].residual_error is None for i in free):
-        raise OptionError("objective", "residual needs a linear output projection (o_proj) of query heads x head dim; use 'output'")
-    # (F, H, C) over the free layers: the sparsity target is theirs, a model's own windows are not ours to count
-    stack = lambda name: torch.stack([getattr(layer_scores[i], name) for i in free])  # noqa: E731
-    density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
-    utility = {"mass": mass, "output": 1.0 - error}.get(options.objective)
-    if utility is None:
-        utility = 1.0 - stack("residual_error")
-    return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
-                  0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
 
 
 def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> dict:
@@ -319,27 +232,3 @@ def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptio
     return target, recipe, record
 
 
-def model_windows(config, n_tokens: int) -> list[int | None]:
-    """Per layer, the sliding window the model itself attends through (None: full attention), where it is shorter
-    than ``n_tokens``: such layers keep their window (the kernels compute only the blocks it reaches) and are left
-    out of the allocation."""
-    return [w if w is not None and w < n_tokens else None for w in sliding_windows(config)]
-
-
-def _out_proj(module) -> torch.Tensor | None:
-    """The attention module's output projection weight (hidden, Hq * D), where it is a plain linear layer."""
-    for name in ("o_proj", "out_proj", "dense"):
-        layer = getattr(module, name, None)
-        if isinstance(layer, torch.nn.Linear):
-            return layer.weight
-    return None
-
-
-def retrieval_rows(n_tokens: int, block_size: int) -> torch.Tensor | None:
-    """The ``EVAL_ROWS`` positions just before the last query block (rows of the copied passage after
-    ``with_copy_tail(..., eval_rows=EVAL_ROWS + block_size)``), or None when the text is too short for a copy."""
-    last_block_start = (-(-n_tokens // block_size) - 1) * block_size
-    start = last_block_start - EVAL_ROWS
-    if start < n_tokens // 2 or n_tokens < 8 * EVAL_ROWS:
-        return None
-    return torch.arange(start, last_block_start)

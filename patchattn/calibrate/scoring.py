@@ -78,6 +78,61 @@ class _ColumnMass:
         return result
 
 
+class _OutputErrors:
+    """Per candidate, in candidate order: the kept mass and the relative output error on the sampled rows (and, given
+    the layer's output projection, the error in the residual stream), against the dense outputs.
+
+    Candidates go in chunks that share one token-column set (or none): the partial outputs they keep are summed in
+    one batched product per chunk (one (B, H, R) matrix-vector product per candidate is mostly overhead on a CPU)."""
+
+    def __init__(self, partial_out: torch.Tensor, row_weights: torch.Tensor, out_proj: torch.Tensor | None, head_dim: int):
+        n_q_heads = partial_out.shape[1]
+        self.partial_out = partial_out  # (B, H, R, nkb, D)
+        self.dense_out = partial_out.sum(-2)  # (B, H, R, D)
+        self.dense_norm = self.dense_out.norm(dim=-1).clamp(min=1e-6)
+        self.weights = row_weights.to(partial_out.device, torch.float32)[None, None, :]  # (1, 1, R)
+        self.w_heads = self.layer_out = None
+        if out_proj is not None and out_proj.shape[-1] == n_q_heads * head_dim:
+            self.w_heads = out_proj.detach().float().view(out_proj.shape[0], n_q_heads, head_dim)  # (hidden, H, D)
+            self.layer_out = torch.einsum("bhrd,ehd->bre", self.dense_out, self.w_heads).norm(dim=-1).clamp(min=1e-6)  # (B, R)
+        self.masses: list[torch.Tensor] = []
+        self.errors: list[torch.Tensor] = []
+        self.residual: list[torch.Tensor] = []
+        self.chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (kept blocks (B,H,R,nkb), kept, read)
+        self.chunk_cols = self.chunk_col_out = None  # the chunk's token columns and their partial outputs
+
+    def row_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.weights).sum(-1).mean(0)  # (B, H, R) -> (H,)
+
+    def start_chunk(self, cols: torch.Tensor | None) -> None:
+        """Score the pending chunk first unless it reads the same token columns as ``cols`` and has room."""
+        same_cols = (cols is None) == (self.chunk_cols is None) and (cols is None or torch.equal(cols, self.chunk_cols))
+        if not same_cols or len(self.chunk) == CHUNK:
+            self.flush()
+            self.chunk_cols, self.chunk_col_out = cols, None
+
+    def add(self, keep_rows: torch.Tensor, kept: torch.Tensor, read: torch.Tensor | None) -> None:
+        self.chunk.append((keep_rows, kept, read))
+
+    def flush(self) -> None:
+        if not self.chunk:
+            return
+        kept_out = torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[0] for c in self.chunk]), self.partial_out)
+        if self.chunk_col_out is not None:
+            kept_out += torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[2] for c in self.chunk]), self.chunk_col_out)
+        for (_, kept, _), out in zip(self.chunk, kept_out):
+            self._finish(kept, out)
+        self.chunk.clear()
+
+    def _finish(self, kept: torch.Tensor, kept_out: torch.Tensor) -> None:
+        self.masses.append(self.row_mean(kept))
+        sparse_out = kept_out / kept.clamp(min=1e-12)[..., None]
+        self.errors.append(self.row_mean((sparse_out - self.dense_out).norm(dim=-1) / self.dense_norm))
+        if self.w_heads is not None:
+            projected = torch.einsum("bhrd,ehd->bhre", sparse_out - self.dense_out, self.w_heads).norm(dim=-1)  # (B, H, R)
+            self.residual.append(self.row_mean(projected / self.layer_out[:, None]))
+
+
 def score_layer(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -106,43 +161,10 @@ def score_layer(
     n_blk = mass_per_block.shape[-1]
     causal_count = n_blk * (n_blk + 1) / 2
     before_row = torch.arange(n_blk, device=query.device)[None, :] < row_blocks[:, None]  # (R, nkb): before each row's own block
-    dense_out = partial_out.sum(-2)  # (B, H, R, D)
-    dense_norm = dense_out.norm(dim=-1).clamp(min=1e-6)
     if row_weights is None:
         row_weights = torch.full((rows.numel(),), 1.0 / rows.numel())
-    weights = row_weights.to(query.device, torch.float32)[None, None, :]  # (1, 1, R)
-    row_mean = lambda x: (x * weights).sum(-1).mean(0)  # noqa: E731  (B, H, R) -> (H,)
-
-    w_heads = None
-    if out_proj is not None and out_proj.shape[-1] == n_q_heads * head_dim:
-        w_heads = out_proj.detach().float().view(out_proj.shape[0], n_q_heads, head_dim)  # (hidden, H, D)
-        layer_out = torch.einsum("bhrd,ehd->bre", dense_out, w_heads).norm(dim=-1).clamp(min=1e-6)  # (B, R)
-
-    densities, masses, errors, residual = [], [], [], []
-
-    def finish(kept: torch.Tensor, kept_out: torch.Tensor) -> None:
-        masses.append(row_mean(kept))
-        sparse_out = kept_out / kept.clamp(min=1e-12)[..., None]
-        errors.append(row_mean((sparse_out - dense_out).norm(dim=-1) / dense_norm))
-        if w_heads is not None:
-            projected = torch.einsum("bhrd,ehd->bhre", sparse_out - dense_out, w_heads).norm(dim=-1)  # (B, H, R)
-            residual.append(row_mean(projected / layer_out[:, None]))
-
-    # Candidates go in chunks that share one token-column set (or none): the partial outputs they keep are summed in
-    # one batched product per chunk (one (B, H, R) matrix-vector product per candidate is mostly overhead on a CPU).
-    chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (kept blocks (B,H,R,nkb), kept, read)
-    chunk_cols = chunk_col_out = None  # the chunk's token columns and their partial outputs
-
-    def flush() -> None:
-        if not chunk:
-            return
-        kept_out = torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[0] for c in chunk]), partial_out)
-        if chunk_col_out is not None:
-            kept_out += torch.einsum("gbhrj,bhrjd->gbhrd", torch.stack([c[2] for c in chunk]), chunk_col_out)
-        for (_, kept, _), out in zip(chunk, kept_out):
-            finish(kept, out)
-        chunk.clear()
-
+    outputs = _OutputErrors(partial_out, row_weights, out_proj, head_dim)
+    densities = []
     estimates: dict[type, object] = {}
     for cand in candidates:
         est = estimates.get(type(cand))
@@ -155,18 +177,16 @@ def score_layer(
         keep_rows = keep[:, :, row_blocks, :].float()  # (B, H, R, nkb)
         kept = (mass_per_block * keep_rows).sum(-1)  # (B, H, R)
         density = block_density(keep)
-        same_cols = (cols is None) == (chunk_cols is None) and (cols is None or torch.equal(cols, chunk_cols))
-        if not same_cols or len(chunk) == CHUNK:
-            flush()
-            chunk_cols, chunk_col_out = cols, None
+        outputs.start_chunk(cols)
         read = None
         if cols is not None:  # token columns: the mass of those outside the row's blocks, before the row's block
-            col_mass, chunk_col_out = column_mass(cols)
+            col_mass, outputs.chunk_col_out = column_mass(cols)
             read = (1.0 - keep_rows) * before_row
             kept = kept + (col_mass * read).sum(-1)
             density = density + column_tiles(col_counts, block_size).sum(-1) / causal_count
         densities.append(density.mean(0))
-        chunk.append((keep_rows, kept, read))
-    flush()
+        outputs.add(keep_rows, kept, read)
+    outputs.flush()
     stack = lambda xs: torch.stack(xs, -1).cpu()  # noqa: E731
-    return LayerScores(stack(densities), stack(masses), stack(errors), stack(residual) if residual else None)
+    return LayerScores(stack(densities), stack(outputs.masses), stack(outputs.errors),
+                       stack(outputs.residual) if outputs.residual else None)

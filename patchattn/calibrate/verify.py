@@ -122,7 +122,7 @@ class Verifier:
         windows = self._windows(length)
         if length not in self._dense:
             self._dense[length] = self._nll_sums(windows)
-        with patched(self.model, recipe), record_sparsity() as record:
+        with patched(self.model, recipe, backend="sparse"), record_sparsity() as record:
             sparse = self._nll_sums(windows)
         scored = sum(w.shape[1] - 1 for w in windows)
         rise = math.exp((sum(sparse) - sum(self._dense[length])) / scored) - 1.0

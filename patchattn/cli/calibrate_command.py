@@ -118,12 +118,12 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
     progress bars."""
     from ..calibrate import calibrate as run_calibration
     from ..calibrate.texts import tokenize_texts
-    from ..hf import text_config
+    from ..hf import num_layers
     from ..models import context_length
 
     input_ids, held_out, text_name = tokenize_texts(tokenizer, texts, options.seq_len, context_length(lm.config))
     first_ids = next(iter(input_ids.values())) if isinstance(input_ids, dict) else input_ids  # the probes' text
-    n_layers = text_config(lm.config).num_hidden_layers
+    n_layers = num_layers(lm.config)
     probe_set = _needle_probes(lm, tokenizer, first_ids, options)
     with _progress() as progress:
         of_kinds = f" of {len(texts)} kinds of text" if isinstance(input_ids, dict) else ""

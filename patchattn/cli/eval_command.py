@@ -25,7 +25,7 @@ def evaluate(
     ppl_windows: int = typer.Option(1, "--ppl-windows", help="Perplexity over this many windows of held-out text at each length (seeded starts), reported as the perplexity of all their tokens."),
     ppl_text: List[Path] = typer.Option([], "--ppl-text", help="A UTF-8 text file of your own: perplexity on --ppl-windows windows of it at each length, beside the held-out prose, reported per text (repeatable; not measured at lengths longer than the text)."),
     output: Path = typer.Option(Path("results"), "--output", "-o", help="Directory for results.json, results.md, the PNG plots and report.html."),
-    backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto, torch or triton."),
+    backend: str = typer.Option("auto", "--backend", help="Sparse kernels: auto (the GPU kernels; where they cannot run, as on a CPU, the speed runs prefill densely, said once, while the quality tasks still run the recipe's layouts), sparse (the layouts everywhere, the PyTorch reference where no kernel runs), torch or triton."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay each layer's short-prompt prefill attention as a CUDA graph (captured once per prompt shape; pays where lengths recur, as in the speed runs). Also PATCHATTN_CUDA_GRAPHS=1."),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),

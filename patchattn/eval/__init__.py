@@ -2,8 +2,8 @@
 
 ``run_eval`` (runner.py) produces a versioned, JSON-serialisable results dict; ``write_report``
 (report.py) turns it into results.json / results.md / PNG plots (plots.py) / a self-contained report.html
-(html.py), all from the same tables (tables.py). Prompt builders live in haystack.py, the tasks themselves
-(speed included) in tasks.py.
+(html.py), all from the same tables (tables.py; their cells are formatted in cells.py, the results dict is read
+through results.py). Prompt builders live in haystack.py, the tasks themselves (speed included) in tasks.py.
 """
 
 from .haystack import Prompt, build_prompt

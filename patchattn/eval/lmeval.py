@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..errors import PatchattnError
 from ..models import context_length
-from ..patch import patched
+from ..patch import patched, quality_backend
 from ..recipe import Recipe
 from ..stats import record_sparsity
 from .haystack import BUILDERS, uses_chat_template
@@ -261,7 +261,7 @@ def run_lm_eval(
             description = f"lm-eval {name}" + (f" · {length} tokens" if length else "") + f" · {variant}"
             report(0, description)
             started = time.perf_counter()
-            with patched(model, recipe, backend), record_sparsity() as record:
+            with patched(model, recipe, quality_backend(backend)), record_sparsity() as record:
                 output = simple_evaluate(model=lm, tasks=[name], task_manager=manager, **evaluate_kwargs)
             sparsity = 0.0 if recipe is None else record.sparsity
             for row in _rows(output, variant, length, sparsity, round(time.perf_counter() - started, 3)):

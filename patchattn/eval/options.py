@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import options as check
-from ..kernels import BACKENDS
+from ..patch import PATCH_BACKENDS
 from .ppl_texts import read_ppl_text
 
 TASKS = ("ppl", "passkey", "single", "multikey", "multivalue", "multiquery", "vartrack", "speed")
@@ -43,7 +43,7 @@ class EvalOptions:
         check.integer("trials", self.trials, 1)
         check.integer("ppl_windows", self.ppl_windows, 1)
         check.integer("speed_runs", self.speed_runs, 0)
-        check.one_of("backend", self.backend, BACKENDS)
+        check.one_of("backend", self.backend, PATCH_BACKENDS)
         if self.baseline is not None:
             check.one_of("baseline", self.baseline, BASELINES)
         check.integer("seed", self.seed)

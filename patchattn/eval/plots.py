@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 
-from .tables import BASELINE, SPEED_TASK, TASK_TITLES, device_label, known_tasks, rows_by_key, speed_rows, variant_sparsity
+from .results import BASELINE, SPEED_TASK, TASK_TITLES, device_label, known_tasks, rows_by_key, speed_rows, variant_sparsity
 
 VARIANT_MARKERS = "osD^vP*X"
 FILES = {"png": "results.png", "accuracy_png": "accuracy_vs_sparsity.png", "speed_png": "speed_vs_length.png"}

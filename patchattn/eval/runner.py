@@ -16,7 +16,7 @@ greedy generations after a warm-up (``scores`` holds each run); it also has ``ms
 ``device``. ``environment`` has ``device`` and ``device_name`` (the GPU's or CPU's model) and ``threads``.
 ``kv_bytes`` is the mean size of the KV cache at the end of each generation (None for perplexity), the
 patched variants' through the head-budgeted cache. ``kv_cache`` says whether that cache held them: ``"budgeted"``, or
-``"full: <why>"`` when a recipe that compresses the KV cache ran on the full one (a short prompt, a padded batch, a
+``"full: <why>"`` when a recipe that compresses the KV cache ran on the full one (a short prompt, a right-padded batch, a
 cache it did not replace), so its bytes are not the recipe's; None for dense and for recipes that keep every token.
 ``sparsity`` is the fraction of causal query-key blocks the variant skipped in the prefill attention
 of that task at that length (0.0 for dense; None when nothing ran sparse).
@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
 
@@ -49,13 +50,13 @@ import torch
 
 from ..errors import InputTooLongError, OptionError
 from ..models import context_length, prefill
-from ..patch import patched
+from ..patch import patched, quality_backend
 from ..recipe import Recipe
 from ..stats import record_sparsity
 from .haystack import Prompt, build_prompt
 from .options import DEFAULT_TASKS, MIN_LENGTH, TASKS, EvalOptions  # noqa: F401  (TASKS: the task names, public here too)
 from .ppl_texts import PplText, load_ppl_texts
-from .tasks import answer, measure_speed, perplexity, ppl_input_ids, window_seed
+from .tasks import SpeedResult, answer, measure_speed, perplexity, ppl_input_ids, window_seed
 
 logger = logging.getLogger(__name__)
 
@@ -188,73 +189,97 @@ def run_eval(
     }
     n_rows = len(plan) * len(variants)
     for length, task, text in plan:
-        is_ppl = task == "ppl" or text is not None
-        if text is not None:
-            inputs: list = text.windows(length, ppl_windows, seed)
-        elif task == "ppl":  # window 0 is the text a one-window run reads; the others start elsewhere
-            inputs = [ppl_input_ids(tokenizer, length, window_seed(seed, w)) for w in range(ppl_windows)]
-        elif task == "speed":  # the generation must fit in the context too
-            fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
-            inputs = [ppl_input_ids(tokenizer, fits, seed)]
-        else:
-            inputs = task_prompts(task, tokenizer, length, limit, trials, seed)
+        inputs = _task_inputs(task, text, tokenizer, length, limit, trials, seed, ppl_windows)
         for name, recipe in variants.items():
             description = f"{length} tokens · {task} · {name}"
             report(0, description)
             started = time.perf_counter()
-            scores, replies, kv_bytes, kv_cache, speed = [], [], [], set(), None
-            with patched(model, recipe, backend, cuda_graphs), record_sparsity() as record:
+            run = _VariantRun(task, is_ppl=task == "ppl" or text is not None)
+            with patched(model, recipe, backend if task == "speed" else quality_backend(backend), cuda_graphs), record_sparsity() as record:
                 for item in inputs:
-                    if is_ppl:
-                        scores.append(perplexity(model, item))
-                    elif task == "speed":
-                        with record.paused():
-                            speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
-                        prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
-                        scores.extend(speed.ttft_runs_ms)
-                        if speed.kv_bytes is not None:
-                            kv_bytes.append(speed.kv_bytes)
-                        kv_cache.add(speed.kv_cache)
-                    else:
-                        result = answer(model, tokenizer, item)
-                        scores.append(result.score)
-                        replies.append(result.reply)
-                        if result.kv_bytes is not None:
-                            kv_bytes.append(result.kv_bytes)
-                        kv_cache.add(result.kv_cache)
+                    run.measure(model, tokenizer, item, speed_runs, record)
                     report(1, description)
-            sparsity = 0.0 if recipe is None else record.sparsity
-            row = {
-                "length": length,
-                "task": task,
-                "variant": name,
-                "metric": "perplexity" if is_ppl else {"speed": "ttft_ms"}.get(task, "accuracy"),
-                "value": (math.exp(sum(math.log(x) for x in scores) / len(scores)) if is_ppl
-                          else speed.ttft_ms if speed else sum(scores) / len(scores)),
-                "sparsity": None if sparsity is None else float(sparsity),
-                "trials": len(inputs),
-                "scores": scores,
-                "replies": replies,
-                "prompt_tokens": [item.length_tokens if isinstance(item, Prompt) else len(item) for item in inputs],
-                "seconds": round(time.perf_counter() - started, 3),
-                "kv_bytes": round(sum(kv_bytes) / len(kv_bytes)) if kv_bytes else None,
-                "kv_cache": _kv_cache_of(kv_cache),
-                # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
-                "prefill_kernels": None if recipe is None else dict(record.kernels),
-            }
+            row = run.row(length, name, recipe, record, inputs, started)
             if text is not None:
                 row["text"] = text.path
-            if speed is not None:
-                row.update(
-                    ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
-                    decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
-                    device=speed.device,
-                )
             logger.info("%s: %s %.4g (sparsity %s)", description, row["metric"], row["value"], row["sparsity"])
             results.append(row)
             if on_row is not None:
                 on_row({**header, "results": list(results), "complete": len(results) == n_rows})
     return {**header, "results": results, "complete": True}
+
+
+def _task_inputs(task: str, text: PplText | None, tokenizer, length: int, limit: int | None, trials: int, seed: int,
+                 ppl_windows: int) -> list:
+    """What every variant runs for one row: perplexity windows (token lists), the speed prompt, or needle prompts."""
+    if text is not None:
+        return text.windows(length, ppl_windows, seed)
+    if task == "ppl":  # window 0 is the text a one-window run reads; the others start elsewhere
+        return [ppl_input_ids(tokenizer, length, window_seed(seed, w)) for w in range(ppl_windows)]
+    if task == "speed":  # the generation must fit in the context too
+        fits = length if limit is None else min(length, limit - SPEED_DECODE_TOKENS - 1)
+        return [ppl_input_ids(tokenizer, fits, seed)]
+    return task_prompts(task, tokenizer, length, limit, trials, seed)
+
+
+@dataclass
+class _VariantRun:
+    """What one variant measured on one row's inputs (inside its patch and sparsity record), and the row it makes."""
+
+    task: str
+    is_ppl: bool  # the shipped text's perplexity or a --ppl-text one
+    scores: list[float] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    kv_cache: set = field(default_factory=set)
+    speed: SpeedResult | None = None
+
+    def measure(self, model, tokenizer, item, speed_runs: int, record) -> None:
+        if self.is_ppl:
+            self.scores.append(perplexity(model, item))
+            return
+        if self.task == "speed":
+            with record.paused():
+                result = self.speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
+            prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
+            self.scores.extend(result.ttft_runs_ms)
+        else:
+            result = answer(model, tokenizer, item)
+            self.scores.append(result.score)
+            self.replies.append(result.reply)
+        if result.kv_bytes is not None:
+            self.kv_bytes.append(result.kv_bytes)
+        self.kv_cache.add(result.kv_cache)
+
+    def row(self, length: int, variant: str, recipe: Recipe | None, record, inputs: list, started: float) -> dict:
+        """The results row (see the module's docstring); ``started``: when the variant began, by ``time.perf_counter``."""
+        scores, speed = self.scores, self.speed
+        sparsity = 0.0 if recipe is None else record.sparsity
+        row = {
+            "length": length,
+            "task": self.task,
+            "variant": variant,
+            "metric": "perplexity" if self.is_ppl else {"speed": "ttft_ms"}.get(self.task, "accuracy"),
+            "value": (math.exp(sum(math.log(x) for x in scores) / len(scores)) if self.is_ppl
+                      else speed.ttft_ms if speed else sum(scores) / len(scores)),
+            "sparsity": None if sparsity is None else float(sparsity),
+            "trials": len(inputs),
+            "scores": scores,
+            "replies": self.replies,
+            "prompt_tokens": [item.length_tokens if isinstance(item, Prompt) else len(item) for item in inputs],
+            "seconds": round(time.perf_counter() - started, 3),
+            "kv_bytes": round(sum(self.kv_bytes) / len(self.kv_bytes)) if self.kv_bytes else None,
+            "kv_cache": _kv_cache_of(self.kv_cache),
+            # which implementation ran each patched layer's prefill: calls per kernel (see patchattn.stats)
+            "prefill_kernels": None if recipe is None else dict(record.kernels),
+        }
+        if speed is not None:
+            row.update(
+                ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
+                decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
+                device=speed.device,
+            )
+        return row
 
 
 def _model_name(model) -> str:

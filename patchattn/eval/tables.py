@@ -2,27 +2,24 @@
 results.md (report.py), report.html (html.py) and the terminal (cli/eval_run.py, through Rich).
 
 Every cell is already formatted text; a renderer only lays the cells out (and escapes them). A first cell in
-``*asterisks*`` names a derived row (sparsity, KV cache), which a renderer may set in italics.
+``*asterisks*`` names a derived row (sparsity, KV cache), which a renderer may set in italics. The cells' formats
+live in cells.py, the lookups of the results dict in results.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ppl_texts import PPL_TEXT_PREFIX, is_ppl_text_task
+from .cells import (  # noqa: F401  (NOT_BUDGETED and paired_flips are read from here too)
+    NOT_BUDGETED, fmt_bytes, fmt_delta, fmt_kernels, fmt_kv, fmt_number, fmt_sparsity, fmt_speedup, fmt_value, kv_note,
+    paired_flips,
+)
+from .ppl_texts import PPL_TEXT_PREFIX
+from .results import (
+    BASELINE, SPEED_TASK, TASK_TITLES, device_label, known_tasks, mean_of, other_rows, rows_by_key, speed_rows,
+    variant_sparsity,
+)
 
-BASELINE = "dense"
-TASK_TITLES = {
-    "ppl": "perplexity",
-    "passkey": "passkey (filler)",
-    "single": "single needle",
-    "multikey": "multi-key needle",
-    "multivalue": "multi-value needle",
-    "multiquery": "multi-query needle",
-    "vartrack": "variable tracking",
-    "speed": "time to first token (ms)",
-}
-SPEED_TASK = "speed"
 SHIPPED_TEXT = "held-out prose"  # the ppl task's text, in the per-text table
 PEAK_MEMORY_TITLES = {"cuda_allocated": "peak CUDA memory allocated", "process_rss": "peak process RSS"}
 
@@ -42,132 +39,6 @@ def derived_label(cell: str) -> str | None:
     return cell[1:-1] if len(cell) > 2 and cell.startswith("*") and cell.endswith("*") else None
 
 
-# ---- lookups --------------------------------------------------------------------------------------
-def rows_by_key(results: dict) -> dict[tuple, dict]:
-    return {(r.get("length"), r["task"], r["variant"]): r for r in results["results"]}
-
-
-def known_tasks(results: dict) -> list[str]:
-    """The built-in tasks of this run (in run order), speed excluded; other rows belong to lm-eval."""
-    return [t for t in results["tasks"] if t in TASK_TITLES and t != SPEED_TASK]
-
-
-def other_rows(results: dict) -> list[dict]:
-    """Rows of tasks patchattn does not define itself (lm-eval's), in the order they came."""
-    return [r for r in results["results"] if r["task"] not in TASK_TITLES and not is_ppl_text_task(r["task"])]
-
-
-def mean_of(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def variant_sparsity(results: dict, variant: str, task: str | None = None) -> float | None:
-    """Mean prefill sparsity of a variant over its rows (of one task, if given)."""
-    return mean_of([r for r in results["results"] if r["variant"] == variant and (task is None or r["task"] == task)], "sparsity")
-
-
-def speed_rows(results: dict) -> list[dict]:
-    return [r for r in results["results"] if r["task"] == SPEED_TASK]
-
-
-def device_label(results: dict) -> str:
-    """'CPU figures (model, N threads)' or 'CUDA figures (GPU name)': which machine the times come from."""
-    env = results.get("environment") or {}
-    device = next((r.get("device") for r in speed_rows(results) if r.get("device")), None) or env.get("device") or "cpu"
-    kind = device.split(":")[0]
-    name = env.get("device_name")
-    detail = ", ".join(x for x in (name, f"{env['threads']} threads" if kind == "cpu" and env.get("threads") else None) if x)
-    return f"{kind.upper()} figures" + (f" ({detail})" if detail else "")
-
-
-# ---- cell formats ---------------------------------------------------------------------------------
-def fmt_value(row: dict | None) -> str:
-    return "–" if row is None or row.get("value") is None else f"{row['value']:.2f}"
-
-
-def fmt_delta(row: dict | None, base: dict | None) -> str:
-    """' (+0.20)' for accuracy, ' (+0.31, +1.4%)' for perplexity: the difference from the baseline row. Accuracy on
-    the same prompts also says how many prompts flipped each way (' (−0.05, 3 lost / 1 won)'): a difference made
-    of one-way flips is the variant's, one of as many won as lost is noise."""
-    if row is None or base is None or row.get("value") is None or base.get("value") is None:
-        return ""
-    delta = row["value"] - base["value"]
-    text = f"{'+' if delta >= 0 else '−'}{abs(delta):.2f}"
-    if row.get("metric") == "perplexity" and base["value"]:
-        text += f", {100 * delta / base['value']:+.1f}%"
-    flips = paired_flips(row, base)
-    if flips is not None and any(flips):
-        text += f", {flips[0]} lost / {flips[1]} won"
-    return f" ({text})"
-
-
-def paired_flips(row: dict, base: dict) -> tuple[int, int] | None:
-    """(prompts the baseline answered and the variant missed, the reverse), where both scored the same prompts
-    right or wrong (scores 0 or 1); None otherwise."""
-    a, b = base.get("scores") or [], row.get("scores") or []
-    if row.get("metric") == "perplexity" or not a or len(a) != len(b) or any(x not in (0, 1) for x in (*a, *b)):
-        return None
-    return sum(1 for x, y in zip(a, b) if x > y), sum(1 for x, y in zip(a, b) if y > x)
-
-
-def fmt_speedup(value: float | None, base: float | None) -> str:
-    """' (1.50x)': how many times faster than the baseline (a time: lower is better)."""
-    return f" ({base / value:.2f}x)" if value and base else ""
-
-
-def fmt_sparsity(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def fmt_bytes(value: float | None, base: float | None = None) -> str:
-    if value is None:
-        return "–"
-    unit, scale = next((u, x) for u, x in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if value >= x or u == "KiB")
-    text = f"{value / scale:.1f} {unit}"
-    if base and value != base:
-        text += f" ({100 * (value - base) / base:+.0f}%)"
-    return text
-
-
-NOT_BUDGETED = " · full cache†"
-NOT_BUDGETED_NOTE = ("†: the recipe compresses the KV cache but these generations ran on the full one (why: each row's "
-                     "`kv_cache` in results.json), so the bytes are not the recipe's.")
-
-
-def fmt_kv(rows: list[dict], base: float | None = None) -> str:
-    """The mean KV bytes of ``rows`` (change from ``base``), marked when any ran on the full cache though its recipe
-    compresses it (see :func:`patchattn.cache_hooks.kv_cache_status`)."""
-    text = fmt_bytes(mean_of(rows, "kv_bytes"), base)
-    return text + NOT_BUDGETED if any(str(r.get("kv_cache") or "").startswith("full") for r in rows) else text
-
-
-def _kv_note(rows) -> list[str]:
-    return [NOT_BUDGETED_NOTE] if any(str(r.get("kv_cache") or "").startswith("full") for r in rows) else []
-
-
-def fmt_kernels(results: dict, variant: str) -> str:
-    """'gluon-hopper 67% · sdpa 33%': how the variant's patched prefill calls split over implementations."""
-    counts: dict[str, int] = {}
-    for row in results["results"]:
-        if row["variant"] == variant:
-            for name, n in (row.get("prefill_kernels") or {}).items():
-                counts[name] = counts.get(name, 0) + n
-    total = sum(counts.values())
-    if not total:
-        return "–"
-    return " · ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def fmt_number(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value)
-
-
-# ---- tables ---------------------------------------------------------------------------------------
 def summary_table(results: dict) -> ReportTable:
     """One row per variant: sparsity, KV cache and speed at the longest length, each against dense."""
     rows = rows_by_key(results)
@@ -195,7 +66,7 @@ def summary_table(results: dict) -> ReportTable:
                 "dense)."] if any(r.get("prefill_kernels") for r in results["results"]) else [])
             + ([f"Brackets: change from `{BASELINE}` (speed: times faster)."] if has_base else [])
             + ([f"Speed: {device_label(results)}."] if speed_rows(results) else [])
-            + _kv_note([r for v in variants for r in cells_at_longest(v)])
+            + kv_note([r for v in variants for r in cells_at_longest(v)])
         ),
     )
     for v in variants:
@@ -235,7 +106,7 @@ def accuracy_tables(results: dict) -> list[ReportTable]:
         if any(x is not None for x in kv):
             base_kv = kv[variants.index(BASELINE)] if has_base else None
             table.rows.append(["*KV cache at end of generation*", *[fmt_kv(at_length(v), base_kv) for v in variants]])
-            table.note = " ".join(filter(None, [table.note, *_kv_note([r for v in variants for r in at_length(v)])]))
+            table.note = " ".join(filter(None, [table.note, *kv_note([r for v in variants for r in at_length(v)])]))
         tables.append(table)
     return tables
 
@@ -303,7 +174,7 @@ def speed_table(results: dict) -> ReportTable | None:
             fmt_bytes(row.get("peak_bytes")),
             fmt_kv([row], b and b.get("kv_bytes")),
         ])
-    table.note = " ".join([table.note, *_kv_note(speed)])
+    table.note = " ".join([table.note, *kv_note(speed)])
     return table
 
 

@@ -112,15 +112,6 @@ def per_head(values: Sequence, device, dtype: torch.dtype = torch.int64) -> torc
     return _per_head(tuple(values), torch.device(device), dtype)
 
 
-def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * q @ k^T`` in float32 for (B, h, M, D) queries and (B, h_kv, N, D) keys (GQA by reshaping the
-    queries of a key head into one matrix, so keys are neither expanded nor copied per query head): (B, h, M, N)."""
-    batch, heads, rows, dim = q.shape
-    kv_heads = k.shape[1]
-    grouped = (q.float() * scale).reshape(batch, kv_heads, (heads // kv_heads) * rows, dim)
-    return torch.matmul(grouped, k.float().transpose(-1, -2)).view(batch, heads, rows, k.shape[2])
-
-
 def blocks_for(tokens: int, block_size: int) -> int:
     return max(1, math.ceil(tokens / block_size))
 

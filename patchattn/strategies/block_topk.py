@@ -14,7 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import Estimate, Strategy, check_number, grouped_scores, per_head
+from ..scores import grouped_scores
+from .base import Estimate, Strategy, check_number, per_head
 from .registry import register
 
 

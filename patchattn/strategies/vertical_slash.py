@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ..kernels import vertical_slash_scores  # the estimate's op (kernels import nothing from strategies)
 from .base import Estimate, Strategy, blocks_for, check_int, per_head
 from .registry import register
 
@@ -52,8 +53,6 @@ class VerticalSlash(Strategy):
         check_int("slash_tokens", self.slash_tokens)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
-        from ..kernels import vertical_slash_scores  # the kernels import the layout helpers; import at call time
-
         est = super().estimate(q, k, block_size)
         last = min(LAST_Q, q.shape[2])
         scores = vertical_slash_scores(

@@ -239,18 +239,13 @@ def sparse_decode_triton(
     The split count depends on ``page_ids.shape[-1]`` (not on the counts, which stay on the device), so
     trim ``page_ids`` to the longest list for sparse budgets.
     """
-    reason = unsupported_reason(q, k_cache, v_cache, page_size) if validate else None
-    if reason is not None:
+    if validate and (reason := unsupported_reason(q, k_cache, v_cache, page_size)) is not None:
         raise ValueError(f"sparse_decode_triton: unsupported input: {reason}")
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_q_heads // n_kv_heads
-    lens_ok = tuple(seq_lens.shape) in ((batch,), (batch, n_kv_heads))
-    if validate and (page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or not lens_ok):
-        raise ValueError(
-            f"page_ids {tuple(page_ids.shape)}, page_counts {tuple(page_counts.shape)}, seq_lens {tuple(seq_lens.shape)} "
-            f"do not match (B, Hkv, max_pages), (B, Hkv), (B,) or (B, Hkv) with B={batch}, Hkv={n_kv_heads}"
-        )
+    if validate:
+        _check_pages(page_ids, page_counts, seq_lens, batch, n_kv_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
@@ -265,16 +260,8 @@ def sparse_decode_triton(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError("out must have q's shape, dtype and device, and unit stride on the head dim")
 
-    cfg_n, cfg_w, cfg_s = CONFIGS[head_dim]
-    block_n = max(block_n or cfg_n, page_size)
-    if block_n % page_size:
-        raise ValueError(f"block_n {block_n} must be a multiple of page_size {page_size}")
-    n_tiles_max = triton.cdiv(ids.shape[-1] * page_size, block_n)
-    if num_splits is None:
-        n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else CPU_SM_COUNT
-        num_splits, tiles_per_split = choose_splits(batch * n_kv_heads, n_tiles_max, n_sm, programs_per_sm or TARGET_PROGRAMS_PER_SM)
-    else:
-        tiles_per_split = triton.cdiv(max(n_tiles_max, 1), num_splits)
+    _, cfg_w, cfg_s = CONFIGS[head_dim]
+    block_n, num_splits, tiles_per_split = _tiling(q, ids.shape[-1], page_size, batch * n_kv_heads, block_n, num_splits, programs_per_sm)
     split_out = num_splits > 1
     n_mid_rows = batch * n_q_heads * num_splits
     # One float32 workspace (a single allocation): acc rows (n_mid_rows, D), then maxima, then sums.
@@ -300,13 +287,43 @@ def sparse_decode_triton(
         num_stages=num_stages or cfg_s,
     )
     if split_out:
-        if combine == "torch":
-            combine_splits_torch(mid, out, num_splits)
-        elif combine == "triton":
-            _combine_splits[(batch * n_q_heads,)](
-                mid, out, n_q_heads, num_splits, n_mid_rows, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, BLOCK_S=min(64, triton.next_power_of_2(num_splits)), num_warps=4,
-            )
-        else:
-            raise ValueError(f"combine must be 'triton' or 'torch', not {combine!r}")
+        _combine(mid, out, num_splits, n_mid_rows, combine)
     return out
+
+
+def _check_pages(page_ids: torch.Tensor, page_counts: torch.Tensor, seq_lens: torch.Tensor, batch: int, n_kv_heads: int) -> None:
+    """ValueError unless the page lists, their counts and the lengths have the shapes the kernel reads."""
+    lens_ok = tuple(seq_lens.shape) in ((batch,), (batch, n_kv_heads))
+    if page_ids.shape[:2] != (batch, n_kv_heads) or page_counts.shape != (batch, n_kv_heads) or not lens_ok:
+        raise ValueError(
+            f"page_ids {tuple(page_ids.shape)}, page_counts {tuple(page_counts.shape)}, seq_lens {tuple(seq_lens.shape)} "
+            f"do not match (B, Hkv, max_pages), (B, Hkv), (B,) or (B, Hkv) with B={batch}, Hkv={n_kv_heads}"
+        )
+
+
+def _tiling(q: torch.Tensor, max_pages: int, page_size: int, n_seq_heads: int, block_n: int | None,
+            num_splits: int | None, programs_per_sm: int | None) -> tuple[int, int, int]:
+    """(block_n, splits, tiles per split) for page lists ``max_pages`` wide: :data:`CONFIGS`'s tile (at least a page)
+    unless given, and :func:`choose_splits` for this device unless ``num_splits`` is given."""
+    block_n = max(block_n or CONFIGS[q.shape[-1]][0], page_size)
+    if block_n % page_size:
+        raise ValueError(f"block_n {block_n} must be a multiple of page_size {page_size}")
+    n_tiles_max = triton.cdiv(max_pages * page_size, block_n)
+    if num_splits is not None:
+        return block_n, num_splits, triton.cdiv(max(n_tiles_max, 1), num_splits)
+    n_sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else CPU_SM_COUNT
+    return block_n, *choose_splits(n_seq_heads, n_tiles_max, n_sm, programs_per_sm or TARGET_PROGRAMS_PER_SM)
+
+
+def _combine(mid: torch.Tensor, out: torch.Tensor, num_splits: int, n_mid_rows: int, combine: str) -> None:
+    """Merge the splits' partial outputs in ``mid`` into ``out`` (one small kernel, or torch ops)."""
+    if combine == "torch":
+        combine_splits_torch(mid, out, num_splits)
+    elif combine == "triton":
+        batch, n_q_heads, head_dim = out.shape
+        _combine_splits[(batch * n_q_heads,)](
+            mid, out, n_q_heads, num_splits, n_mid_rows, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=min(64, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    else:
+        raise ValueError(f"combine must be 'triton' or 'torch', not {combine!r}")

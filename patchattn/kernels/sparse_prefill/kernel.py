@@ -319,7 +319,7 @@ def sparse_prefill_triton(
     if reason is not None:
         raise ValueError(f"sparse_prefill_triton: unsupported input: {reason}")
     batch, n_q_heads, n_q, head_dim = q.shape
-    n_kv_heads, n_k = k.shape[1], k.shape[2]
+    n_k = k.shape[2]
     n_q_blocks = triton.cdiv(n_q, block_size)
     if kv_block_counts.shape != (batch, n_q_heads, n_q_blocks) or kv_block_ids.shape[:3] != (batch, n_q_heads, n_q_blocks):
         raise ValueError(
@@ -338,30 +338,47 @@ def sparse_prefill_triton(
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError("out must have q's shape, dtype and device, and unit stride on the head dim")
-
-    n_k_blocks = triton.cdiv(n_k, block_size)
-    has_columns = columns is not None
-    if has_columns:
-        if n_k != n_q:
-            raise ValueError("token columns are for prefill (Nk == N)")
-        if columns.shape[:2] != (batch, n_q_heads) or column_counts.shape != (batch, n_q_heads, n_q_blocks):
-            raise ValueError(f"columns {tuple(columns.shape)} / column_counts {tuple(column_counts.shape)} do not match (B, Hq) = {(batch, n_q_heads)}")
-        if column_keep is None or column_keep.shape != (batch, n_q_heads, n_q_blocks, n_k_blocks):
-            raise ValueError("columns need column_keep, the (B, Hq, n_q_blocks, n_k_blocks) block layout")
-        cols = columns.to(torch.int32)
-        cols = cols if cols.stride(-1) == 1 else cols.contiguous()
-        col_counts = column_counts.to(torch.int32)
-        keep_u8 = column_keep.to(torch.uint8) if column_keep.dtype != torch.uint8 else column_keep
-        keep_u8 = keep_u8 if keep_u8.stride(-1) == 1 else keep_u8.contiguous()
-        col_strides = (cols.stride(0), cols.stride(1), col_counts.stride(0), col_counts.stride(1),
-                       keep_u8.stride(0), keep_u8.stride(1), keep_u8.stride(2))
-    else:
-        cols, col_counts, keep_u8 = counts, counts, counts  # unused
-        col_strides = (0,) * 7
+    column_args = _column_operands(columns, column_counts, column_keep, counts, n_q, n_k, triton.cdiv(n_k, block_size))
     window = int(window or 0)
     if window < 0 or window and n_k != n_q:
         raise ValueError(f"window {window}: a sliding window must be >= 0 and is for prefill (Nk == N)")
-    fill = ids.shape[-1] / n_k_blocks if density is None else density
+    fill = ids.shape[-1] / triton.cdiv(n_k, block_size) if density is None else density
+    _launch(q, k, v, out, counts, ids, column_args, block_size, scale, window, fill,
+            block_m, block_n, num_warps, num_stages, use_tma, warp_specialize)
+    return out
+
+
+def _column_operands(columns: torch.Tensor | None, column_counts: torch.Tensor | None, column_keep: torch.Tensor | None,
+                     counts: torch.Tensor, n_q: int, n_k: int, n_k_blocks: int) -> tuple | None:
+    """The token-column operands as the kernel takes them, (columns, column counts, keep bytes, their 7 strides), after
+    checking their shapes against the layout's ``counts`` (B, Hq, n_q_blocks); None without columns."""
+    if columns is None:
+        return None
+    batch, n_q_heads, n_q_blocks = counts.shape
+    if n_k != n_q:
+        raise ValueError("token columns are for prefill (Nk == N)")
+    if columns.shape[:2] != (batch, n_q_heads) or column_counts.shape != (batch, n_q_heads, n_q_blocks):
+        raise ValueError(f"columns {tuple(columns.shape)} / column_counts {tuple(column_counts.shape)} do not match (B, Hq) = {(batch, n_q_heads)}")
+    if column_keep is None or column_keep.shape != (batch, n_q_heads, n_q_blocks, n_k_blocks):
+        raise ValueError("columns need column_keep, the (B, Hq, n_q_blocks, n_k_blocks) block layout")
+    cols = columns.to(torch.int32)
+    cols = cols if cols.stride(-1) == 1 else cols.contiguous()
+    col_counts = column_counts.to(torch.int32)
+    keep_u8 = column_keep.to(torch.uint8) if column_keep.dtype != torch.uint8 else column_keep
+    keep_u8 = keep_u8 if keep_u8.stride(-1) == 1 else keep_u8.contiguous()
+    col_strides = (cols.stride(0), cols.stride(1), col_counts.stride(0), col_counts.stride(1),
+                   keep_u8.stride(0), keep_u8.stride(1), keep_u8.stride(2))
+    return cols, col_counts, keep_u8, col_strides
+
+
+def _launch(q, k, v, out, counts, ids, column_args: tuple | None, block_size: int, scale: float, window: int, fill: float,
+            block_m, block_n, num_warps, num_stages, use_tma, warp_specialize: bool) -> None:
+    """Pick the launch configuration (:data:`CONFIGS` by head dim, block size and the layout's ``fill``, unless
+    overridden), load K/V through TMA descriptors where it can, and run the kernel into ``out``, retrying with a
+    shallower pipeline where shared memory runs out."""
+    batch, n_q_heads, n_q, head_dim = q.shape
+    n_kv_heads, n_k = k.shape[1], k.shape[2]
+    cols, col_counts, keep_u8, col_strides = column_args or (counts, counts, counts, (0,) * 7)  # unused without columns
     kind = "dense" if fill >= DENSE_FRACTION else "sparse"
     cfg_m, cfg_n, cfg_w, cfg_s = CONFIGS[(head_dim, block_size)][kind]
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
@@ -398,7 +415,7 @@ def sparse_prefill_triton(
                 BLOCK_N=block_n,
                 USE_TMA=use_tma,
                 WARP_SPECIALIZE=warp_specialize,
-                HAS_COLUMNS=has_columns,
+                HAS_COLUMNS=column_args is not None,
                 COLUMN_STAGES=COLUMN_STAGES,
                 HAS_WINDOW=window > 0,
                 num_warps=num_warps,
@@ -410,4 +427,3 @@ def sparse_prefill_triton(
             if num_stages <= 2:
                 raise
             num_stages -= 1
-    return out

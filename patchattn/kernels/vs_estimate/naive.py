@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ...strategies.base import grouped_scores
+from ...scores import grouped_scores
 
 
 def block_sums(values: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
