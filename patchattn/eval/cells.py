@@ -71,12 +71,14 @@ def kv_note(rows: list[dict]) -> list[str]:
 
 
 def fmt_kernels(results: dict, variant: str) -> str:
-    """'gluon-hopper 67% · sdpa 33%': how the variant's patched prefill calls split over implementations."""
+    """'gluon-hopper 67% · sdpa 33%': how the variant's patched prefill calls split over implementations, in its timed
+    runs where it has any (what its speed figures ran: on a device without sparse kernels, dense), else in every task."""
+    rows = [r for r in results["results"] if r["variant"] == variant]
+    timed = [r for r in rows if r["task"] == "speed" and r.get("prefill_kernels")]
     counts: dict[str, int] = {}
-    for row in results["results"]:
-        if row["variant"] == variant:
-            for name, n in (row.get("prefill_kernels") or {}).items():
-                counts[name] = counts.get(name, 0) + n
+    for row in timed or rows:
+        for name, n in (row.get("prefill_kernels") or {}).items():
+            counts[name] = counts.get(name, 0) + n
     total = sum(counts.values())
     if not total:
         return "–"

@@ -61,9 +61,10 @@ def summary_table(results: dict) -> ReportTable:
          "prefill kernels"],
         note=" ".join(
             ["Sparsity: mean over every row of the variant."]
-            + (["Prefill kernels: share of the patched layers' prefill calls each implementation ran (gluon-hopper: the "
-                "warp-specialised kernel for Hopper GPUs; triton; torch: the PyTorch reference; sdpa: layers the recipe keeps "
-                "dense)."] if any(r.get("prefill_kernels") for r in results["results"]) else [])
+            + (["Prefill kernels: share of the patched layers' prefill calls each implementation ran in the timed runs "
+                "(without speed runs, in every task) (gluon-hopper: the warp-specialised kernel for Hopper GPUs; triton; torch: "
+                "the PyTorch reference; sdpa: dense attention, for layers the recipe keeps dense or, under backend auto, where "
+                "no sparse kernel runs on this device; the quality tasks run the recipe's layouts whatever the device)."] if any(r.get("prefill_kernels") for r in results["results"]) else [])
             + ([f"Brackets: change from `{BASELINE}` (speed: times faster)."] if has_base else [])
             + ([f"Speed: {device_label(results)}."] if speed_rows(results) else [])
             + kv_note([r for v in variants for r in cells_at_longest(v)])
