@@ -1,20 +1,25 @@
 """A recipe turned into what the attention function runs: per layer, its heads grouped by strategy class.
 
-The recipe travels as plain data on ``model.config`` (so a saved config loads back patched); :func:`compiled_for`
-builds the per-layer plan from that data once and keeps it for the next call with the same data.
+One :class:`CompiledRecipe` per recipe: :func:`compile_recipe` builds it the first time a recipe is patched in and
+finds it again (by the recipe's whole data) on every later patch with the same recipe. The config holds only the
+recipe's data (:mod:`patchattn.config_keys`); :func:`compiled_for`, which the attention function calls, finds the
+compiled recipe from that data object without rebuilding it, and builds it once for a config that was loaded with a
+recipe rather than patched.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from .config_keys import RECIPE_KEY, recipe_data  # noqa: F401  (RECIPE_KEY: imported from here too)
 from .recipe import Recipe
 from .strategies import Strategy
-
-RECIPE_KEY = "patchattn_recipe"
 
 
 @dataclass
@@ -46,10 +51,12 @@ class LayerPlan:
 
 
 class CompiledRecipe:
-    """A recipe turned into per-layer head groups (one per strategy class), cached per recipe dict."""
+    """A recipe turned into per-layer head groups (one per strategy class). ``data``: the recipe as the config holds
+    it (its ``to_dict()``, unless given)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, data: dict | None = None):
         self.recipe = recipe
+        self.data = recipe.to_dict() if data is None else data
         self.block_size = recipe.block_size
         self.layers: list[LayerPlan] = []
         for heads in recipe.layers:
@@ -65,22 +72,56 @@ class CompiledRecipe:
             density = sum(known) / len(known) if known and len(known) == len(heads) else None
             self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
+        self.reset_notices()
+
+    def reset_notices(self) -> None:
+        """A new patch with this recipe: what the attention function says once per patch may be said again."""
         self.said_dense_below = False  # whether a prompt under min_sparse_tokens was said to prefill densely
         self.said_no_kernel = False  # whether a prefill the kernels could not take was said to run dense
 
 
-_COMPILED: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()
 _COMPILED_MAX = 16
+_BY_CONTENT: "OrderedDict[str, CompiledRecipe]" = OrderedDict()  # by content_key of the recipe's data
+_BY_DATA: "OrderedDict[int, tuple[dict, CompiledRecipe]]" = OrderedDict()  # by id() of a data dict a config holds
+
+
+def content_key(data: dict) -> str:
+    """What a compiled recipe depends on: the recipe's whole data (its plan_hash leaves out the name, the densities
+    and the verified lengths, which the compiled recipe reads too)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _remember(table: OrderedDict, key, value):
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > _COMPILED_MAX:
+        table.popitem(last=False)
+    return value
+
+
+def compile_recipe(recipe: Recipe) -> CompiledRecipe:
+    """The compiled form of ``recipe``: built once, then found again for any recipe with the same data. Its ``data`` is
+    a copy of the recipe's, so later edits to ``recipe`` change nothing already patched in."""
+    data = copy.deepcopy(recipe.to_dict())
+    key = content_key(data)
+    compiled = _BY_CONTENT.get(key)
+    if compiled is None:
+        compiled = CompiledRecipe(Recipe.from_dict(data), data)
+    _remember(_BY_CONTENT, key, compiled)
+    _remember(_BY_DATA, id(compiled.data), (compiled.data, compiled))
+    return compiled
 
 
 def compiled_for(config) -> CompiledRecipe | None:
-    data = getattr(config, RECIPE_KEY, None)
+    """The compiled recipe of a patched config (None: not patched). A patch's config holds its compiled recipe's own
+    ``data``, found by identity; a config loaded with a recipe (not patched) gets one the first time, its notices
+    reset as a patch would."""
+    data = recipe_data(config)
     if data is None:
         return None
-    hit = _COMPILED.get(id(data))
+    hit = _BY_DATA.get(id(data))
     if hit is None or hit[0] is not data:
-        hit = (data, CompiledRecipe(Recipe.from_dict(data)))
-        _COMPILED[id(data)] = hit
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
+        compiled = compile_recipe(Recipe.from_dict(data))
+        compiled.reset_notices()
+        hit = _remember(_BY_DATA, id(data), (data, compiled))
     return hit[1]

@@ -19,7 +19,9 @@ from pathlib import Path
 from .cleanup import TemporaryPaths, deferred_signals, temporary_paths
 from .errors import OutputPathError, RecipeError
 from .io import current_umask, ensure_writable_dir, write_json_atomic, write_text_atomic
-from .patch import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY, check_supported
+from . import config_keys
+from .config_keys import RECIPE_KEY
+from .patch import check_supported
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -171,11 +173,7 @@ def export(model, tokenizer, recipe: Recipe, out_dir: str | os.PathLike, overwri
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        for key in (RECIPE_KEY, BACKEND_KEY, ORIGINAL_KEY, GRAPHS_KEY):
-            config.pop(key, None)
-        config["attn_implementation"] = ATTN_NAME
-        config[RECIPE_KEY] = recipe.to_dict()
+        config = config_keys.exported(json.loads(config_path.read_text()), recipe.to_dict())
         write_json_atomic(config_path, config)
         recipe.save(tmp / "recipe.json")
         source = getattr(model, "patchattn_source", None) or getattr(model.config, "_name_or_path", "") or "model"
@@ -204,6 +202,6 @@ def load(path: str | os.PathLike, dtype: str = "auto", device: str = "auto", bac
         raise RecipeError(f"{path} holds no patchattn recipe in config.json; make one with `patchattn export`")
     recipe = Recipe.from_dict(data, source=f"recipe in {config_path}")
     model, tokenizer = load_model(str(path), dtype=dtype, device=device, attn_implementation="sdpa")
-    setattr(model.config, RECIPE_KEY, None)
+    config_keys.clear(model.config)  # so that patch() records the implementation it was loaded with (sdpa)
     patch(model, recipe, backend=backend)
     return model, tokenizer

@@ -4,9 +4,10 @@ patchattn is tested on the transformers range ``pyproject.toml`` states (5.17 to
 travels under two names: up to 5.2x a model's ``forward`` takes ``past_key_values``; 5.25 takes ``cache`` (and
 renames a ``past_key_values`` it is given, with a deprecation warning), and ``generate`` passes ``cache``. Every
 other module asks here rather than naming either, and asks here for a config's text part, its layer count, its
-sliding windows, its context length, whether a model routes attention through the registry and how many tokens the
-running ``generate`` call may add; ``tests/test_hf_internals.py`` fails loudly when a release moves what this module,
-the mask builder or the cache layer contract relies on.
+sliding windows (and the one an attention call names), whether it attends in chunks, its context length, whether a
+model routes attention through the registry and how many tokens the running ``generate`` call may add;
+``tests/test_hf_internals.py`` fails loudly when a release moves what this module, the mask builder or the cache
+layer contract relies on.
 """
 
 from __future__ import annotations
@@ -77,11 +78,26 @@ def num_layers(config) -> int:
     return text_config(config).num_hidden_layers
 
 
+def sliding_window(config) -> int | None:
+    """The model's sliding attention window in tokens, as its config names it (None: none), whichever layers use it."""
+    return getattr(text_config(config), "sliding_window", None) or None
+
+
+def chunked_attention(config) -> bool:
+    """Whether the model attends within chunks of its sequence (``attention_chunk_size``, Llama 4)."""
+    return bool(getattr(text_config(config), "attention_chunk_size", None))
+
+
+def call_sliding_window(kwargs: dict) -> int:
+    """The sliding window a layer hands its attention function (``sliding_window=``; 0: a full-attention layer)."""
+    return int(kwargs.get("sliding_window") or 0)
+
+
 def sliding_windows(config) -> list[int | None]:
     """Per layer, the model's own sliding attention window (None for full-attention layers)."""
     text = text_config(config)
     n_layers = text.num_hidden_layers
-    window = getattr(text, "sliding_window", None)
+    window = sliding_window(text)
     if not window or getattr(text, "use_sliding_window", True) is False:
         return [None] * n_layers
     types = getattr(text, "layer_types", None)

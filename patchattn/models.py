@@ -255,7 +255,7 @@ def _unreadable_weights(source, spec, config, exc) -> ModelLoadError:
     """One line for weights safetensors cannot read (a truncated or corrupt file): which file, and what to do."""
     from safetensors import safe_open
 
-    from .compiled import RECIPE_KEY
+    from .config_keys import recipe_data
 
     directory = Path(source)
     bad = []
@@ -266,7 +266,7 @@ def _unreadable_weights(source, spec, config, exc) -> ModelLoadError:
         except Exception:  # noqa: BLE001 (SafetensorError or OSError: unreadable either way)
             bad.append(path)
     what = ", ".join(map(str, bad)) if bad else f"the weights of {spec or source}"
-    if getattr(config, RECIPE_KEY, None) is not None:
+    if recipe_data(config) is not None:
         advice = "export the model again (`patchattn export ... --overwrite`)"
     elif directory.is_dir() and directory.resolve().parent == (cache_dir() / "gguf").resolve():
         advice = f"delete {directory} and it is converted again from the GGUF file"

@@ -150,7 +150,7 @@ def test_reserved_steps_keep_their_buffers_and_shapes_and_attend_exactly_the_kep
 
     # One token past the reserve: the pools grow (said at debug level) and the step stays exact.
     t = PROMPT + RESERVE
-    with caplog.at_level(logging.DEBUG, logger="patchattn.cache.layer"):
+    with caplog.at_level(logging.DEBUG, logger="patchattn.cache.pools"):
         layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         out = layer.attend(queries[:, :, t : t + 1], None, "auto")[:, 0]
     assert "no room left for decode tokens" in caplog.text and layer.caps[0] > caps[0]

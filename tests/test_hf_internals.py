@@ -7,7 +7,7 @@ What is read, and where:
 - the attention-function contract: ``AttentionInterface.register``, the call's arguments (``scaling``, ``dropout``,
   ``sliding_window``), ``module.layer_idx`` / ``module.config`` (``patch.patchattn_attention``);
 - the mask-builder registry and the keyword arguments transformers passes to a mask builder
-  (``patch._mask_for_patchattn`` / ``_plain_sliding_prefill``), and ``sdpa_mask`` itself;
+  (``sliding_window.mask_for_patchattn`` / ``plain_sliding_prefill``), and ``sdpa_mask`` itself;
 - ``sdpa_attention_forward`` (the dense path);
 - the cache layer contract: ``Cache(layers=...)``, the abstract methods of a cache layer and the ones
   ``cache.BudgetLayer`` overrides (``DynamicLayer``);
@@ -28,8 +28,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 import patchattn
 from patchattn import hf
-from patchattn.compiled import RECIPE_KEY
-from patchattn.patch import ATTN_NAME, _mask_for_patchattn, _plain_sliding_prefill, patchattn_attention, register
+from patchattn.config_keys import RECIPE_KEY
+from patchattn.patch import ATTN_NAME, patchattn_attention, register
+from patchattn.sliding_window import mask_for_patchattn, plain_sliding_prefill
 from patchattn.cache import BudgetLayer, sliding_windows
 from patchattn.recipe import Recipe
 
@@ -64,7 +65,7 @@ def recorded_calls(monkeypatch):
 
     def mask(*args, **kwargs):
         calls["mask"].append(dict(args=args, kwargs=kwargs))
-        return _mask_for_patchattn(*args, **kwargs)
+        return mask_for_patchattn(*args, **kwargs)
 
     AttentionInterface.register(ATTN_NAME, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, mask)
@@ -103,7 +104,7 @@ def test_the_attention_function_is_called_as_patchattn_expects(arch, recorded_ca
 
 
 def test_the_mask_builder_gets_the_arguments_it_reads(recorded_calls):
-    """``_plain_sliding_prefill`` reads these keyword arguments; were one renamed, a sliding-window prefill would keep
+    """``plain_sliding_prefill`` reads these keyword arguments; were one renamed, a sliding-window prefill would keep
     transformers' full mask (slow) or a chunked one lose it (wrong). The defaults it assumes are sdpa_mask's."""
     from transformers.masking_utils import sdpa_mask
 
@@ -116,7 +117,7 @@ def test_the_mask_builder_gets_the_arguments_it_reads(recorded_calls):
         assert {"q_length", "kv_length", "config", "attention_mask"} <= set(call["kwargs"]), sorted(call["kwargs"])
     sliding = [c["kwargs"] for c in recorded_calls["mask"] if c["kwargs"].get("local_size")]
     assert sliding and all(k["local_size"] == model.config.sliding_window for k in sliding)
-    assert _plain_sliding_prefill(sliding[0])
+    assert plain_sliding_prefill(sliding[0])
     params = inspect.signature(sdpa_mask).parameters
     for name in ("q_length", "kv_length", "attention_mask", "local_size", "allow_is_causal_skip"):
         assert name in params, f"sdpa_mask no longer takes {name}"
@@ -155,8 +156,10 @@ def test_the_budget_layer_fills_the_cache_layer_contract():
     """Every abstract method of a cache layer is BudgetLayer's own, and every layer method it overrides is still one
     transformers defines (a renamed method would leave the override dead and DynamicLayer's in charge)."""
     abstract = set(CacheLayerMixin.__abstractmethods__)
-    assert abstract <= set(vars(BudgetLayer)), f"BudgetLayer lacks {abstract - set(vars(BudgetLayer))}"
-    overrides = {name for name, value in vars(BudgetLayer).items() if callable(value) and not name.startswith("_")}
+    own = [cls for cls in BudgetLayer.__mro__ if cls.__module__.startswith("patchattn.")]  # the layer and its pools
+    ours_by_name = {name: value for cls in reversed(own) for name, value in vars(cls).items()}
+    assert abstract <= set(ours_by_name), f"BudgetLayer lacks {abstract - set(ours_by_name)}"
+    overrides = {name for name, value in ours_by_name.items() if callable(value) and not name.startswith("_")}
     contract = {name for name in overrides if hasattr(CacheLayerMixin, name) or hasattr(DynamicLayer, name)}
     ours = {"attend", "decode_step", "finish_prefill", "reserve", "page_lists", "pool_views", "kept_positions", "kv_bytes",
             "dense_kv_bytes", "caps_used", "set_left_padding"}

@@ -17,10 +17,10 @@ from triton_harness import DEVICE, ON_GPU, gpu, is_interpreted, needs_cuda, rel_
 
 triton = pytest.importorskip("triton")
 
-from patchattn.kernels.vs_estimate.naive import vertical_slash_scores_naive  # noqa: E402
+from patchattn.strategies.vs_estimate.naive import vertical_slash_scores_naive  # noqa: E402
 from patchattn.layout import num_blocks  # noqa: E402
 
-kernel = importlib.import_module("patchattn.kernels.vs_estimate.kernel")
+kernel = importlib.import_module("patchattn.strategies.vs_estimate.kernel")
 INTERPRETED = is_interpreted(kernel._vs_scores)
 runs_kernel = runs_kernel_mark(INTERPRETED)
 
@@ -86,7 +86,7 @@ def test_kernel_in_interpreter_subprocess():
 def test_unsupported_shapes_are_named_and_the_dispatch_falls_back():
     """Head dims that are not powers of two (Phi-3-mini: 96) are refused by the kernel with a reason, and the
     dispatcher then runs the reference (here on the CPU: always the reference)."""
-    from patchattn.kernels import vertical_slash_scores
+    from patchattn.strategies.vs_estimate import vertical_slash_scores
 
     q = torch.randn(1, 2, 8, 96)
     k = torch.randn(1, 1, 64, 96)

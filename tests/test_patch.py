@@ -76,7 +76,7 @@ def test_model_window_applied_by_size_equals_the_models_mask(strategy, params, m
     dense recipe those of the unpatched model. Sparsity is counted against the window's blocks."""
     import sys
 
-    patch_mod = sys.modules["patchattn.patch"]
+    window_mod = sys.modules["patchattn.sliding_window"]
     model = tiny_model("gemma3")
     recipe = Recipe.uniform(model.config, strategy, block_size=32, **params)
     ids = _ids(n=400, batch=2)
@@ -84,7 +84,7 @@ def test_model_window_applied_by_size_equals_the_models_mask(strategy, params, m
         ref = model(ids).logits
         with patchattn.patched(model, recipe, backend="torch"), record_sparsity() as by_size:
             out = model(ids).logits
-        monkeypatch.setattr(patch_mod, "_plain_sliding_prefill", lambda kwargs: False)
+        monkeypatch.setattr(window_mod, "plain_sliding_prefill", lambda kwargs: False)
         with patchattn.patched(model, recipe, backend="torch"), record_sparsity() as as_mask:
             masked = model(ids).logits
     torch.testing.assert_close(out, masked, atol=2e-5, rtol=2e-5)
@@ -162,6 +162,37 @@ def test_unpatch_restores_original():
         out = model(ids).logits
     assert model.config._attn_implementation == "sdpa" and not is_patched(model)
     assert torch.equal(out, ref)
+
+
+def test_a_recipe_is_compiled_once_and_found_by_the_attention_function(monkeypatch):
+    """Patching the same recipe again (the same object or an equal one) reuses its one CompiledRecipe, and the
+    attention function finds it without building another; a different recipe gets its own. The config holds only the
+    recipe's data, so it serialises as before."""
+    from collections import OrderedDict
+
+    from patchattn import compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "_BY_CONTENT", OrderedDict())  # nothing compiled by earlier tests
+    monkeypatch.setattr(compiled_mod, "_BY_DATA", OrderedDict())
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    built = []
+    real_init = compiled_mod.CompiledRecipe.__init__
+    monkeypatch.setattr(compiled_mod.CompiledRecipe, "__init__", lambda self, *a, **kw: built.append(1) or real_init(self, *a, **kw))
+    with torch.no_grad():
+        patchattn.patch(model, recipe)
+        first = compiled_mod.compiled_for(model.config)
+        model(_ids(n=200, batch=1))
+        patchattn.unpatch(model)
+        with patchattn.patched(model, Recipe.from_dict(recipe.to_dict())):
+            assert compiled_mod.compiled_for(model.config) is first
+            model(_ids(n=200, batch=1))
+            assert model.config.to_dict()["patchattn_recipe"] == recipe.to_dict()
+        other = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=96)
+        with patchattn.patched(model, other):
+            assert compiled_mod.compiled_for(model.config) is not first
+            model(_ids(n=200, batch=1))
+    assert len(built) == 2  # the first recipe and the other one, each once
 
 
 @pytest.mark.parametrize(

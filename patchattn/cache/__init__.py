@@ -5,7 +5,7 @@ queries: the prompt's keys and values wait until the patched attention function,
 :meth:`BudgetLayer.finish_prefill`; each head then keeps what its plan's :mod:`KV policy <patchattn.kv_policies>`
 chooses (:mod:`.plans`) among each row's real tokens (a left-padded batch says its padding first), in its own region
 of the layer's pools, sized once with room for the decode tokens to come. A decode step is a fixed sequence of tensor
-ops over those pools, with per-row and per-head counts and page lists on the device (:mod:`.layer`); Quest heads read
+ops over those pools, with per-row and per-head counts and page lists on the device (:mod:`.pools`); Quest heads read
 their best pages (:mod:`.quest`).
 """
 
@@ -15,8 +15,9 @@ from transformers.cache_utils import Cache
 
 from ..hf import context_length
 from ..kv_policies import SNAPKV_POOL, snapkv_votes
-from .layer import GROWTH_TOKENS, PAGE_TOKENS, BudgetLayer
+from .layer import PAGE_TOKENS, BudgetLayer
 from .plans import cap_to_context, kept_prompt_tokens, respect_sliding_window, sliding_windows
+from .pools import GROWTH_TOKENS
 
 
 class HeadBudgetCache(Cache):

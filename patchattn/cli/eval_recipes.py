@@ -26,7 +26,7 @@ def _verified_lengths(recipes: list, model: str | None) -> list[int]:
     were verified at and run sparse, else the defaults."""
     import json
 
-    from ..compiled import RECIPE_KEY
+    from ..config_keys import RECIPE_KEY
     from ..recipe import Recipe
 
     recipes = list(recipes)
@@ -42,7 +42,7 @@ def _bundles_recipe(model: str | None) -> bool:
     """Whether MODEL is a directory from `patchattn export` (its config carries a recipe), read without loading it."""
     import json
 
-    from ..compiled import RECIPE_KEY
+    from ..config_keys import RECIPE_KEY
 
     config = Path(model) / "config.json" if model else None
     try:
@@ -66,15 +66,15 @@ def _load_recipes(recipe_paths: list[Path], model: str | None) -> list:
 def _add_exported(lm, model: str | None, recipes: list) -> None:
     """A directory from `patchattn export`: its recipe is the first variant (dense the baseline), taken off the loaded
     model's config. Then every recipe checked against the model."""
-    from ..patch import RECIPE_KEY
+    from .. import config_keys
     from ..recipe import Recipe
 
-    exported = getattr(lm.config, RECIPE_KEY, None)
+    exported = config_keys.recipe_data(lm.config)
     if exported is not None:
         bundled = Recipe.from_dict(exported, source=f"recipe in {model}")
         bundled.name = bundled.name or "exported"
         recipes.insert(0, bundled)
-        delattr(lm.config, RECIPE_KEY)
+        config_keys.clear(lm.config)
     if not recipes:
         raise PatchattnError(NOTHING_TO_COMPARE)
     for r in recipes:

@@ -16,7 +16,6 @@ import torch
 
 from . import ragged as _ragged_pkg
 from . import sparse_decode as _sparse_decode_pkg
-from . import vs_estimate as _vs_pkg
 from .sparse_decode import sparse_decode_naive, sparse_decode_triton
 from .sparse_prefill import load_hopper_kernel, load_triton_kernel, sparse_prefill_naive, sparse_prefill_triton, triton_import_error
 
@@ -120,17 +119,6 @@ def finalize_ragged(
     return _ragged_pkg.finalize_ragged_naive(keep, dense_rows, window_rows)
 
 
-def vertical_slash_scores(q_last, k, scale: float, block_size: int, n_blocks: int, columns: bool = False):
-    """The vertical-slash estimate (see :mod:`patchattn.kernels.vs_estimate.naive`): the Triton kernel for fp16/bf16
-    CUDA tensors (two passes over the keys, no (L x N) matrix), the float32 PyTorch reference otherwise (so float32
-    calibration keeps full precision) and for head dims or block sizes the kernel does not take (e.g. Phi-3's 96).
-    ``columns=True`` adds a third tensor, the (B, H, N) score of every key position."""
-    mod = _vs_pkg.load_triton_kernel() if q_last.is_cuda and q_last.dtype in (torch.float16, torch.bfloat16) else None
-    if mod is not None and mod.unsupported_reason(q_last, k, block_size) is None:
-        return mod.vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks, columns)
-    return _vs_pkg.vertical_slash_scores_naive(q_last, k, scale, block_size, n_blocks, columns)
-
-
 # ------------------------------------------------------------------------------------ decode (one query token)
 
 def _decode_triton_unsupported(q, k_cache, v_cache, page_size) -> str | None:
@@ -185,5 +173,4 @@ __all__ = [
     "prefill_kernel",
     "hopper_kernel_enabled",
     "triton_prefill_unsupported",
-    "vertical_slash_scores",
 ]

@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ..kernels import vertical_slash_scores  # the estimate's op (kernels import nothing from strategies)
 from .base import Estimate, Strategy, blocks_for, check_int, per_head
 from .registry import register
+from .vs_estimate import vertical_slash_scores
 
 LAST_Q = 64
 

@@ -3,7 +3,7 @@ counts + ids): the PyTorch reference (always) and the Triton kernel (when Triton
 
 from __future__ import annotations
 
-from .._lazy import LazyKernel
+from ...lazy import LazyKernel
 from .naive import finalize_ragged_naive
 
 _KERNEL = LazyKernel(__name__ + ".kernel")

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._device import launches_on_input_device
+from ...input_device import launches_on_input_device
 
 
 @triton.jit

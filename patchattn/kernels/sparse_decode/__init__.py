@@ -1,10 +1,10 @@
 """Page-sparse decode attention: the PyTorch reference (always), the Triton kernel (when Triton imports,
-on first use: see :mod:`patchattn.kernels._lazy`) and both behind one custom op for ``torch.compile`` (:mod:`.op`,
+on first use: see :mod:`patchattn.lazy`) and both behind one custom op for ``torch.compile`` (:mod:`.op`,
 which imports no Triton)."""
 
 from __future__ import annotations
 
-from .._lazy import LazyKernel
+from ...lazy import LazyKernel
 from .naive import sparse_decode_naive
 from .op import op_backend, sparse_decode_op
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._device import launches_on_input_device
+from ...input_device import launches_on_input_device
 
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free

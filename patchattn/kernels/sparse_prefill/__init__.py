@@ -1,9 +1,9 @@
 """Block-sparse prefill attention: the PyTorch reference (always) and the Triton kernel (when Triton imports,
-on first use: see :mod:`patchattn.kernels._lazy`)."""
+on first use: see :mod:`patchattn.lazy`)."""
 
 from __future__ import annotations
 
-from .._lazy import LazyKernel
+from ...lazy import LazyKernel
 from .naive import sparse_prefill_naive
 
 _KERNEL = LazyKernel(__name__ + ".kernel")

@@ -48,7 +48,7 @@ try:  # Gluon ships with Triton >= 3.5; its Hopper API as in 3.6
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
-from .._device import launches_on_input_device
+from ...input_device import launches_on_input_device
 from .kernel import unsupported_reason as triton_unsupported_reason
 
 LOG2E = 1.4426950408889634

@@ -1,6 +1,7 @@
 """Triton launches a kernel on the current CUDA device and its stream, whatever device the tensors are on. A model
 that accelerate spread over several GPUs runs layers on ``cuda:1`` while ``cuda:0`` is current: launched there, the
-kernel reads another GPU's memory (an illegal address). Every launch site enters the tensors' device first."""
+kernel reads another GPU's memory (an illegal address). Every launch site (in ``kernels/`` and
+``strategies/vs_estimate/``) enters the tensors' device first."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton: the vertical-slash estimate in two passes over the keys, never holding the (L x N) probabilities.
 
-Contract (identical to :func:`patchattn.kernels.vs_estimate.naive.vertical_slash_scores_naive`, up to float
+Contract (identical to :func:`patchattn.strategies.vs_estimate.naive.vertical_slash_scores_naive`, up to float
 summation order):
 
     vertical_slash_scores_triton(q_last, k, scale, block_size, n_blocks) -> (vertical, slash)  # (B, H, n_blocks) fp32
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._device import launches_on_input_device
+from ...input_device import launches_on_input_device
 
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 1024  # chunks per (batch, head) are sized to give about this many programs

@@ -1,5 +1,7 @@
 """Import a kernel module (and so Triton) on first use, remembering why it failed if it did.
 
+Below both ``kernels/`` and ``strategies/`` (whose vertical-slash estimate has a Triton kernel of its own).
+
 Importing patchattn never imports Triton: the package works without it, and Triton's interpreter can still be
 switched on with TRITON_INTERPRET=1 before the first kernel call.
 """
