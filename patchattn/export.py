@@ -38,8 +38,9 @@ Sparse-attention version of `{source}` for long-context inference, made by
 | heads by strategy | {counts} |
 | calibration | {seq_len} tokens, target sparsity {target}, achieved {achieved} |
 
-Prefill runs each head's block layout through patchattn's sparse kernels (Triton on CUDA, PyTorch on
-CPU). Decoding: {decode}
+Prefill runs each head's block layout through patchattn's sparse kernels (Triton on CUDA). Where no sparse kernel
+runs (a CPU, float32) it prefills densely, since the PyTorch reference would be slower, and says so;
+`patchattn.load(..., backend="sparse")` runs the layouts there too. Decoding: {decode}
 
 ```python
 import patchattn
