@@ -28,13 +28,11 @@ from .backends import PATCH_BACKENDS, kernel_backend, quality_backend  # noqa: F
 from .compiled import CompiledRecipe, compile_recipe, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
 from .config_keys import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY  # noqa: F401  (imported from here too)
 from .errors import UnsupportedModelError
-from .prefill import layer_layout, prefill_attention, sparse_attention  # noqa: F401  (layer_layout: imported from here too)
+from .prefill import layer_layout, prefill_attention  # noqa: F401  (layer_layout: imported from here too)
 from .recipe import Recipe
-from .sliding_window import mask_for_patchattn, plain_sliding_prefill
+from .sliding_window import mask_for_patchattn
 
 logger = logging.getLogger(__name__)
-# The names scripts and tests import from here, from before these functions had modules of their own.
-_mask_for_patchattn, _plain_sliding_prefill, _sparse_attention = mask_for_patchattn, plain_sliding_prefill, sparse_attention
 
 DEFAULT_BACKEND = "auto"  # the backend of patch() and patched() when none is named (read at call time)
 _CAPTURE_HOOKS: list[Callable] = []

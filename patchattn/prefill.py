@@ -109,8 +109,10 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
         _say_dense_below(compiled, n_q)
         sparse_ok = False
     plan = compiled.layers[layer_idx] if sparse_ok else None
-    if plan is not None and not plan.all_dense and backend == "auto":
-        no_kernel = triton_prefill_unsupported(query, key, value, compiled.block_size, _bool_mask(attention_mask))
+    mask = None  # what the sparse kernels are given: the model's mask as booleans (a window is applied by size)
+    if plan is not None and not plan.all_dense:
+        mask = None if window else _bool_mask(attention_mask)
+        no_kernel = triton_prefill_unsupported(query, key, value, compiled.block_size, mask) if backend == "auto" else None
         if no_kernel is not None:  # the reference would lose to dense attention: dense, said once
             _say_no_kernel(compiled, no_kernel)
             plan = None
@@ -136,7 +138,7 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
         )
         if graphed is not None:
             return graphed(query, key, value).transpose(1, 2).contiguous()
-    out = sparse_attention(plan, query, key, value, block_size, scaling, backend, _bool_mask(attention_mask), layer_idx=layer_idx)
+    out = sparse_attention(plan, query, key, value, block_size, scaling, backend, mask, layer_idx=layer_idx)
     return out.transpose(1, 2).contiguous()
 
 

@@ -114,24 +114,23 @@ def test_model_window_with_padding_and_decode_keeps_the_models_mask():
 
 
 def test_mask_builder_leaves_out_only_a_plain_sliding_prefill():
-    import sys
-
     from transformers.masking_utils import sdpa_mask
 
-    patch_mod = sys.modules["patchattn.patch"]
+    from patchattn.sliding_window import mask_for_patchattn
+
     config = tiny_model("gemma3").config
     base = dict(batch_size=1, q_length=100, kv_length=100, q_offset=0, kv_offset=0, local_size=48, config=config)
     from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
     base["mask_function"] = and_masks(sliding_window_overlay(48), causal_mask_function)
-    assert patch_mod._mask_for_patchattn(**base) is None
+    assert mask_for_patchattn(**base) is None
     padded = torch.ones(1, 100, dtype=torch.bool)
     padded[0, :5] = False
     for change in (dict(attention_mask=padded), dict(q_length=1, q_offset=99), dict(allow_is_causal_skip=False), dict(local_size=64)):
-        out = patch_mod._mask_for_patchattn(**(base | change))
+        out = mask_for_patchattn(**(base | change))
         assert isinstance(out, torch.Tensor), change
         assert torch.equal(out, sdpa_mask(**(base | change)))
-    assert patch_mod._mask_for_patchattn(**(base | dict(local_size=None, mask_function=causal_mask_function))) is None  # full layer: causal skip
+    assert mask_for_patchattn(**(base | dict(local_size=None, mask_function=causal_mask_function))) is None  # full layer: causal skip
 
 
 def test_generate_prefill_sparse_decode_dense():

@@ -12,7 +12,8 @@ import torch
 from patchattn.calibrate import needle_probes, tokens_from_text
 from patchattn.models import load_model
 from patchattn.compiled import compiled_for
-from patchattn.patch import ATTN_NAME, capture, patched, _sparse_attention
+from patchattn.patch import ATTN_NAME, capture, patched
+from patchattn.prefill import sparse_attention
 from patchattn.recipe import Recipe
 from patchattn.text import load_text
 
@@ -66,7 +67,7 @@ for pi, probe in enumerate(probes):
                 continue
             q, k, v, scaling = qkv[li]
             with torch.no_grad():
-                o_sp = _sparse_attention(plan, q[:, :, :n], k[:, :, :n], v[:, :, :n], compiled.block_size, scaling, "torch")
+                o_sp = sparse_attention(plan, q[:, :, :n], k[:, :, :n], v[:, :, :n], compiled.block_size, scaling, "torch")
                 o_sp = o_sp.transpose(1, 2).reshape(1, n, -1)
                 delta = o_sp - outs[li].detach()[:, :n]
             ans_fo[li] += -(g_ans[order.index(li)][:, :n] * delta).sum() / len(probes)

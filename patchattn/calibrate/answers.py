@@ -18,19 +18,22 @@ from .probe import Probe, probe_scores
 
 
 class AnswerCheck:
-    """The probes' mean answer log-probability drop (nats, dense minus patched) of a recipe, measured once per plan."""
+    """The probes' mean answer log-probability drop (nats, dense minus patched) of a recipe, measured once per plan.
+    ``dense``: the probes' mean dense answer log-probability where it was measured already (the layer probes measure
+    it), else it is measured on first use."""
 
-    def __init__(self, model, probes: Sequence[Probe]):
-        self.model, self.probes = model, list(probes)
-        self._dense: list[float] | None = None
+    def __init__(self, model, probes: Sequence[Probe], dense: float | None = None):
+        self.model, self.probes, self._dense = model, list(probes), dense
         self._measured: dict[str, float] = {}
+
+    def _mean_answer_logprob(self) -> float:
+        return sum(probe_scores(self.model, p)[0] for p in self.probes) / len(self.probes)
 
     def drop(self, recipe: Recipe) -> float:
         key = recipe.plan_hash()
         if key not in self._measured:
             if self._dense is None:
-                self._dense = [probe_scores(self.model, p)[0] for p in self.probes]
+                self._dense = self._mean_answer_logprob()
             with patched(self.model, recipe, backend="sparse"):
-                sparse = [probe_scores(self.model, p)[0] for p in self.probes]
-            self._measured[key] = sum(d - s for d, s in zip(self._dense, sparse)) / len(self.probes)
+                self._measured[key] = self._dense - self._mean_answer_logprob()
         return self._measured[key]

@@ -108,11 +108,11 @@ def calibrate(
     per_kind = {kind: score_text(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
     scores = robust_scores(per_kind, options.robust)
     build = functools.partial(_build, model.config, scores, options)
-    probe_stats = None
+    probe_stats, dense_answers = None, None
     if probes:
         first = options.target_sparsity if options.max_loss is None else PROBE_TARGET
-        probe_stats = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
-    target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search)
+        probe_stats, dense_answers = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
+    target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search, dense_answers)
     recipe.calibration = _record(scores, target, options, text_name, quality, (texts, per_kind) if several else None)
     if probe_stats is not None:
         recipe.calibration["probe"] = probe_stats
@@ -121,11 +121,12 @@ def calibrate(
 
 
 def _allocate(model, scores: Scores, build, verifier: Verifier | None, options: CalibrationOptions,
-              probes: Sequence[Probe], on_search) -> tuple[float, Recipe, dict]:
-    """(target sparsity, its recipe, the search's record): the fixed target, or the sparsest within the loss bound."""
+              probes: Sequence[Probe], on_search, dense_answers: float | None = None) -> tuple[float, Recipe, dict]:
+    """(target sparsity, its recipe, the search's record): the fixed target, or the sparsest within the loss bound
+    (``dense_answers``: the probes' mean dense answer log-probability, when the layer probes measured it)."""
     if options.max_loss is None:
         return options.target_sparsity, build(scores.choose(options.target_sparsity)), {}
-    answers = _answer_check(model, probes, options.max_loss)
+    answers = _answer_check(model, probes, options.max_loss, dense_answers)
     return _search(scores, build, verifier, options, on_search, answers)
 
 
@@ -176,8 +177,9 @@ def _kv_plans(model, scores: Scores, options: CalibrationOptions, recipe: Recipe
 PROBE_TARGET = 0.8
 
 
-def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> dict:
-    """Weigh each free layer's utility by what ``first``'s plan for it cost the probes; the probe statistics."""
+def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> tuple[dict, float]:
+    """Weigh each free layer's utility by what ``first``'s plan for it cost the probes; (the probe statistics, the
+    probes' mean dense answer log-probability)."""
     sens = layer_sensitivity(model, first, probes, on_probe)
     weights = layer_weights(sens.answer_drop, sens.nll_rise)
     scores.utility = scores.utility * weights[scores.free][:, None, None].to(scores.utility.dtype)
@@ -188,15 +190,15 @@ def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Prob
         "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
         "layer_nll_rise": [round(float(d), 8) for d in sens.nll_rise],
         "layer_weight": [round(float(w), 4) for w in weights],
-    }
+    }, sens.dense_answer_logprob
 
 
-def _answer_check(model, probes: Sequence[Probe], bound: LossBound) -> AnswerCheck | None:
+def _answer_check(model, probes: Sequence[Probe], bound: LossBound, dense: float | None = None) -> AnswerCheck | None:
     """The probes' answers as a second measure of each candidate (where probes run); an answer bound without probes is
     refused."""
     if bound.answer is not None and not probes:
         raise OptionError("max_loss", f"{bound} bounds the layer probes' answers, but no probes run; ask for some (probes > 0)")
-    return AnswerCheck(model, probes) if probes else None
+    return AnswerCheck(model, probes, dense) if probes else None
 
 
 def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptions, on_search,
