@@ -21,7 +21,7 @@ import weakref
 
 import torch
 from transformers import __version__ as transformers_version
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from . import hf
 from .cache import HeadBudgetCache
@@ -55,11 +55,30 @@ def worth_budgeting(kv_plans, n_tokens: int) -> bool:
     return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
 
 
+def _prompt_masks(masks, n_tokens: int):
+    """The prefill's masks for a cache of its own length, from those generate built for a static cache's full length
+    (4D, one per layer type when the model mixes them): the first ``n_tokens`` key columns."""
+    if isinstance(masks, dict):
+        return {kind: _prompt_masks(m, n_tokens) for kind, m in masks.items()}
+    return masks[..., :n_tokens] if isinstance(masks, torch.Tensor) and masks.dim() == 4 else masks
+
+
+def _padding_of(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, N) real-token mask a 4D prefill mask (B, 1, N, N) implies: its last query row, which sees every real
+    key (boolean, or additive with 0 where it attends)."""
+    last = mask[:, 0, -1]
+    return last if last.dtype == torch.bool else last == 0
+
+
 def left_padding(attention_mask) -> tuple[bool, list[int] | None]:
     """Whether the head-budgeted cache takes a forward's ``attention_mask``, and each row's pad tokens on the left of
-    it (None: no padding; no mask or one not (B, N) counts as none). It takes a mask whose zeros all come before a
-    row's first real token (``generate``'s left padding); right padding or holes it does not. A host read, once per
-    new cache."""
+    it (None: no padding; no mask counts as none; a 4D mask from generate tells it by its last row). It takes a mask
+    whose zeros all come before a row's first real token (``generate``'s left padding); right padding or holes it
+    does not. A host read, once per new cache."""
+    if isinstance(attention_mask, dict):  # masks per layer type: the full-attention one sees the whole prompt
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1:
+        attention_mask = _padding_of(attention_mask)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or bool(attention_mask.all()):
         return True, None
     real = attention_mask.bool()
@@ -90,15 +109,18 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     last = getattr(model, REASON_ATTR, None)
     if cache is not None and last is not None and last[0]() is cache:  # a later step of a generation already told
         return None, last[1]
-    if cache is not None and type(cache) is not DynamicCache:
-        return None, ("given", f"the forward was given a {type(cache).__name__} (a cache_implementation or a cache passed "
-                               "in), which patchattn does not replace")
+    if cache is not None and not _fresh(cache):
+        return None, ("given", f"the forward was given a {type(cache).__name__} (a cache passed in, or a "
+                               "cache_implementation other than 'static'), which patchattn does not replace")
     if cache is not None and cache.get_seq_length() > 0:
-        return None, ("filled", "the forward was given a DynamicCache that already holds tokens (filled without the patch)")
+        return None, ("filled", f"the forward was given a {type(cache).__name__} that already holds tokens (filled "
+                                "without the patch)")
     prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
         return None, ("short", f"on a {prompt.shape[1]}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
                                "so the full cache (faster, no page headroom) is used")
+    if type(cache) is StaticCache:  # generate built its masks for the static cache's length: the prompt's part of them
+        kwargs["attention_mask"] = _prompt_masks(kwargs.get("attention_mask"), prompt.shape[1])
     left, pads = left_padding(kwargs.get("attention_mask"))
     if not left:
         return None, ("padded", f"{NOT_LEFT}: the head-budgeted KV cache takes left padding only, so the full cache is "
@@ -108,6 +130,17 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     kwargs.pop(name, None)
     kwargs[hf.cache_argument(model)] = budget
     return budget, None
+
+
+def _fresh(cache) -> bool:
+    """Whether ``cache`` is one transformers made for this call, which the budgeted cache may replace: the default
+    ``DynamicCache``, or the ``StaticCache`` of ``cache_implementation="static"`` (``generate`` builds it before the
+    prefill and its layers allocate nothing until their first tokens; the switch also sends the decode steps down
+    ``generate``'s compile path, which a patched model replays as CUDA graphs: :mod:`patchattn.decode_graphs`). A
+    cache the caller built and passed in (to ``generate`` or to a forward outside it) is theirs to keep."""
+    if type(cache) is DynamicCache:
+        return True
+    return type(cache) is StaticCache and not getattr(cache, "_is_user_defined", False) and hf.in_generate()
 
 
 def _decode_tokens(model, prompt) -> int | None:

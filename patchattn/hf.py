@@ -51,21 +51,28 @@ def output_cache(output):
     return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
 
 
+def _generation_config_in_stack(frame):
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_globals.get("__name__") == GENERATE_MODULE and frame.f_locals.get("generation_config") is not None:
+            return frame.f_locals["generation_config"]
+        frame = frame.f_back
+    return None
+
+
+def in_generate() -> bool:
+    """Whether a ``generate`` call runs the forward asking (its frame holds a ``generation_config``)."""
+    return _generation_config_in_stack(sys._getframe(1)) is not None
+
+
 def generation_new_tokens(prompt_tokens: int) -> int | None:
     """How many tokens the ``generate`` call running this forward may add after its ``prompt_tokens``-token prompt,
     or None when no ``generate`` runs it. transformers hands ``forward`` no length, so this reads the per-call
     ``generation_config`` from generate's own frame (its ``max_length`` is prompt + ``max_new_tokens`` by then); a
     stack without one gives None. Called once per new cache, not per step."""
-    frame = sys._getframe(1)
-    for _ in range(MAX_FRAMES):
-        if frame is None:
-            return None
-        if frame.f_globals.get("__name__") == GENERATE_MODULE:
-            max_length = getattr(frame.f_locals.get("generation_config"), "max_length", None)
-            if isinstance(max_length, int):
-                return max(0, max_length - prompt_tokens)
-        frame = frame.f_back
-    return None
+    max_length = getattr(_generation_config_in_stack(sys._getframe(1)), "max_length", None)
+    return max(0, max_length - prompt_tokens) if isinstance(max_length, int) else None
 
 
 def text_config(config):

@@ -23,7 +23,7 @@ from typing import Callable
 
 from transformers import AttentionInterface
 
-from . import cache_hooks, config_keys, graphs, hf
+from . import cache_hooks, config_keys, decode_graphs, graphs, hf
 from .backends import PATCH_BACKENDS, kernel_backend, quality_backend  # noqa: F401  (imported from here too)
 from .compiled import CompiledRecipe, compile_recipe, compiled_for  # noqa: F401  (CompiledRecipe: public here too)
 from .config_keys import ATTN_NAME, BACKEND_KEY, GRAPHS_KEY, ORIGINAL_KEY, RECIPE_KEY  # noqa: F401  (imported from here too)
@@ -96,6 +96,7 @@ def patch(model, recipe: Recipe, backend: str | None = None, cuda_graphs: bool |
     config_keys.write(model.config, compiled.data, backend, cuda_graphs)
     model.set_attn_implementation(ATTN_NAME)
     cache_hooks.install(model)
+    decode_graphs.install(model)
     logger.info("patched %s with recipe %r (%s)", type(model).__name__, recipe.name, recipe.strategy_counts())
     return model
 
@@ -108,6 +109,7 @@ def unpatch(model):
     config_keys.clear(config)
     model.set_attn_implementation(original)
     cache_hooks.remove(model)
+    decode_graphs.remove(model)
     return model
 
 
@@ -139,6 +141,7 @@ def patched(model, recipe: Recipe | None, backend: str | None = None, cuda_graph
     finally:
         if not had_hooks:
             cache_hooks.remove(model)
+            decode_graphs.remove(model)
         _drop_graphs(config)
         config_keys.restore(config, saved)
         model.set_attn_implementation(saved_impl)

@@ -48,6 +48,9 @@ class BudgetLayer(HeadPools, DynamicLayer):
     growing head has room for when the prefill ends (None: a little headroom, see :func:`.pools.headroom_tokens`)."""
 
     is_croppable = False
+    # generate's compile path takes it: its decode steps are fixed kernels over fixed buffers, which a patched model
+    # replays as a CUDA graph (patchattn.decode_graphs) instead of handing the forward to torch.compile
+    is_compileable = True
 
     def __init__(self, plans: list[KVPlan], page_tokens: int = PAGE_TOKENS, reserve_tokens: int | None = None):
         super().__init__()
@@ -100,12 +103,26 @@ class BudgetLayer(HeadPools, DynamicLayer):
             outs.append(self.decode_step(query[:, :, i], key_states[:, :, i], value_states[:, :, i], scale, backend))
         return outs[0][:, None] if len(outs) == 1 else torch.stack(outs, dim=1)
 
+    def room_for(self, n_tokens: int) -> bool:
+        """Whether ``n_tokens`` more decode tokens fit the pools as they are (no reallocation)."""
+        return self.keys is not None and n_tokens <= self.room_tokens
+
+    def advance_host(self, n_tokens: int) -> None:
+        """The host's share of ``n_tokens`` decode tokens whose device share a replayed graph does (count them, take
+        them off the room): what :meth:`update` and :meth:`attend` do in Python around the kernels."""
+        if not self.room_for(n_tokens):
+            raise RuntimeError(f"no room for {n_tokens} more tokens without reallocating: run the step eagerly")
+        self.seen += n_tokens
+        self.room_tokens -= n_tokens
+
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        """The prompt's mask is the prefill's; after it no mask is read (each head attends what it keeps, each row
+        past its own padding), so later calls get the smallest one, of a size that does not move from step to step."""
         n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.seen + n, 0
+        return (self.seen + n, 0) if self.keys is None else (1, 0)
 
     def get_max_length(self) -> int:
         return -1

@@ -1,0 +1,135 @@
+"""A patched model's decode steps in generate's compile path: replayed as one graph of the whole forward
+(:mod:`patchattn.decode_graphs`). On a CPU the graph is :class:`SimulatedGraph` (what a capture and a replay do to
+the cache's host and device state, without CUDA); on a GPU the real CUDA graph, 256 greedy tokens against eager."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import CompileConfig
+from transformers.cache_utils import StaticCache
+
+import patchattn
+from patchattn import decode_graphs, hf
+from patchattn.cache import HeadBudgetCache
+from patchattn.recipe import KVPlan, Recipe
+
+pytestmark = pytest.mark.internals  # generate's compile path: GenerationMixin.get_compiled_call and its memo
+ON_GPU = torch.cuda.is_available()
+
+
+def kv_recipe(model, quest_pages: int = 4):
+    """Per layer a Quest head (full cache, 4 pages read) and a streaming one (sink 4 + window 32)."""
+    recipe = Recipe.uniform(model.config, "dense")
+    n_kv = model.config.num_key_value_heads
+    plans = [KVPlan("full", decode_pages=quest_pages), KVPlan("window", sink_tokens=4, window_tokens=32)]
+    recipe.kv_layers = [[plans[h % 2] for h in range(n_kv)] for _ in recipe.layers]
+    return recipe
+
+
+def batch(n=140, rows=2, pad=7, seed=1, device="cpu"):
+    ids = torch.randint(0, 256, (rows, n), generator=torch.Generator().manual_seed(seed)).to(device)
+    mask = torch.ones_like(ids)
+    mask[rows - 1, :pad] = 0
+    return ids, mask
+
+
+def compile_everywhere() -> CompileConfig:
+    """generate takes its compile path on a CPU too (transformers' switch for devices it would not compile on)."""
+    config = CompileConfig()
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_generate_with_a_static_cache_replays_each_decode_step_and_matches_eager(arch, caplog):
+    """``cache_implementation="static"`` (the dense speed switch) gets the budgeted cache (the empty static cache
+    generate built is replaced before its prefill), and generate's compile path runs the runner: the first decode step
+    eagerly, every later one captured once and replayed, the tokens those of eager generate, a left-padded row included."""
+    model = tiny_model(arch)
+    ids, mask = batch()
+    with patchattn.patched(model, kv_recipe(model), backend="torch"):
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        with caplog.at_level(logging.INFO, logger="patchattn"):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, cache_implementation="static",
+                                 compile_config=compile_everywhere(), return_dict_in_generate=True)
+    cache = hf.output_cache(out)
+    assert isinstance(cache, HeadBudgetCache) and cache.get_seq_length() == 140 + 29
+    assert runner.paths == {"eager": 1, "graph": 28}
+    assert torch.equal(out.sequences, eager)
+    assert "replay as one CUDA graph of the whole model (batch 2)" in caplog.text
+    assert decode_graphs.runner_for(model) is None  # the patch left, and its runner with it
+
+
+def test_a_cache_without_reserved_room_grows_eagerly_and_captures_again():
+    """Outside generate the cache reserves only a little headroom: a step that would outgrow it runs eagerly (the pools
+    reallocate, elsewhere in memory) and the next captures a new graph; the tokens are those of eager steps."""
+    model = tiny_model("llama")
+    ids, _ = batch(n=100, rows=1)
+    recipe = kv_recipe(model)
+
+    def greedy(step_fn, steps=80):
+        cache = HeadBudgetCache.from_recipe(recipe, model.config)
+        out = model(ids, use_cache=True, **{hf.cache_argument(model): cache})
+        tokens = [out.logits[:, -1:].argmax(-1)]
+        for i in range(steps):
+            pos = torch.full((1, 1), 100 + i)
+            out = step_fn(input_ids=tokens[-1], position_ids=pos, use_cache=True, **{hf.cache_argument(model): cache})
+            tokens.append(out.logits[:, -1:].argmax(-1))
+        return torch.cat(tokens, 1), cache
+
+    with torch.no_grad(), patchattn.patched(model, recipe, backend="torch"):
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        eager, _ = greedy(model)
+        graphed, cache = greedy(runner)
+    assert torch.equal(graphed, eager)
+    assert runner.paths["eager"] >= 2 and runner.paths["graph"] >= 70  # the first step, then each growth
+    assert cache.get_seq_length() == 180
+
+
+def test_what_a_replay_cannot_give_runs_eagerly_and_says_why(caplog):
+    model = tiny_model("llama")
+    ids, _ = batch(n=100, rows=1)
+    with torch.no_grad(), patchattn.patched(model, kv_recipe(model), backend="torch"):
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        cache = HeadBudgetCache.from_recipe(kv_recipe(model), model.config, reserve_tokens=8)
+        model(ids, use_cache=True, **{hf.cache_argument(model): cache})
+        with caplog.at_level(logging.INFO, logger="patchattn"):
+            runner(input_ids=ids[:, :2], use_cache=True, **{hf.cache_argument(model): cache})
+            runner(input_ids=ids[:, :1], output_hidden_states=True, **{hf.cache_argument(model): cache})
+    assert runner.paths == {"eager": 2}
+    assert "not one new token per row" in caplog.text and "asks for attentions or hidden states" in caplog.text
+
+
+def test_a_static_cache_the_caller_built_is_theirs():
+    """Outside generate, a StaticCache passed to a patched forward is kept (and said), never replaced."""
+    model = tiny_model("llama")
+    ids, _ = batch(n=100, rows=1)
+    static = StaticCache(config=model.config, max_cache_len=128)
+    with patchattn.patched(model, kv_recipe(model), backend="torch"):
+        out = model(ids, use_cache=True, **{hf.cache_argument(model): static})
+    assert hf.output_cache(out) is static
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cuda_graph_decode_matches_eager_for_256_greedy_tokens(rows):
+    """The real graph on a GPU, bf16 with the Triton decode kernel: generate's compile path and eager generate give
+    the same 256 greedy tokens (a left-padded row among three included)."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids, mask = batch(n=300, rows=rows, pad=23 if rows > 1 else 0, device="cuda")
+    with patchattn.patched(model, kv_recipe(model, quest_pages=6), backend="auto"):
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=256, min_new_tokens=256, do_sample=False)
+        runner = decode_graphs.runner_for(model)
+        graphed = model.generate(ids, attention_mask=mask, max_new_tokens=256, min_new_tokens=256, do_sample=False,
+                                 cache_implementation="static")
+    assert runner.paths == {"eager": 1, "graph": 254}
+    assert torch.equal(graphed, eager)
