@@ -3,21 +3,26 @@
 GPU only; never part of the test suite. The caches are filled with random keys and values of the prompt length
 (decode speed does not depend on what the prompt said, and this skips a prefill per case):
 
-* dense: transformers' ``StaticCache`` (no per-step copy, unlike ``DynamicCache``'s concatenation) read by SDPA;
+* dense: transformers' ``StaticCache`` (no per-step copy, unlike ``DynamicCache``'s concatenation) read by SDPA,
+  eagerly and through generate's compile path (``torch.compile`` of the forward, mode reduce-overhead): the faster of
+  the two is the anchor;
 * patched: :class:`patchattn.cache.HeadBudgetCache` from a recipe whose KV plans are, per layer, half the KV
   heads streaming (sink 128 + window 4096) and half ``snapkv`` (12.5% of the prompt kept) or ``quest`` (full
-  cache, 12.5% of its pages read per step).
+  cache, 12.5% of its pages read per step), eagerly and replayed as one CUDA graph of the whole step
+  (:mod:`patchattn.decode_graphs`, what generate's compile path runs for a patched model).
 
-Two figures per case: the whole model's ms per generated token (wall clock per ``model(...)`` call after
-warm-up, synchronised, median of ``--steps`` steps: what a user of ``generate`` sees, host work included), and the
-attention alone per layer (cache write + attention of one decode token, ``triton.testing.do_bench`` median).
+Per case: each row's ms per generated token (wall clock per call after warm-up, synchronised, median of
+``--steps`` steps: what a user of ``generate`` sees, host work included), tokens/s, KV bytes held and read, the
+fraction of its floor ((weights + KV bytes the step reads) / the HBM copy bandwidth measured in the same run), and
+the attention alone per layer (cache write + attention of one decode token, ``triton.testing.do_bench`` median).
 
-    python benchmarks/decode.py --n 32768 131072 --batch 1 8 --out decode.json
+    python benchmarks/decode.py --n 8192 32768 131072 --batch 1 8 --out decode.json
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -25,7 +30,7 @@ import time
 import torch
 
 import patchattn
-from patchattn import hf
+from patchattn import decode_graphs, hf
 from patchattn.cache import HeadBudgetCache
 from patchattn.recipe import HeadPlan, KVPlan, Recipe
 
@@ -87,20 +92,64 @@ def fill_patched(model, recipe: Recipe, batch: int, n_tokens: int):
     return cache
 
 
+def step_inputs(model, ids, cache, n_tokens: int, i: int) -> dict:
+    pos = torch.tensor([n_tokens + i], device="cuda")
+    inputs = {"input_ids": ids, hf.cache_argument(model): cache, "position_ids": pos[None].expand(ids.shape[0], 1), "use_cache": True}
+    if "cache_position" in inspect.signature(type(model).forward).parameters:
+        inputs["cache_position"] = pos
+    return inputs
+
+
 @torch.no_grad()
-def time_steps(model, cache, batch: int, n_tokens: int, steps: int, warmup: int = 3) -> list[float]:
+def time_steps(model, cache, batch: int, n_tokens: int, steps: int, warmup: int = 3, call=None) -> list[float]:
+    """Wall-clock ms of each of ``steps`` decode steps after ``warmup`` (synchronised: what ``generate`` sees, host
+    work included). ``call``: what runs a step (default: the model's eager forward)."""
+    call = call or model
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
     times = []
     for i in range(warmup + steps):
-        pos = torch.tensor([n_tokens + i], device="cuda")
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model(input_ids=ids, **{hf.cache_argument(model): cache}, cache_position=pos, position_ids=pos[None].expand(batch, 1), use_cache=True)
+        out = call(**step_inputs(model, ids, cache, n_tokens, i))
         ids = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def compiled_forward(model):
+    """generate's own compile path for a static cache: ``torch.compile`` of the forward, mode reduce-overhead
+    (CUDA graphs), static shapes -- the dense anchor (transformers' CompileConfig defaults, fullgraph on)."""
+    return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def hbm_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device copy (read + write), measured in this run."""
+    import triton
+
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    del x, y
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def read_bytes(cache: HeadBudgetCache) -> int:
+    """KV bytes one decode step reads from the budgeted cache: each head's valid slots, a Quest head its picked
+    pages and every page's key bounds."""
+    total = 0
+    for layer in cache.layers:
+        dim, elem = layer.keys.shape[-1], layer.keys.element_size()
+        valid = layer.valid_t.to("cpu")  # (B, Hkv)
+        for h, policy in enumerate(layer.policies):
+            n = valid[:, h]
+            if policy.decode_pages > 0:
+                pages = (n + layer.page - 1) // layer.page
+                total += int((pages.clamp(max=policy.decode_pages) * layer.page * 2 + pages * 2).sum()) * dim * elem
+            else:
+                total += int(n.sum()) * 2 * dim * elem
+    return total
 
 
 def attention_only(config, batch: int, n_tokens: int, recipe: Recipe | None) -> float:
@@ -135,19 +184,75 @@ def attention_only(config, batch: int, n_tokens: int, recipe: Recipe | None) -> 
     return triton.testing.do_bench(step, return_mode="median")
 
 
+def dense_row(model, row: dict, batch: int, n_tokens: int, args, compiled) -> None:
+    """Dense SDPA over transformers' StaticCache: eager, and through generate's compile path."""
+    cache = fill_dense(model, batch, n_tokens, args.steps + 8)
+    row["dense_kv_bytes"] = cache_bytes(cache)
+    row["dense_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps))
+    if compiled is not None:
+        start = time.perf_counter()
+        row["dense_compiled_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=4, call=compiled))
+        row["dense_compiled_wall_s"] = round(time.perf_counter() - start, 1)  # compile and capture included
+    del cache
+    torch.cuda.empty_cache()
+    row["dense_attn_layer_ms"] = attention_only(model.config, batch, n_tokens, None)
+
+
+def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) -> None:
+    """The budgeted cache: eager steps, then the same cache's steps replayed as one CUDA graph of the whole model."""
+    recipe = recipe_for(model.config, kind, n_tokens)
+    patchattn.patch(model, recipe)
+    cache = fill_patched(model, recipe, batch, n_tokens)
+    row[f"{kind}_kv_bytes"] = cache.kv_bytes()
+    row[f"{kind}_read_bytes"] = read_bytes(cache)
+    row[f"{kind}_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps))
+    runner = decode_graphs.runner_for(model)
+    times = time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner)
+    row[f"{kind}_graph_ms"] = statistics.median(times)
+    row[f"{kind}_graph_paths"] = dict(runner.paths)
+    del cache
+    patchattn.unpatch(model)
+    torch.cuda.empty_cache()
+    row[f"{kind}_attn_layer_ms"] = attention_only(model.config, batch, n_tokens, recipe)
+
+
+def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
+    """Tokens/s, the anchor (the faster dense row), each row's speed-up over it and its fraction of its floor
+    ((weights + the KV bytes its step reads) / the bandwidth measured in this run)."""
+    dense = [row.get(k) for k in ("dense_ms", "dense_compiled_ms") if row.get(k)]
+    row["anchor_ms"] = min(dense) if dense else None
+    floor = lambda kv: (weights + kv) / bandwidth * 1e3  # noqa: E731
+    row["dense_floor_ms"] = floor(row["dense_kv_bytes"])
+    for key in ("dense_ms", "dense_compiled_ms"):
+        if row.get(key):
+            row[key.replace("_ms", "_floor_fraction")] = row["dense_floor_ms"] / row[key]
+    for kind in kinds:
+        if row.get(f"{kind}_ms") is None:
+            continue
+        row[f"{kind}_floor_ms"] = floor(row[f"{kind}_read_bytes"])
+        for key in (f"{kind}_ms", f"{kind}_graph_ms"):
+            row[key.replace("_ms", "_tokens_per_s")] = row["batch"] * 1e3 / row[key]
+            row[key.replace("_ms", "_floor_fraction")] = row[f"{kind}_floor_ms"] / row[key]
+            if row["anchor_ms"]:
+                row[key.replace("_ms", "_speedup")] = row["anchor_ms"] / row[key]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["snapkv", "quest"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the dense compiled row (its compiles take minutes)")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()
 
     model = random_model(args.layers)
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = hbm_bandwidth()
+    compiled = None if args.no_compile else compiled_forward(model)
     dense_per_token = 2 * args.layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
     rows = []
     for n_tokens in args.n:
@@ -155,48 +260,37 @@ def main():
             row = {"n": n_tokens, "batch": batch, "layers": args.layers}
             dense_bytes = batch * n_tokens * dense_per_token
             if weights + dense_bytes * 1.05 < GPU_BYTES_LIMIT:
-                cache = fill_dense(model, batch, n_tokens, args.steps + 8)
-                row["dense_kv_bytes"] = cache_bytes(cache)
-                row["dense_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps))
-                del cache
-                torch.cuda.empty_cache()
-                row["dense_attn_layer_ms"] = attention_only(config, batch, n_tokens, None)
+                dense_row(model, row, batch, n_tokens, args, compiled)
             else:
                 row["dense_kv_bytes"] = dense_bytes
                 row["dense_ms"] = None  # does not fit this GPU beside the weights
             for kind in args.kinds:
                 estimate = dense_bytes * (0.5 + 0.5 * (1 + 2 / 16) if kind == "quest" else 0.2)
                 if weights + estimate * 1.1 > GPU_BYTES_LIMIT:
-                    row[f"{kind}_kv_bytes"], row[f"{kind}_ms"], row[f"{kind}_attn_layer_ms"] = int(estimate), None, None
+                    row[f"{kind}_kv_bytes"], row[f"{kind}_ms"] = int(estimate), None
                     continue
-                recipe = recipe_for(config, kind, n_tokens)
-                patchattn.patch(model, recipe)
-                cache = fill_patched(model, recipe, batch, n_tokens)
-                row[f"{kind}_kv_bytes"] = cache.kv_bytes()
-                row[f"{kind}_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps))
-                del cache
-                patchattn.unpatch(model)
-                torch.cuda.empty_cache()
-                row[f"{kind}_attn_layer_ms"] = attention_only(config, batch, n_tokens, recipe)
+                patched_row(model, row, kind, batch, n_tokens, args)
+            add_ratios(row, args.kinds, weights, bandwidth)
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bandwidth_GBps": bandwidth / 1e9,
+                           "weights_bytes": weights, "rows": rows}, f, indent=1)
 
-    print(f"\n{'N':>7} {'B':>2} | {'dense ms/tok':>12} {'KV GB':>6} | " + " | ".join(f"{k:>6} ms/tok  KV GB  speed-up  KV cut  attn/layer ms (dense)" for k in args.kinds))
+    print(f"\nHBM copy bandwidth {bandwidth / 1e9:.0f} GB/s; ms per token (fraction of its floor) [speed-up over the anchor]")
+    print(f"{'N':>7} {'B':>2} | {'dense eager':>16} {'dense compiled':>16} | "
+          + " | ".join(f"{k + ' eager':>22} {k + ' graph':>22} {'KV cut':>6}" for k in args.kinds))
+    fmt = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.2f} ({r.get(key.replace('_ms', '_floor_fraction'), float('nan')):.2f})"  # noqa: E731
     for r in rows:
-        line = f"{r['n']:>7} {r['batch']:>2} | {r['dense_ms'] or float('nan'):>12.2f} {r['dense_kv_bytes'] / 1e9:>6.2f} | "
+        line = f"{r['n']:>7} {r['batch']:>2} | {fmt(r, 'dense_ms'):>16} {fmt(r, 'dense_compiled_ms'):>16} | "
         parts = []
         for k in args.kinds:
-            if r[f"{k}_ms"] is None:
-                parts.append(f"{'does not fit':>13}")
+            if r.get(f"{k}_ms") is None:
+                parts.append(f"{'does not fit':>52}")
                 continue
-            speed = (r["dense_ms"] / r[f"{k}_ms"]) if r["dense_ms"] else float("nan")
             cut = 1 - r[f"{k}_kv_bytes"] / r["dense_kv_bytes"]
-            parts.append(
-                f"{r[f'{k}_ms']:>13.2f} {r[f'{k}_kv_bytes'] / 1e9:>6.2f} {speed:>8.2f}x {cut:>7.1%} "
-                f"{r[f'{k}_attn_layer_ms']:.3f} ({r.get('dense_attn_layer_ms', float('nan')):.3f})"
-            )
+            parts.append(" ".join(f"{fmt(r, key) + ' [' + format(r.get(key.replace('_ms', '_speedup'), float('nan')), '.2f') + 'x]':>22}"
+                                  for key in (f"{k}_ms", f"{k}_graph_ms")) + f" {cut:>6.1%}")
         print(line + " | ".join(parts))
 
 

@@ -55,30 +55,24 @@ def worth_budgeting(kv_plans, n_tokens: int) -> bool:
     return sum(p.kept_tokens(n_tokens) for p in plans) <= MAX_KV_KEPT * n_tokens * len(plans)
 
 
-def _prompt_masks(masks, n_tokens: int):
-    """The prefill's masks for a cache of its own length, from those generate built for a static cache's full length
-    (4D, one per layer type when the model mixes them): the first ``n_tokens`` key columns."""
+def _prompt_padding(masks, n_tokens: int):
+    """The (B, N) real-token mask of a prompt, from the 4D masks generate built for a static cache's full length (one
+    per layer type when the model mixes them), so that the model builds the prefill's mask for the budgeted cache:
+    a key is real where its own query row attends it (the diagonal: causal and window masks both keep it; padding
+    clears it). Anything else is returned as it is."""
     if isinstance(masks, dict):
-        return {kind: _prompt_masks(m, n_tokens) for kind, m in masks.items()}
-    return masks[..., :n_tokens] if isinstance(masks, torch.Tensor) and masks.dim() == 4 else masks
-
-
-def _padding_of(mask: torch.Tensor) -> torch.Tensor:
-    """The (B, N) real-token mask a 4D prefill mask (B, 1, N, N) implies: its last query row, which sees every real
-    key (boolean, or additive with 0 where it attends)."""
-    last = mask[:, 0, -1]
-    return last if last.dtype == torch.bool else last == 0
+        masks = next(iter(masks.values()), None)
+    if not (isinstance(masks, torch.Tensor) and masks.dim() == 4 and masks.shape[-2] == n_tokens):
+        return masks
+    diagonal = torch.diagonal(masks[:, 0, :, :n_tokens], dim1=-2, dim2=-1)
+    return (diagonal if diagonal.dtype == torch.bool else diagonal == 0).long()
 
 
 def left_padding(attention_mask) -> tuple[bool, list[int] | None]:
     """Whether the head-budgeted cache takes a forward's ``attention_mask``, and each row's pad tokens on the left of
-    it (None: no padding; no mask counts as none; a 4D mask from generate tells it by its last row). It takes a mask
-    whose zeros all come before a row's first real token (``generate``'s left padding); right padding or holes it
-    does not. A host read, once per new cache."""
-    if isinstance(attention_mask, dict):  # masks per layer type: the full-attention one sees the whole prompt
-        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1:
-        attention_mask = _padding_of(attention_mask)
+    it (None: no padding; no mask or one not (B, N) counts as none). It takes a mask whose zeros all come before a
+    row's first real token (``generate``'s left padding); right padding or holes it does not. A host read, once per
+    new cache."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or bool(attention_mask.all()):
         return True, None
     real = attention_mask.bool()
@@ -119,8 +113,8 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
         return None, ("short", f"on a {prompt.shape[1]}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
                                "so the full cache (faster, no page headroom) is used")
-    if type(cache) is StaticCache:  # generate built its masks for the static cache's length: the prompt's part of them
-        kwargs["attention_mask"] = _prompt_masks(kwargs.get("attention_mask"), prompt.shape[1])
+    if type(cache) is StaticCache:  # generate built its masks for the static cache's length
+        kwargs["attention_mask"] = _prompt_padding(kwargs.get("attention_mask"), prompt.shape[1])
     left, pads = left_padding(kwargs.get("attention_mask"))
     if not left:
         return None, ("padded", f"{NOT_LEFT}: the head-budgeted KV cache takes left padding only, so the full cache is "

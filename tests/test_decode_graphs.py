@@ -133,3 +133,21 @@ def test_cuda_graph_decode_matches_eager_for_256_greedy_tokens(rows):
                                  cache_implementation="static")
     assert runner.paths == {"eager": 1, "graph": 254}
     assert torch.equal(graphed, eager)
+
+
+def test_eval_says_how_the_decode_steps_ran():
+    """measure_speed records the decode path of its timed runs: eager on a CPU (transformers compiles on accelerators
+    only), "cuda-graph" once the runner replays."""
+    from patchattn.eval.tasks import decode_path, measure_speed
+
+    model = tiny_model("llama")
+    ids, _ = batch(n=200, rows=1)
+    with patchattn.patched(model, kv_recipe(model), backend="torch"):
+        result = measure_speed(model, ids[0].tolist(), decode_tokens=4, repeats=1)
+        runner = decode_graphs.runner_for(model)
+        before = dict(runner.paths)
+        runner.paths.update({"eager": 1, "graph": 3})
+        graphed = decode_path(model, torch.device("cuda"), before)
+    assert result.decode_path == "eager" and result.kv_cache == "budgeted"
+    assert graphed == "cuda-graph"
+    assert decode_path(model, torch.device("cpu"), {}) == "eager"

@@ -277,7 +277,7 @@ class _VariantRun:
             row.update(
                 ms_per_token=speed.ms_per_token, ms_per_token_runs=speed.ms_per_token_runs,
                 decode_tokens=SPEED_DECODE_TOKENS, peak_bytes=speed.peak_bytes, peak_memory=speed.peak_memory,
-                device=speed.device,
+                device=speed.device, decode=speed.decode_path,
             )
         return row
 

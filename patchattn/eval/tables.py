@@ -160,11 +160,13 @@ def speed_table(results: dict) -> ReportTable | None:
     note = (
         f"{device_label(results)}. Medians of {runs or 'several'} timed runs after a warm-up run"
         + (f"; ms per token over {decode} generated tokens after the first" if decode else "")
-        + ". Brackets: times faster than dense, or KV cache change."
+        + ". Decode: how the steps ran (cuda-graph: a patched model's whole step replayed; torch.compile: generate's "
+        "compile path for a static cache; eager)."
+        + " Brackets: times faster than dense, or KV cache change."
     )
     if "process_rss" in kinds:
         note += " Peak process RSS is the whole process's resident memory during one generation (weights included)."
-    table = ReportTable(f"Speed and memory — {device_label(results)}", ["length", "variant", "time to first token (ms)", "ms per generated token", peak_title, "KV cache"], note=note)
+    table = ReportTable(f"Speed and memory — {device_label(results)}", ["length", "variant", "time to first token (ms)", "ms per generated token", "decode", peak_title, "KV cache"], note=note)
     for row in sorted(speed, key=lambda r: (r["length"], list(results["variants"]).index(r["variant"]) if r["variant"] in results["variants"] else 0)):
         b = None if row["variant"] == BASELINE else base.get(row["length"])
         table.rows.append([
@@ -172,6 +174,7 @@ def speed_table(results: dict) -> ReportTable | None:
             row["variant"],
             f"{row['value']:.1f}" + fmt_speedup(row["value"], b and b["value"]),
             "–" if row.get("ms_per_token") is None else f"{row['ms_per_token']:.2f}" + fmt_speedup(row["ms_per_token"], b and b.get("ms_per_token")),
+            row.get("decode") or "–",
             fmt_bytes(row.get("peak_bytes")),
             fmt_kv([row], b and b.get("kv_bytes")),
         ])

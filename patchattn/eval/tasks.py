@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import hf
+from .. import decode_graphs, hf
 from ..cache_hooks import kv_cache_status
 from .haystack import Prompt, _stream, score
 
@@ -147,6 +147,7 @@ class SpeedResult:
     ttft_runs_ms: list[float]  # each timed run's, warm-up excluded
     ms_per_token_runs: list[float]  # each timed run's, warm-up excluded
     kv_cache: str | None = None  # as NeedleResult.kv_cache
+    decode_path: str = "eager"  # how the decode steps ran: "cuda-graph", "torch.compile" or "eager" (see decode_path)
 
 
 def _sync(device) -> None:
@@ -215,14 +216,34 @@ class _TokenClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _decode_counts(model) -> dict:
+    runner = decode_graphs.runner_for(model)
+    return dict(runner.paths) if runner is not None else {}
+
+
+def decode_path(model, device, before: dict) -> str:
+    """How the decode steps of the generation since ``before`` (:func:`_decode_counts`) ran: "cuda-graph" (a patched
+    model's steps replayed, :mod:`patchattn.decode_graphs`), "torch.compile" (generate's compile path: transformers'
+    own, for a dense model or a patched one whose cache was not budgeted) or "eager"."""
+    runner = decode_graphs.runner_for(model)
+    if runner is not None:
+        ran = {k: n - before.get(k, 0) for k, n in runner.paths.items() if n > before.get(k, 0)}
+        return "cuda-graph" if ran.get("graph") else "torch.compile" if ran.get("compiled") else "eager"
+    compiled = device.type == "cuda" and callable(getattr(model, "_compiled_call", None))
+    return "torch.compile" if compiled else "eager"
+
+
 @torch.no_grad()
-def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3) -> SpeedResult:
+def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3, fast_decode: bool = True) -> SpeedResult:
     """Time to first token, ms per generated token and peak memory of one prompt, each the median of ``repeats``
     greedy generations of ``1 + decode_tokens`` tokens after one warm-up generation (not counted).
 
     Both times come from the same ``generate`` call, through the model's own cache: the time to first token runs
     from the call to the first token (prefill, cache set-up, first token), ms per token is the mean gap between the
-    tokens after it."""
+    tokens after it. On a GPU each model decodes at its fastest, through generate's compile path (a static cache:
+    transformers' ``torch.compile`` for a dense model, CUDA graphs of the whole step for a patched one), and
+    ``decode_path`` says which ran; the warm-up run pays for the compile and the capture. ``fast_decode=False``:
+    eager steps over transformers' default cache (a patched model: its budgeted one), for comparison."""
     import statistics
     import time
 
@@ -233,16 +254,20 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
     n_new = decode_tokens + 1
     greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0,
                   max_new_tokens=n_new, min_new_tokens=n_new)
+    if fast_decode and device.type == "cuda":  # each model at its fastest: generate's compile path (dense: torch.compile; patched: graphs)
+        greedy["cache_implementation"] = "static"
     memory = _PeakMemory(device)
     ttft_runs, per_token_runs, peaks, kv, kv_cache = [], [], [], None, None
     for run in range(repeats + 1):  # run 0 is the warm-up
         clock = _TokenClock(device)
         memory.reset()
         _sync(device)
+        before = _decode_counts(model)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), stopping_criteria=clock.criteria, **greedy)
         if run == 0:
             continue
+        path = decode_path(model, device, before)
         ttft_runs.append((clock.times[0] - start) * 1e3)
         per_token_runs.append((clock.times[-1] - clock.times[0]) * 1e3 / (len(clock.times) - 1))
         peaks.append(memory.peak_bytes())
@@ -259,4 +284,5 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
         ttft_runs_ms=[round(x, 3) for x in ttft_runs],
         ms_per_token_runs=[round(x, 3) for x in per_token_runs],
         kv_cache=kv_cache,
+        decode_path=path,
     )
