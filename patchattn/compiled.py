@@ -48,6 +48,7 @@ class LayerPlan:
     all_dense: bool
     dense_rows: int = 0  # the recipe's dense prefix, in query blocks
     density: float | None = None  # the heads' mean calibrated density (None when the recipe has none)
+    min_tokens: int = 0  # shorter prompts prefill this layer densely: the recipe's min_sparse_tokens or its break-even
 
 
 class CompiledRecipe:
@@ -59,7 +60,8 @@ class CompiledRecipe:
         self.data = recipe.to_dict() if data is None else data
         self.block_size = recipe.block_size
         self.layers: list[LayerPlan] = []
-        for heads in recipe.layers:
+        break_even = recipe.layer_min_tokens or [0] * len(recipe.layers)
+        for heads, layer_min in zip(recipe.layers, break_even):
             by_kind: dict[type[Strategy], list[tuple[int, Strategy]]] = {}
             for h, plan in enumerate(heads):
                 strategy = plan.build()
@@ -70,13 +72,15 @@ class CompiledRecipe:
             ]
             known = [plan.density for plan in heads if plan.density is not None]
             density = sum(known) / len(known) if known and len(known) == len(heads) else None
-            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density))
+            self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density,
+                                         max(recipe.min_sparse_tokens, layer_min)))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
         self.reset_notices()
 
     def reset_notices(self) -> None:
         """A new patch with this recipe: what the attention function says once per patch may be said again."""
         self.said_dense_below = False  # whether a prompt under min_sparse_tokens was said to prefill densely
+        self.said_break_even: set[int] = set()  # prompt lengths already said to prefill some layers densely (break-even)
         self.said_no_kernel = False  # whether a prefill the kernels could not take was said to run dense
 
 

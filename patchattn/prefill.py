@@ -86,6 +86,18 @@ def _say_dense_below(compiled: CompiledRecipe, n_tokens: int) -> None:
                    recipe.name or "(unnamed)", recipe.min_sparse_tokens, why)
 
 
+def _say_break_even(compiled: CompiledRecipe, n_tokens: int) -> None:
+    """Once per patch and prompt length: the layers that prefill densely because the prompt is under their break-even
+    on this device (:mod:`patchattn.calibrate.breakeven`)."""
+    if n_tokens in compiled.said_break_even or len(compiled.said_break_even) > 64:
+        return
+    compiled.said_break_even.add(n_tokens)
+    dense = [i for i, layer in enumerate(compiled.layers) if not layer.all_dense and n_tokens < layer.min_tokens]
+    logger.info("patchattn: a %d-token prompt is under the prefill break-even of %d layer(s) (%s): they prefill densely, "
+                "where sparsity would cost more than it saves on the device the recipe was calibrated on", n_tokens,
+                len(dense), ", ".join(map(str, dense[:12])) + (" ..." if len(dense) > 12 else ""))
+
+
 def _say_no_kernel(compiled: CompiledRecipe, reason: str) -> None:
     """Once per patch: the sparse kernels cannot take this prefill, so it runs dense (backend "auto")."""
     if compiled.said_no_kernel:
@@ -107,6 +119,9 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
     if sparse_ok and n_q < compiled.recipe.min_sparse_tokens:
         _say_dense_below(compiled, n_q)
+        sparse_ok = False
+    elif sparse_ok and n_q < compiled.layers[layer_idx].min_tokens:
+        _say_break_even(compiled, n_q)
         sparse_ok = False
     plan = compiled.layers[layer_idx] if sparse_ok else None
     mask = None  # what the sparse kernels are given: the model's mask as booleans (a window is applied by size)

@@ -73,7 +73,7 @@ def test_recipe_not_json(tmp_path):
         Recipe.load(path)
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.load(tmp_path / "missing.json")
-    assert SCHEMA_VERSION == 2  # schema 1 recipes (no KV plans) still load: tests/test_cache.py
+    assert SCHEMA_VERSION == 3  # schema 1 recipes (no KV plans) still load: tests/test_cache.py
 
 
 def _mixed_recipe_data() -> dict:

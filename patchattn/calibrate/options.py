@@ -52,6 +52,7 @@ class CalibrationOptions:
     texts: tuple[str, ...] = ()
     kinds: tuple[str, ...] | None = None
     robust: str = "worst"
+    break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))

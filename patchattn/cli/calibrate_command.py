@@ -46,6 +46,7 @@ def calibrate(
     probes: Optional[int] = typer.Option(
         None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to the answer and to the text's likelihood; the allocation is then weighed by both. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
     ),
+    break_even: bool = typer.Option(True, "--break-even/--no-break-even", help="On a GPU, time each layer's sparse prefill against dense attention at the calibration length, its half and its quarter, and prefill a layer densely below the length where its sparse path stops losing (written into the recipe per layer). Nothing is timed on a CPU."),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -66,7 +67,7 @@ def calibrate(
             seq_len=seq_len, block_size=block_size, strategies=_comma_list(strategies), objective=objective, n_rows=rows,
             kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
             dense_prefix_tokens=dense_prefix_tokens, probes=probes, min_sparse_tokens=min_sparse_tokens, seed=seed,
-            texts=tuple(text), kinds=None if kinds is None else _comma_list(kinds), robust=robust,
+            texts=tuple(text), kinds=None if kinds is None else _comma_list(kinds), robust=robust, break_even=break_even,
         )
         heat = heatmap or output.with_suffix(".png")
         _check_outputs({"--output": output, "--heatmap": heat, "--baseline-output": baseline_output})
@@ -134,7 +135,7 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
         def on_search(step) -> None:
             progress.update(search_task, advance=1, description=(
                 f"searching for {options.max_loss}: target {step.target:.3f} gave {100 * step.loss:+.2f}%"))
-        return run_calibration(
+        recipe = run_calibration(
             lm,
             input_ids,
             target_sparsity=options.target_sparsity,
@@ -158,6 +159,24 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
             on_probe=lambda layer: progress.advance(probe_task),
             robust=options.robust,
         )
+    _fit_break_even(lm, recipe, first_ids, options)
+    return recipe
+
+
+def _fit_break_even(lm, recipe, first_ids, options) -> None:
+    """On a GPU (and unless --no-break-even): each layer's prefill break-even, timed on the first text."""
+    from ..calibrate.breakeven import break_even_lengths, fit_break_even
+
+    on_gpu = next(lm.parameters()).device.type == "cuda"
+    if not options.break_even or not on_gpu:
+        if options.break_even:
+            console.print("[dim]no prefill break-even timed on a CPU (a patched model prefills densely there by default)[/]")
+        return
+    lengths = break_even_lengths(first_ids.shape[1])
+    if not lengths or all(h.strategy == "dense" for layer in recipe.layers for h in layer):
+        return
+    with console.status(f"timing each layer's prefill, sparse against dense, at {', '.join(map(str, lengths))} tokens"):
+        recipe.calibration["break_even"] = fit_break_even(lm, recipe, first_ids.to(lm.device), lengths)
 
 
 def _save(recipe, output: Path, heat: Path, baseline_output: Optional[Path]) -> None:

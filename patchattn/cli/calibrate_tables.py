@@ -16,10 +16,15 @@ def _print_recipe(recipe) -> None:
     probe = recipe.calibration.get("probe")
     caption = ("answer / NLL: what the layer's first-pass plan alone cost the probes (drop of the answer's log-probability, "
                "rise of the text's NLL a token); weight: the layer's utility weight in the second allocation") if probe else None
+    if recipe.layer_min_tokens:
+        device = recipe.calibration.get("break_even", {}).get("device", "this device")
+        caption = ((caption + "; ") if caption else "") + (f"dense below: prompts shorter than this prefill the layer densely "
+                                                            f"(its sparse path lost to dense attention on {device})")
     table = Table(title=f"recipe {recipe.name}: per-layer choice", show_lines=False, caption=caption)
     rises = probe.get("layer_nll_rise") if probe else None  # recipes probed before the NLL term have none
     probe_cols = (("answer", *(("NLL",) if rises else ()), "weight") if probe else ())
-    columns = ("layer", "density", "kept mass", "output err", *probe_cols, "strategies")
+    break_even = recipe.layer_min_tokens
+    columns = ("layer", "density", "kept mass", "output err", *probe_cols, *(("dense below",) if break_even else ()), "strategies")
     for col in columns:
         table.add_column(col, justify="right" if col != "strategies" else "left")
     windows = recipe.calibration.get("model_windows", {})
@@ -34,6 +39,7 @@ def _print_recipe(recipe) -> None:
             f"{mean([h.kept_mass for h in heads]):.3f}",
             f"{mean([h.output_error for h in heads]):.3f}",
             *((f"{probe['layer_drop'][li]:+.3f}", *((f"{rises[li]:+.4f}",) if rises else ()), f"{probe['layer_weight'][li]:.2f}") if probe else ()),
+            *((f"{break_even[li]}" if break_even[li] else "–",) if break_even else ()),
             f"the model's own window of {windows[str(li)]}" if str(li) in windows else ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         )
     console.print(table)

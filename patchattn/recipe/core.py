@@ -33,6 +33,9 @@ class Recipe:
     # The first this many tokens' query rows read every causal block (they are cheap: (W / N)^2 of the blocks) and
     # token budgets calibrated at N starve them otherwise. Calibration counts it in the density it allocates.
     dense_prefix_tokens: int = 0
+    # Per layer, this device's prefill break-even: prompts shorter than it prefill that layer densely (fitted by
+    # calibration on a GPU, patchattn.calibrate.breakeven). None: every layer follows min_sparse_tokens alone.
+    layer_min_tokens: list[int] | None = None
 
     def dense_prefix_rows(self) -> int:
         return num_blocks(self.dense_prefix_tokens, self.block_size)
@@ -99,6 +102,7 @@ class Recipe:
             "kv": [[p.to_dict() for p in layer] for layer in self.kv_plans()],  # written out or implied: the same
             "min_sparse_tokens": self.min_sparse_tokens,
             "dense_prefix_tokens": self.dense_prefix_tokens,
+            **({"layer_min_tokens": self.layer_min_tokens} if self.layer_min_tokens else {}),
         }
         return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -116,14 +120,16 @@ class Recipe:
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self.layer_min_tokens else 2,  # the oldest that says it all
             "name": self.name,
             "model": dict(self.model),
             "block_size": self.block_size,
             "calibration": self.calibration,
             "layers": [
-                {"heads": [h.to_dict() for h in layer], **({"kv_heads": [p.to_dict() for p in kv]} if kv is not None else {})}
-                for layer, kv in zip(self.layers, self.kv_layers or [None] * len(self.layers))
+                {"heads": [h.to_dict() for h in layer], **({"kv_heads": [p.to_dict() for p in kv]} if kv is not None else {}),
+                 **({"min_sparse_tokens": m} if m else {})}
+                for layer, kv, m in zip(self.layers, self.kv_layers or [None] * len(self.layers),
+                                        self.layer_min_tokens or [0] * len(self.layers))
             ],
             **({"min_sparse_tokens": self.min_sparse_tokens} if self.min_sparse_tokens else {}),
             **({"dense_prefix_tokens": self.dense_prefix_tokens} if self.dense_prefix_tokens else {}),
@@ -163,10 +169,11 @@ class Recipe:
         if not isinstance(name, str):
             raise ValueError(f"name must be a string, not {shown(name)}")
         check_calibration(calibration, model["num_layers"])
-        layers, kv_layers = _parse_layers(data["layers"], model)
+        layers, kv_layers, layer_min = _parse_layers(data["layers"], model)
         return cls(
             model=model, layers=layers, block_size=block_size, calibration=calibration, name=name,
             kv_layers=kv_layers, min_sparse_tokens=min_sparse, dense_prefix_tokens=dense_prefix,
+            layer_min_tokens=layer_min if any(layer_min) else None,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -192,17 +199,20 @@ class Recipe:
         return recipe
 
 
-def _parse_layers(layers_data: Any, model: dict[str, Any]) -> tuple[list[list[HeadPlan]], list[list[KVPlan]] | None]:
-    """The recipe's ``layers``: per layer, its head plans and (all layers or none) its KV plans; ValueError saying
-    where on counts that disagree with the recipe's own (checked) model description or a malformed plan."""
+def _parse_layers(layers_data: Any, model: dict[str, Any]) -> tuple[list[list[HeadPlan]], list[list[KVPlan]] | None, list[int]]:
+    """The recipe's ``layers``: per layer, its head plans, (all layers or none) its KV plans and its break-even
+    (0 where none is given); ValueError saying where on counts that disagree with the recipe's own (checked) model
+    description or a malformed plan."""
     if not isinstance(layers_data, list):
         raise ValueError(f"layers must be a list, not {shown(layers_data)}")
     n_layers, n_heads, n_kv = model["num_layers"], model["num_heads"], model["num_kv_heads"]
     if len(layers_data) != n_layers:
         raise ValueError(f"layer/head counts do not match its own model description: {len(layers_data)} layers, num_layers {n_layers}")
-    layers, kv_layers = [], []
+    layers, kv_layers, layer_min = [], [], []
     for li, layer in enumerate(layers_data):
-        json_fields(layer, f"layer {li}", required=("heads",), optional=("kv_heads",))
+        json_fields(layer, f"layer {li}", required=("heads",), optional=("kv_heads", "min_sparse_tokens"))
+        layer_min.append(layer.get("min_sparse_tokens", 0))
+        check_int(f"layer {li} min_sparse_tokens", layer_min[-1])
         heads = layer["heads"]
         if not isinstance(heads, list) or len(heads) != n_heads:
             raise ValueError(f"layer/head counts do not match its own model description: layer {li} heads must be a list of "
@@ -215,7 +225,7 @@ def _parse_layers(layers_data: Any, model: dict[str, Any]) -> tuple[list[list[He
             kv_layers.append([_kv_plan(plan, f"layer {li} kv head {ki}") for ki, plan in enumerate(kv)])
     if kv_layers and len(kv_layers) != len(layers):
         raise ValueError(f"kv_heads must be given for every layer, one per KV head ({n_kv}), or for none")
-    return layers, kv_layers or None
+    return layers, kv_layers or None, layer_min
 
 
 def _kv_plan(data: Any, where: str) -> KVPlan:

@@ -9,8 +9,9 @@ from typing import Any
 from ..checks import check_int, check_number, shown
 from ..strategies import get_strategy
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 3: a layer may name its own min_sparse_tokens (the device's break-even); recipes without one are
+# still written as 2, which older patchattn reads
+READABLE_VERSIONS = (1, 2, 3)
 # Calibration writes float32 statistics rounded to 6 places: a fraction of the whole may land a hair above 1.
 FRACTION_ROUNDING = 1e-3
 

@@ -1,0 +1,81 @@
+"""Each layer's prefill break-even (patchattn.calibrate.breakeven): where the crossing lands, how a recipe keeps it,
+and that a prompt under a layer's break-even prefills that layer densely and the others sparse. The timings here
+are a cost model handed in (the real ones are GPU wall clocks, taken by `patchattn calibrate` on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import patchattn
+from patchattn.calibrate.breakeven import break_even_lengths, crossing, fit_break_even
+from patchattn.recipe import HeadPlan, Recipe, RecipeError
+from patchattn.stats import record_sparsity
+
+
+def test_the_crossing_is_interpolated_on_log_length():
+    assert crossing([1024, 2048, 4096], [1, 2, 4], [0.5, 1, 2]) == 0  # never loses
+    assert crossing([1024, 2048, 4096], [1, 2, 4], [2, 3, 5]) == 4097  # loses at the longest: dense up to it
+    # sparse/dense 2.0 at 2048, 0.5 at 4096: the crossing is half-way on log length
+    assert crossing([1024, 2048, 4096], [1, 1, 1], [3, 2, 0.5]) == 2897
+    # a loss after a win counts: the crossing is after the last losing length
+    assert 2048 < crossing([1024, 2048, 4096], [1, 1, 1], [0.9, 1.2, 0.6]) < 4096
+    assert break_even_lengths(8192) == [2048, 4096, 8192] and break_even_lengths(2048) == [1024, 2048]
+
+
+def streaming_layer0(model) -> Recipe:
+    recipe = Recipe.uniform(model.config, "dense", block_size=32)
+    recipe.layers[0] = [HeadPlan("streaming", {"sink_tokens": 32, "window_tokens": 128})] * len(recipe.layers[0])
+    return recipe
+
+
+def test_calibration_fits_each_sparse_layers_break_even_and_the_recipe_keeps_it(tmp_path):
+    """A cost model where the layouts cost a fixed 3 units and the sparse kernel a fifth of dense (n^2): sparse loses
+    at 512 and 1024 tokens and wins at 2048, so layer 0 (streaming) prefills densely up to its crossing (~1900);
+    layer 1 (all dense) is never timed. The recipe writes it per layer (schema 3) and reads it back."""
+    model = tiny_model("llama")
+    recipe = streaming_layer0(model)
+    calls = []
+
+    def cost_model(fn, runs, device):
+        n = fn().shape[2]
+        sparse = len(calls) % 2 == 1  # each layer and length: dense first, then the sparse path
+        calls.append((n, sparse))
+        return (3 + 0.2 * (n / 1000) ** 2) if sparse else (n / 1000) ** 2
+
+    ids = torch.randint(0, 256, (1, 2048), generator=torch.Generator().manual_seed(0))
+    record = fit_break_even(model, recipe, ids, lengths=[512, 1024, 2048], timer=cost_model)
+    assert calls == [(512, False), (512, True), (1024, False), (1024, True), (2048, False), (2048, True)]
+    assert 1024 < recipe.layer_min_tokens[0] < 2048 and recipe.layer_min_tokens[1] == 0
+    assert record["layers"][1] is None and record["layers"][0]["ratio"][-1] < 1 < record["layers"][0]["ratio"][1]
+    path = recipe.save(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 3 and data["layers"][0]["min_sparse_tokens"] == recipe.layer_min_tokens[0]
+    assert "min_sparse_tokens" not in data["layers"][1]
+    assert Recipe.load(path).layer_min_tokens == recipe.layer_min_tokens
+    assert Recipe.uniform(model.config, "dense").to_dict()["schema_version"] == 2  # nothing new to say: older readers read it
+    data["layers"][0]["min_sparse_tokens"] = -5
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(RecipeError, match="layer 0 min_sparse_tokens"):
+        Recipe.load(tmp_path / "bad.json")
+
+
+def test_a_prompt_under_a_layers_break_even_prefills_that_layer_densely(caplog):
+    model = tiny_model("llama")
+    recipe = streaming_layer0(model)
+    recipe.layers[1] = list(recipe.layers[0])
+    recipe.layer_min_tokens = [1000, 0]
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="patchattn"), patchattn.patched(model, recipe, backend="torch"):
+        with record_sparsity() as short:
+            model(ids, use_cache=False)
+        with record_sparsity() as long:
+            model(torch.cat([ids, ids], 1), use_cache=False)
+    assert short.kernels == {"sdpa": 1, "torch": 1} and set(short.per_layer) == {0, 1}
+    assert short.per_layer[0][0] == short.per_layer[0][1]  # layer 0 kept every causal block
+    assert long.kernels == {"torch": 2}
+    assert "600-token prompt is under the prefill break-even of 1 layer(s) (0)" in caplog.text
