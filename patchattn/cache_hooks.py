@@ -110,8 +110,10 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
         return None, ("filled", f"the forward was given a {type(cache).__name__} that already holds tokens (filled "
                                 "without the patch)")
     prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), prompt.shape[1]):
-        return None, ("short", f"on a {prompt.shape[1]}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
+    chunked = hf.chunked_prompt_tokens() if prompt is not None else None  # generate's prefill_chunk_size
+    n_prompt = chunked or (prompt.shape[1] if prompt is not None else 0)
+    if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), n_prompt):
+        return None, ("short", f"on a {n_prompt}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
                                "so the full cache (faster, no page headroom) is used")
     if type(cache) is StaticCache:  # generate built its masks for the static cache's length
         kwargs["attention_mask"] = _prompt_padding(kwargs.get("attention_mask"), prompt.shape[1])
@@ -119,8 +121,10 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     if not left:
         return None, ("padded", f"{NOT_LEFT}: the head-budgeted KV cache takes left padding only, so the full cache is "
                                 "used")
-    budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config, reserve_tokens=_decode_tokens(model, prompt))
+    budget = HeadBudgetCache.from_recipe(compiled.recipe, model.config, reserve_tokens=_decode_tokens(model, n_prompt))
     budget.set_left_padding(pads)
+    if chunked is not None and chunked > prompt.shape[1]:
+        budget.expect_prompt(chunked)  # the cache compresses after the last chunk, not this one
     kwargs.pop(name, None)
     kwargs[hf.cache_argument(model)] = budget
     return budget, None
@@ -137,15 +141,16 @@ def _fresh(cache) -> bool:
     return type(cache) is StaticCache and not getattr(cache, "_is_user_defined", False) and hf.in_generate()
 
 
-def _decode_tokens(model, prompt) -> int | None:
-    """Decode tokens to reserve room for: what the ``generate`` call running this forward may still add, within the
-    model's context; None outside ``generate`` (the cache then keeps a little headroom and grows on demand)."""
-    if prompt is None:
+def _decode_tokens(model, n_prompt: int) -> int | None:
+    """Decode tokens to reserve room for: what the ``generate`` call running this forward may still add after its
+    ``n_prompt``-token prompt, within the model's context; None outside ``generate`` (the cache then keeps a little
+    headroom and grows on demand)."""
+    if not n_prompt:
         return None
-    new_tokens = hf.generation_new_tokens(prompt.shape[1])
+    new_tokens = hf.generation_new_tokens(n_prompt)
     context = hf.context_length(model.config)
     if new_tokens is not None and context:
-        new_tokens = max(0, min(new_tokens, context - prompt.shape[1]))
+        new_tokens = max(0, min(new_tokens, context - n_prompt))
     return new_tokens
 
 

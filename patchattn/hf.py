@@ -75,6 +75,21 @@ def generation_new_tokens(prompt_tokens: int) -> int | None:
     return max(0, max_length - prompt_tokens) if isinstance(max_length, int) else None
 
 
+def chunked_prompt_tokens() -> int | None:
+    """The whole prompt's length when the ``generate`` call running this forward prefills it in chunks
+    (``prefill_chunk_size``: its prefill loop's ``input_chunks``, in 5.17 and 5.25 alike); None otherwise. Read once
+    per new cache, by the first chunk's forward."""
+    frame = sys._getframe(1)
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return None
+        chunks = frame.f_locals.get("input_chunks") if frame.f_globals.get("__name__") == GENERATE_MODULE else None
+        if isinstance(chunks, (tuple, list)) and chunks:
+            return sum(int(c.shape[-1]) for c in chunks)
+        frame = frame.f_back
+    return None
+
+
 def text_config(config):
     """The text (decoder) part of a model config: multimodal configs nest it, plain ones are it."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config

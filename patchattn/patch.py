@@ -50,7 +50,7 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
         return cache_layer.attend(query, scaling, kernel_backend(backend)), None
     out = prefill_attention(module, query, key, value, attention_mask, scaling, dropout, layer_idx, backend, **kwargs)
     if cache_layer is not None and cache_layer.pending is not None:
-        cache_layer.finish_prefill(query, scaling)
+        cache_layer.prefill_attended(query, scaling)
     return out, None
 
 

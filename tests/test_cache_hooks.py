@@ -178,3 +178,28 @@ def test_report_marks_kv_figures_that_are_not_the_recipes():
     rows = [{"kv_bytes": 2**20, "kv_cache": "budgeted"}, {"kv_bytes": 2**20, "kv_cache": "full: a padded batch"}]
     assert fmt_kv(rows[:1]) == "1.0 MiB"
     assert fmt_kv(rows).endswith(NOT_BUDGETED) and fmt_kv(rows).startswith("1.0 MiB")
+
+
+@pytest.mark.parametrize("kv", ["window", "snapkv"])
+def test_generate_prefilling_in_chunks_keeps_what_the_whole_prompt_would(kv):
+    """``prefill_chunk_size``: each chunk's keys wait with the others' and every head chooses what it keeps once the
+    last chunk has been attended, over the whole prompt (SnapKV votes from the prompt's last queries), so the cache
+    holds the same tokens and generates the same as an unchunked prefill; the pools are sized for the whole prompt."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "dense")
+    plan = (KVPlan("window", sink_tokens=4, window_tokens=48) if kv == "window"
+            else KVPlan("snapkv", budget_tokens=64, window_tokens=16))
+    recipe.kv_layers = [[plan, KVPlan("window", sink_tokens=8, window_tokens=32)] for _ in recipe.layers]
+    ids = prompt(300)
+    greedy = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with patchattn.patched(model, recipe, backend="torch"):
+        whole = model.generate(ids, **greedy)
+        chunked = model.generate(ids, prefill_chunk_size=64, **greedy)
+    a, b = hf.output_cache(whole), hf.output_cache(chunked)
+    assert isinstance(b, HeadBudgetCache) and b.get_seq_length() == 311
+    for la, lb in zip(a.layers, b.layers):
+        assert la.caps == lb.caps and la.reserve_tokens == lb.reserve_tokens == 12
+        for h in range(len(la.plans)):
+            assert torch.equal(la.kept_positions(h), lb.kept_positions(h))
+    assert torch.equal(whole.sequences, chunked.sequences)
+    torch.testing.assert_close(torch.stack(whole.scores), torch.stack(chunked.scores), rtol=1e-4, atol=1e-4)

@@ -152,6 +152,21 @@ def test_a_forward_run_by_generate_sees_its_new_tokens():
     assert seen[0] == 7 and seen[-1] is None
 
 
+def test_a_chunked_prefill_tells_its_forwards_the_whole_prompt():
+    """generate's prefill loop over ``prefill_chunk_size`` chunks keeps them in ``input_chunks``, which
+    :func:`hf.chunked_prompt_tokens` reads: the whole prompt in every chunk's forward, None without chunking."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(hf.chunked_prompt_tokens()), with_kwargs=True)
+    try:
+        model.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=32)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    assert seen[:4] == [100] * 4 and seen[-2:] == [None, None]
+
+
 def test_the_budget_layer_fills_the_cache_layer_contract():
     """Every abstract method of a cache layer is BudgetLayer's own, and every layer method it overrides is still one
     transformers defines (a renamed method would leave the override dead and DynamicLayer's in charge)."""

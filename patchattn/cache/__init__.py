@@ -43,6 +43,11 @@ class HeadBudgetCache(Cache):
         for layer in self.layers:
             layer.set_left_padding(pad_tokens)
 
+    def expect_prompt(self, n_tokens: int) -> None:
+        """The prompt arrives in chunks and is ``n_tokens`` long (see :meth:`BudgetLayer.expect_prompt`)."""
+        for layer in self.layers:
+            layer.expect_prompt(n_tokens)
+
     def reserve(self, n_tokens: int) -> None:
         """Room for ``n_tokens`` more decode tokens in every layer (see :meth:`BudgetLayer.reserve`)."""
         for layer in self.layers:

@@ -66,6 +66,9 @@ class BudgetLayer(HeadPools, DynamicLayer):
         self.offsets = [0] * len(plans)
         self.room_tokens = 0  # tokens every growing head can still take before the pools must grow
         self.quest_heads = [h for h, p in enumerate(self.policies) if p.decode_pages > 0]
+        self.prompt_tokens: int | None = None  # the whole prompt, when it arrives in chunks (expect_prompt)
+        self.query_tail: torch.Tensor | None = None  # the chunks' last queries, for the SnapKV votes at the end
+        self.tail_tokens = max((p.window_tokens for p in plans if p.policy == "snapkv"), default=0)
         self.page_min = self.page_max = None
 
     # ---- transformers' layer contract --------------------------------------------------------------
@@ -158,6 +161,26 @@ class BudgetLayer(HeadPools, DynamicLayer):
             raise RuntimeError("set the left padding before the prefill: this layer already holds tokens")
         self.pad_tokens = list(pad_tokens) if pad_tokens is not None and any(pad_tokens) else None
 
+    def expect_prompt(self, n_tokens: int) -> None:
+        """Before the prefill: the prompt comes in chunks (``generate``'s ``prefill_chunk_size``) and is ``n_tokens``
+        long. Each chunk's keys wait with the others' until the last chunk has been attended; only then does each
+        head choose what it keeps (:meth:`prefill_attended`), over the whole prompt, as unchunked."""
+        self.prompt_tokens = n_tokens
+
+    def prefill_attended(self, query: torch.Tensor, scale: float | None = None) -> None:
+        """A prefill call's queries (B, Hq, n, D) have attended the pending prompt: compress it now
+        (:meth:`finish_prefill`), unless more chunks of it are to come; their last queries are kept for SnapKV."""
+        if self.prompt_tokens is not None and self.seen < self.prompt_tokens:
+            if self.tail_tokens:
+                tail = query[:, :, -self.tail_tokens:]
+                both = tail if self.query_tail is None else torch.cat([self.query_tail, tail], dim=2)
+                self.query_tail = both[:, :, -self.tail_tokens:]
+            return
+        if self.query_tail is not None:
+            query = torch.cat([self.query_tail, query], dim=2)[:, :, -max(self.tail_tokens, query.shape[2]):]
+            self.query_tail = None
+        self.finish_prefill(query, scale)
+
     def finish_prefill(self, query: torch.Tensor | None = None, scale: float | None = None) -> None:
         """Compress the pending prompt into the pool (``query`` (B, Hq, N, D) post-RoPE, for SnapKV). Rows with the
         same left padding, next to each other, choose together (a batch of one length: one choice for all rows)."""
@@ -174,7 +197,8 @@ class BudgetLayer(HeadPools, DynamicLayer):
         keeps = []  # per run, per head: indices among the run's real tokens, (rows, T) or (T,)
         counts = [[0] * n_kv for _ in range(batch)]  # per row and head: prompt tokens kept
         for pad, rows in runs:
-            q = query[rows, :, pad:] if query is not None else None
+            # the prompt's queries past the row's padding; a chunked prompt's last ones only (the padding is long before)
+            q = None if query is None else query[rows, :, pad:] if query.shape[2] == n else query[rows]
             keeps.append(kept_prompt_tokens(self.policies, q, key[rows, :, pad:], scale))
             counts[rows] = [[k.shape[-1] for k in keeps[-1]]] * (rows.stop - rows.start)
         most = [max(row[h] for row in counts) for h in range(n_kv)]
