@@ -119,9 +119,11 @@ def time_steps(model, cache, batch: int, n_tokens: int, steps: int, warmup: int 
 
 
 def compiled_forward(model):
-    """generate's own compile path for a static cache: ``torch.compile`` of the forward, mode reduce-overhead
-    (CUDA graphs), static shapes -- the dense anchor (transformers' CompileConfig defaults, fullgraph on)."""
-    return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    """generate's own compile path for a static cache: ``torch.compile`` of the forward with transformers'
+    ``CompileConfig`` defaults (mode reduce-overhead: CUDA graphs; static shapes) -- the dense anchor."""
+    from transformers import CompileConfig
+
+    return torch.compile(model.forward, **CompileConfig().to_dict())
 
 
 def hbm_bandwidth() -> float:

@@ -2,9 +2,10 @@
 
 GPU only; never part of the test suite. One run measures, for each prompt length, the median prefill
 time (``logits_to_keep=1``, synchronised, warm-up excluded) of the unpatched model with SDPA and of the
-same model patched with a recipe of >= 90% sparsity, and writes JSON.
+same model patched with a recipe of >= 90% sparsity, and writes JSON. ``--chunk C`` adds ``generate``'s time to its
+first token and peak memory, unchunked and with ``prefill_chunk_size=C`` (:mod:`patchattn.chunked`).
 
-    python benchmarks/ttft.py --lengths 32768,131072 --out ttft.json
+    python benchmarks/ttft.py --lengths 32768,131072 --chunk 8192 --out ttft.json
 """
 
 from __future__ import annotations
@@ -102,6 +103,34 @@ def time_prefill(model, ids, reps: int) -> list[float]:
     return times
 
 
+def time_generate(model, ids, reps: int, chunk: int | None) -> tuple[float, float]:
+    """(median ms, peak GB) of ``generate`` up to its first token (the model's own cache; prefill in ``chunk``-token
+    chunks when given): the time to first token a user sees, and the memory it takes."""
+    times, peaks = [], []
+    greedy = dict(max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids[:, :4096], **greedy)  # warm-up
+        for _ in range(reps):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **greedy)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+            peaks.append(torch.cuda.max_memory_allocated() / 1e9)
+    return statistics.median(times), max(peaks)
+
+
+def generate_rows(model, ids, reps: int, chunk: int, prefix: str) -> dict:
+    """TTFT and peak memory of generate, unchunked and in ``chunk``-token chunks."""
+    whole_ms, whole_gb = time_generate(model, ids, reps, None)
+    part_ms, part_gb = time_generate(model, ids, reps, chunk)
+    return {f"{prefix}_generate_ms": round(whole_ms, 1), f"{prefix}_generate_peak_gb": round(whole_gb, 2),
+            f"{prefix}_chunked_ms": round(part_ms, 1), f"{prefix}_chunked_peak_gb": round(part_gb, 2),
+            f"{prefix}_chunked_time_ratio": round(part_ms / whole_ms, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="32768,131072")
@@ -109,6 +138,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--kinds", default="vertical_slash,streaming,mixed")
+    parser.add_argument("--chunk", type=int, default=0, help="also time generate's first token unchunked and in chunks of this many tokens (prefill_chunk_size), with peak memory")
     parser.add_argument("--out", default="ttft.json")
     args = parser.parse_args()
     model = random_model(args.layers)
@@ -117,12 +147,16 @@ def main() -> None:
         ids = torch.randint(0, 128256, (1, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
         dense = statistics.median(time_prefill(model, ids, args.reps))
         row = {"tokens": n, "dense_sdpa_ms": round(dense, 1)}
+        if args.chunk:
+            row.update(generate_rows(model, ids, args.reps, args.chunk, "dense"))
         for kind in args.kinds.split(","):
             recipe = sparse_recipe(model.config, kind, args.block_size)
             with patchattn.patched(model, recipe, backend="auto"):
                 patched_ms = statistics.median(time_prefill(model, ids, args.reps))
                 with record_sparsity() as rec, torch.no_grad():  # untimed: recording reads counts back per layer
                     model(ids, logits_to_keep=1, use_cache=False)
+                if args.chunk:
+                    row.update(generate_rows(model, ids, args.reps, args.chunk, kind))
             row[f"{kind}_ms"] = round(patched_ms, 1)
             row[f"{kind}_sparsity"] = round(rec.sparsity or 0.0, 4)
             row[f"{kind}_kernels"] = dict(rec.kernels)  # which implementation ran each layer's prefill

@@ -4,7 +4,7 @@ A prefill call (as many queries as keys, longer than a block) runs the layer's h
 kernels; where the recipe or the call asks for dense attention (a dense layer, a prompt under ``min_sparse_tokens``,
 dropout, softcapping, backend "auto" where no kernel takes the input) it runs transformers' SDPA, or the model's
 sliding window by itself (:mod:`patchattn.sliding_window`). Short prompts may replay as CUDA graphs
-(:mod:`patchattn.graphs`).
+(:mod:`patchattn.graphs`); a chunk of a prompt prefilled in chunks runs :mod:`patchattn.chunked`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import graphs, stats
+from .chunked import chunk_attention
 from .backends import kernel_backend
 from .compiled import CompiledRecipe, HeadGroup, LayerPlan, compiled_for
 from .config_keys import GRAPHS_KEY
@@ -39,14 +40,15 @@ def layer_layout(
     path fuses it into the compaction to counts and ids). ``columns=True`` returns ``(keep, columns)``: the token
     columns of the heads that read single keys besides their blocks, (B, Hq, C) ascending and padded with N (heads
     without any: all padding), or None when no head of the layer has any."""
-    batch, n_q_heads, n_tokens, _ = query.shape
+    batch, n_q_heads, n_q, _ = query.shape
+    n_tokens = key.shape[2]  # the keys' count: a chunk of a prompt prefilled in chunks has fewer queries
     group_size = n_q_heads // key.shape[1]
     cols = None
     if len(plan.groups) == 1 and plan.groups[0].all_heads:
         keep, cols = _group_layout(plan.groups[0], query, key, block_size, group_size)
     else:
-        n_blk = num_blocks(n_tokens, block_size)
-        keep = torch.empty(batch, n_q_heads, n_blk, n_blk, dtype=torch.bool, device=query.device)
+        keep = torch.empty(batch, n_q_heads, num_blocks(n_q, block_size), num_blocks(n_tokens, block_size), dtype=torch.bool,
+                           device=query.device)
         parts = []
         for group in plan.groups:
             heads = group.head_ids_on(query.device)
@@ -114,6 +116,8 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
     ``backend``: the patch's (:mod:`patchattn.backends`)."""
     compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
+    if 1 < n_q < n_k and attention_mask is None:  # a chunk whose mask the builder left out: causal by position
+        return chunk_attention(compiled, query, key, value, scaling, dropout, layer_idx, backend, kwargs)
     window = model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")

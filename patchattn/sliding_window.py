@@ -14,6 +14,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import hf, stats
+from .chunked import plain_chunk
 from .kernels import finalize_ragged, sparse_prefill_triton, triton_prefill_unsupported
 from .layout import num_blocks, window_blocks
 
@@ -34,11 +35,12 @@ def plain_sliding_prefill(kwargs) -> bool:
 
 
 def mask_for_patchattn(*args, **kwargs):
-    """transformers' SDPA mask builder, except for a plain sliding-window prefill: no mask, and the attention function
-    applies the window itself (``sliding_window``), so the kernels compute only the blocks the window reaches."""
+    """transformers' SDPA mask builder, except for a plain sliding-window prefill (no mask: the attention function
+    applies the window itself, ``sliding_window``, so the kernels compute only the blocks the window reaches) and an
+    unpadded chunk of a prompt (no mask: causal by position, :mod:`patchattn.chunked`)."""
     from transformers.masking_utils import sdpa_mask
 
-    if not args and plain_sliding_prefill(kwargs):
+    if not args and (plain_sliding_prefill(kwargs) or plain_chunk(kwargs)):
         return None
     return sdpa_mask(*args, **kwargs)
 

@@ -177,7 +177,7 @@ def test_the_budget_layer_fills_the_cache_layer_contract():
     overrides = {name for name, value in ours_by_name.items() if callable(value) and not name.startswith("_")}
     contract = {name for name in overrides if hasattr(CacheLayerMixin, name) or hasattr(DynamicLayer, name)}
     ours = {"attend", "decode_step", "finish_prefill", "reserve", "page_lists", "pool_views", "kept_positions", "kv_bytes",
-            "dense_kv_bytes", "caps_used", "set_left_padding", "room_for", "advance_host"}
+            "dense_kv_bytes", "caps_used", "set_left_padding", "room_for", "advance_host", "expect_prompt", "prefill_attended"}
     assert overrides - contract == ours, f"methods transformers no longer defines: {overrides - contract - ours}"
     for name in ("update", "get_seq_length", "get_mask_sizes", "reorder_cache", "crop", "reset"):
         assert name in contract

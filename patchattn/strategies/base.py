@@ -23,7 +23,10 @@ from ..checks import MAX_TOKENS, check_int, check_number, shown  # noqa: F401  (
 
 @dataclass
 class Estimate:
-    """Budget-independent statistics of one group of heads at one sequence length."""
+    """Budget-independent statistics of one group of heads at one sequence length: ``n_tokens`` queries against
+    ``key_tokens`` keys. A prefill is square; a chunk of a prompt prefilled in chunks has its queries at the last
+    ``n_tokens`` of the keys' positions (block-aligned), so its layout is the (n_blocks, n_key_blocks) rows of the
+    square one that the chunk's query blocks are."""
 
     batch: int
     heads: int
@@ -31,18 +34,29 @@ class Estimate:
     block_size: int
     device: torch.device
     scores: dict[str, Any] = field(default_factory=dict)
+    n_keys: int | None = None  # None: as many keys as queries
+
+    @property
+    def key_tokens(self) -> int:
+        return self.n_tokens if self.n_keys is None else self.n_keys
 
     @property
     def n_blocks(self) -> int:
+        """Query blocks."""
         return num_blocks(self.n_tokens, self.block_size)
 
+    @property
+    def n_key_blocks(self) -> int:
+        return num_blocks(self.key_tokens, self.block_size)
+
     def block_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query-block and key-block indices as broadcastable (n, 1) and (1, n) tensors."""
-        idx = torch.arange(self.n_blocks, device=self.device)
-        return idx[:, None], idx[None, :]
+        """Query-block (by position: a chunk's first is past the keys before it) and key-block indices as
+        broadcastable (n, 1) and (1, n_keys) tensors."""
+        offset = (self.key_tokens - self.n_tokens) // self.block_size
+        return (torch.arange(self.n_blocks, device=self.device) + offset)[:, None], torch.arange(self.n_key_blocks, device=self.device)[None, :]
 
     def expand(self, keep2d: torch.Tensor) -> torch.Tensor:
-        return keep2d.expand(self.batch, self.heads, self.n_blocks, self.n_blocks)
+        return keep2d.expand(self.batch, self.heads, self.n_blocks, self.n_key_blocks)
 
 
 @dataclass(frozen=True)
@@ -59,10 +73,10 @@ class Strategy:
         """``q`` (B, h, N, D) and ``k`` (B, h_kv, N, D), post-RoPE; h a multiple of h_kv: query head ``i`` reads key
         head ``i // (h // h_kv)`` (GQA, never expanded here; a caller may also pass keys expanded to h heads)."""
         batch, heads, n_tokens, _ = q.shape
-        return Estimate(batch, heads, n_tokens, block_size, q.device)
+        return Estimate(batch, heads, n_tokens, block_size, q.device, n_keys=None if k.shape[2] == n_tokens else k.shape[2])
 
     def layout(self, est: Estimate) -> torch.Tensor:
-        """(B, h, n_blocks, n_blocks) bool; finalized (causal, diagonal kept) by the caller."""
+        """(B, h, n_blocks, n_key_blocks) bool; finalized (causal, diagonal kept) by the caller."""
         raise NotImplementedError
 
     def block_layout(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -79,7 +93,7 @@ class Strategy:
         distinct = list(dict.fromkeys(strategies))
         if len(distinct) == 1:
             return distinct[0].layout(est)
-        keep = torch.empty(est.batch, est.heads, est.n_blocks, est.n_blocks, dtype=torch.bool, device=est.device)
+        keep = torch.empty(est.batch, est.heads, est.n_blocks, est.n_key_blocks, dtype=torch.bool, device=est.device)
         for strategy in distinct:  # integer head indices: a boolean mask index would synchronise on CUDA
             heads = per_head([i for i, s in enumerate(strategies) if s == strategy], est.device)
             keep[:, heads] = strategy.layout(est)[:, heads]
@@ -91,7 +105,7 @@ class Strategy:
     @classmethod
     def columns_heads(cls, est: Estimate, strategies: Sequence["Strategy"]) -> torch.Tensor | None:
         """Single key positions each head reads besides its block layout, by every query block that starts after
-        them: (B, h, C) int32, ascending, padded with ``est.n_tokens``; None for strategies that read whole blocks
+        them: (B, h, C) int32, ascending, padded with ``est.key_tokens``; None for strategies that read whole blocks
         only (all but token-granular vertical-slash). See :func:`patchattn.layout.column_counts`."""
         return None
 

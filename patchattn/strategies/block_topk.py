@@ -42,8 +42,7 @@ class BlockTopK(Strategy):
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
         est = super().estimate(q, k, block_size)
-        n = est.n_blocks
-        q_pool, k_pool = _mean_pool(q, block_size, n), _mean_pool(k, block_size, n)
+        q_pool, k_pool = _mean_pool(q, block_size, est.n_blocks), _mean_pool(k, block_size, est.n_key_blocks)
         scores = grouped_scores(q_pool, k_pool, 1.0 / math.sqrt(q.shape[-1]))
         q_blk, k_blk = est.block_grid()
         probs = torch.softmax(scores.masked_fill_(k_blk > q_blk, float("-inf")), dim=-1)

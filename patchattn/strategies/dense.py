@@ -17,4 +17,4 @@ class Dense(Strategy):
     name: ClassVar[str] = "dense"
 
     def layout(self, est: Estimate) -> torch.Tensor:
-        return est.expand(torch.ones(est.n_blocks, est.n_blocks, dtype=torch.bool, device=est.device))
+        return est.expand(torch.ones(est.n_blocks, est.n_key_blocks, dtype=torch.bool, device=est.device))

@@ -56,7 +56,7 @@ class VerticalSlash(Strategy):
         est = super().estimate(q, k, block_size)
         last = min(LAST_Q, q.shape[2])
         scores = vertical_slash_scores(
-            q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_blocks, columns=self.TOKEN_VERTICALS
+            q[:, :, -last:], k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_key_blocks, columns=self.TOKEN_VERTICALS
         )
         for name, value in zip(("vertical", "slash", "column"), scores):
             est.scores[name] = value
@@ -73,7 +73,7 @@ class VerticalSlash(Strategy):
     def _keep(cls, est: Estimate, strategies) -> torch.Tensor:
         """Head ``i`` keeps its top ``strategies[i]`` column blocks (with token verticals: the sink block only) and
         diagonals (one top-k at the largest budget, then each head's first ranks)."""
-        n = est.n_blocks
+        n, rows = est.n_key_blocks, est.n_blocks
         if cls.TOKEN_VERTICALS:
             keep_col = (torch.arange(n, device=est.device) == 0).expand(est.batch, est.heads, n)  # the sink block
         else:
@@ -84,8 +84,8 @@ class VerticalSlash(Strategy):
         slash[..., 0] = float("inf")  # the main diagonal
         keep_diag = _top_ranks(slash, [min(n, blocks_for(s.slash_tokens, est.block_size)) for s in strategies])
         q_blk, k_blk = est.block_grid()
-        diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, n, n)
-        on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
+        diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, rows, n)
+        on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, rows, -1), -1, diag_index)
         return keep_col[:, :, None, :] | on_diag
 
     FRACTIONS: ClassVar[tuple] = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3)
@@ -111,8 +111,8 @@ class VerticalSlashTokens(VerticalSlash):
     @classmethod
     def columns_heads(cls, est: Estimate, strategies) -> torch.Tensor:
         """Head ``i``'s top ``strategies[i].vertical_tokens`` key positions past the sink block, ascending, as
-        (B, h, C) int32 padded with ``n_tokens`` (C: the largest budget)."""
-        n, block = est.n_tokens, est.block_size
+        (B, h, C) int32 padded with the key count (C: the largest budget)."""
+        n, block = est.key_tokens, est.block_size
         budget = [max(0, min(s.vertical_tokens, n - block)) for s in strategies]
         widest = max(budget)
         if widest == 0:

@@ -28,10 +28,10 @@ def _select(est: Estimate, strategies) -> tuple[torch.Tensor, torch.Tensor, torc
     ``j`` costs ``(n - j) / block_size``: the query blocks after it), taken until ``mass`` of the last queries'
     attention is covered (the sink block's share counted as covered), each list within its cap. Returns (diagonal block offsets (B, h, S), kept (B, h, S) bool, key positions (B, h, C),
     kept (B, h, C) bool); S and C are the largest caps. On the device: no host sync."""
-    n, block = est.n_blocks, est.block_size
+    n, block = est.n_key_blocks, est.block_size
     slash, column = est.scores["slash"], est.scores["column"]  # (B, h, n) per block of offsets, (B, h, N) per key
     slash_caps = [min(n, blocks_for(s.slash_tokens, block)) for s in strategies]
-    col_caps = [max(1, min(s.vertical_tokens, est.n_tokens - block)) for s in strategies]
+    col_caps = [max(1, min(s.vertical_tokens, est.key_tokens - block)) for s in strategies]
     ordering = slash.clone()
     ordering[..., 0] = float("inf")  # the main diagonal first, whatever it holds
     offsets = ordering.topk(max(slash_caps), dim=-1).indices
@@ -76,19 +76,19 @@ class VerticalSlashAdaptive(VerticalSlashTokens):
     @classmethod
     def _keep(cls, est: Estimate, strategies) -> torch.Tensor:
         """The sink block plus each head's chosen diagonals (:func:`_select`)."""
-        n = est.n_blocks
+        n, rows = est.n_key_blocks, est.n_blocks
         offsets, kept, _, _ = _select(est, strategies)
         keep_diag = torch.zeros(est.batch, est.heads, n, dtype=torch.bool, device=est.device).scatter_(-1, offsets, kept)
         q_blk, k_blk = est.block_grid()
-        diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, n, n)
-        on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, n, -1), -1, diag_index)
+        diag_index = (q_blk - k_blk).clamp(min=0).expand(est.batch, est.heads, rows, n)
+        on_diag = torch.gather(keep_diag[:, :, None, :].expand(-1, -1, rows, -1), -1, diag_index)
         return on_diag | (torch.arange(n, device=est.device) == 0)[None, None, None, :]
 
     @classmethod
     def columns_heads(cls, est: Estimate, strategies) -> torch.Tensor:
         """Each head's chosen key positions past the sink block (:func:`_select`), ascending, padded with
-        ``n_tokens``."""
-        n = est.n_tokens
+        the key count."""
+        n = est.key_tokens
         if n <= est.block_size:
             return torch.full((est.batch, est.heads, 1), n, dtype=torch.int32, device=est.device)
         _, _, positions, kept = _select(est, strategies)
