@@ -81,9 +81,13 @@ def chunk_attention(compiled: CompiledRecipe | None, query, key, value, scaling,
     sparse = (plan is not None and not plan.all_dense and dropout == 0.0 and kwargs.get("softcap") is None
               and not kwargs.get("output_attentions") and n_q > block and (n_k - n_q) % block == 0
               and n_k >= max(compiled.recipe.min_sparse_tokens, plan.min_tokens))
-    if sparse and backend == "auto" and triton_prefill_unsupported(query, key, value, block) is not None:
-        sparse = False
-    if not sparse:
+    no_kernel = triton_prefill_unsupported(query, key, value, block) if sparse and backend == "auto" else None
+    if plan is not None and not plan.all_dense and (not sparse or no_kernel) and not compiled.said_chunk_dense:
+        compiled.said_chunk_dense = True
+        logger.info("patchattn: a %d-token chunk against %d keys runs dense attention in layers with sparse heads (%s)", n_q, n_k,
+                    no_kernel or f"chunks must be longer than a block, start on a {block}-token block boundary and reach "
+                                  "the layer's min_sparse_tokens; no dropout or softcapping")
+    if not sparse or no_kernel:
         return dense_chunk(query, key, value, scaling, dropout).transpose(1, 2).contiguous()
     keep, cols = layer_layout(plan, query, key, block, finished=False, columns=True)
     keep = chunk_layout(keep, cols, n_k, block, plan.dense_rows)

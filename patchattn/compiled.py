@@ -80,6 +80,7 @@ class CompiledRecipe:
     def reset_notices(self) -> None:
         """A new patch with this recipe: what the attention function says once per patch may be said again."""
         self.said_dense_below = False  # whether a prompt under min_sparse_tokens was said to prefill densely
+        self.said_chunk_dense = False  # whether a sparse layer's chunk was said to run dense
         self.said_break_even: set[int] = set()  # prompt lengths already said to prefill some layers densely (break-even)
         self.said_no_kernel = False  # whether a prefill the kernels could not take was said to run dense
 
