@@ -13,13 +13,17 @@ from conftest import tiny_model
 
 import patchattn
 from patchattn.calibrate.breakeven import break_even_lengths, crossing, fit_break_even
+from patchattn.checks import MAX_TOKENS
 from patchattn.recipe import HeadPlan, Recipe, RecipeError
 from patchattn.stats import record_sparsity
 
 
 def test_the_crossing_is_interpolated_on_log_length():
     assert crossing([1024, 2048, 4096], [1, 2, 4], [0.5, 1, 2]) == 0  # never loses
-    assert crossing([1024, 2048, 4096], [1, 2, 4], [2, 3, 5]) == 4097  # loses at the longest: dense up to it
+    # still losing at the longest: the log-log line through the last two points, past it
+    assert crossing([1024, 2048, 4096], [1, 1, 1], [16, 8, 4]) == 16384
+    assert crossing([1024, 2048, 4096], [1, 1, 1], [4, 5, 6]) == MAX_TOKENS  # not falling: never sparse
+    assert crossing([4096], [1], [2]) == MAX_TOKENS
     # sparse/dense 2.0 at 2048, 0.5 at 4096: the crossing is half-way on log length
     assert crossing([1024, 2048, 4096], [1, 1, 1], [3, 2, 0.5]) == 2897
     # a loss after a win counts: the crossing is after the last losing length

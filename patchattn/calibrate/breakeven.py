@@ -7,9 +7,10 @@ layer's strategies, its head dimension and the device, so it is measured, not gu
 each layer's own queries, keys and values (from a dense forward of the calibration text) are timed through the
 recipe's sparse path and through dense SDPA, and the length where the sparse path stops losing is the layer's
 ``min_sparse_tokens`` (:attr:`Recipe.layer_min_tokens <patchattn.recipe.Recipe.layer_min_tokens>`): shorter prompts
-prefill that layer densely. Between two measured lengths the crossing is interpolated on log length; a layer that
-loses at every measured length prefills densely up to the longest (an unmeasured length is not claimed either way),
-one that wins at every length is sparse from the shortest.
+prefill that layer densely. The crossing is found on log length and log ratio: interpolated between two measured
+lengths, or extrapolated past the longest from the last two when the sparse path still loses there (the ratio falls
+as a power of the length while the layouts' fixed cost is paid off; a ratio that does not fall never crosses). A layer
+that wins at every length is sparse from the shortest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..backends import kernel_backend
+from ..checks import MAX_TOKENS
 from ..compiled import CompiledRecipe
 from ..models import prefill
 from ..patch import capture, patched
@@ -50,20 +52,24 @@ class LayerTiming:
 
 
 def crossing(lengths: Sequence[int], dense_ms: Sequence[float], sparse_ms: Sequence[float]) -> int:
-    """See :class:`LayerTiming`. 0 when sparse wins at every measured length; the longest length plus one when it
-    loses at the longest; otherwise the log-length interpolation of ``sparse / dense = 1`` between the last losing
-    length and the next (rounded up)."""
+    """See :class:`LayerTiming`. 0 when sparse wins at every measured length; otherwise the crossing of
+    ``sparse / dense = 1`` on log length and log ratio: interpolated between the last losing length and the next, or,
+    when the sparse path still loses at the longest, extrapolated from the last two lengths (the ratio falls as a
+    power of the length while the layouts' fixed cost is paid off); never (:data:`MAX_TOKENS`) when it does not
+    fall. Rounded up."""
     ratios = [s / d for s, d in zip(sparse_ms, dense_ms)]
     losing = [i for i, r in enumerate(ratios) if r > 1.0]
     if not losing:
         return 0
     last = losing[-1]
     if last == len(lengths) - 1:
-        return lengths[-1] + 1
+        if last == 0 or ratios[last] >= ratios[last - 1]:
+            return MAX_TOKENS
+        last -= 1  # extrapolate the line through the last two points
     lo, hi = math.log(lengths[last]), math.log(lengths[last + 1])
-    r_lo, r_hi = math.log(ratios[last]), math.log(ratios[last + 1])  # r_lo > 0 >= r_hi
+    r_lo, r_hi = math.log(ratios[last]), math.log(ratios[last + 1])
     at = lo + (hi - lo) * r_lo / (r_lo - r_hi)
-    return int(math.ceil(math.exp(at)))
+    return int(min(MAX_TOKENS, math.ceil(math.exp(min(at, math.log(MAX_TOKENS))))))
 
 
 def break_even_lengths(seq_len: int) -> list[int]:
