@@ -3,7 +3,9 @@
 GPU only; never part of the test suite. One run measures, for each prompt length, the median prefill
 time (``logits_to_keep=1``, synchronised, warm-up excluded) of the unpatched model with SDPA and of the
 same model patched with a recipe of >= 90% sparsity, and writes JSON. ``--chunk C`` adds ``generate``'s time to its
-first token and peak memory, unchunked and with ``prefill_chunk_size=C`` (:mod:`patchattn.chunked`).
+first token and peak memory, unchunked and with ``prefill_chunk_size=C`` (:mod:`patchattn.chunked`); ``--break-even
+2048,4096,8192`` first fits each layer's prefill break-even at those lengths, as ``patchattn calibrate`` does on a GPU
+(:mod:`patchattn.calibrate.breakeven`), so each row is what a calibrated recipe does.
 
     python benchmarks/ttft.py --lengths 32768,131072 --chunk 8192 --out ttft.json
 """
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import patchattn  # noqa: E402
+from patchattn.calibrate.breakeven import fit_break_even  # noqa: E402
 from patchattn.recipe import HeadPlan, Recipe  # noqa: E402
 from patchattn.stats import record_sparsity  # noqa: E402
 
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--kinds", default="vertical_slash,streaming,mixed")
+    parser.add_argument("--break-even", default="", help="comma-separated lengths: fit each layer's prefill break-even at them first (what calibrate does on a GPU) and run each recipe with it")
     parser.add_argument("--chunk", type=int, default=0, help="also time generate's first token unchunked and in chunks of this many tokens (prefill_chunk_size), with peak memory")
     parser.add_argument("--out", default="ttft.json")
     args = parser.parse_args()
@@ -151,6 +155,11 @@ def main() -> None:
             row.update(generate_rows(model, ids, args.reps, args.chunk, "dense"))
         for kind in args.kinds.split(","):
             recipe = sparse_recipe(model.config, kind, args.block_size)
+            if args.break_even:
+                lengths = [int(x) for x in args.break_even.split(",")]
+                fit_ids = torch.randint(0, 128256, (1, max(lengths)), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+                record = fit_break_even(model, recipe, fit_ids, lengths)
+                row[f"{kind}_break_even"] = [layer and layer["min_sparse_tokens"] for layer in record["layers"]]
             with patchattn.patched(model, recipe, backend="auto"):
                 patched_ms = statistics.median(time_prefill(model, ids, args.reps))
                 with record_sparsity() as rec, torch.no_grad():  # untimed: recording reads counts back per layer
