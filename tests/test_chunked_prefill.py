@@ -84,3 +84,22 @@ def test_generate_prefilling_in_chunks_skips_the_mask_and_matches_where_it_must(
     else:
         assert rec.kernels.get("torch", 0) == 2 * 5  # two layers, five chunks (the first one a square prefill)
         assert chunked.sequences.shape == whole.sequences.shape
+
+
+def test_a_left_padded_batch_prefilled_in_chunks_generates_what_it_generates_unchunked():
+    """Padding keeps transformers' mask on every chunk (dense attention under it); the budgeted cache takes each row's
+    padding from the first chunk and chooses what each head keeps after the last, as unchunked."""
+    from patchattn.recipe import KVPlan
+
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "dense", block_size=32)
+    recipe.kv_layers = [[KVPlan("window", sink_tokens=4, window_tokens=48), KVPlan("snapkv", budget_tokens=64, window_tokens=16)]
+                        for _ in recipe.layers]
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    greedy = dict(max_new_tokens=8, do_sample=False, attention_mask=mask)
+    with patchattn.patched(model, recipe, backend="torch"):
+        whole = model.generate(ids, **greedy)
+        chunked = model.generate(ids, prefill_chunk_size=64, **greedy)
+    assert torch.equal(chunked, whole)
