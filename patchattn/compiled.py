@@ -49,6 +49,8 @@ class LayerPlan:
     dense_rows: int = 0  # the recipe's dense prefix, in query blocks
     density: float | None = None  # the heads' mean calibrated density (None when the recipe has none)
     min_tokens: int = 0  # shorter prompts prefill this layer densely: the recipe's min_sparse_tokens or its break-even
+    # finished layouts (counts, ids, density) by prompt shape, when every head's layout depends on positions alone
+    static_layouts: "OrderedDict[tuple, tuple]" = field(default_factory=OrderedDict, repr=False)
 
 
 class CompiledRecipe:

@@ -119,6 +119,8 @@ def _drop_graphs(config) -> None:
     compiled = compiled_for(config)
     if compiled is not None:
         compiled.graphs.clear()
+        for layer in compiled.layers:
+            layer.static_layouts.clear()
 
 
 def is_patched(model) -> bool:

@@ -169,13 +169,20 @@ def sparse_attention(
     for capture in a CUDA graph, nothing is read back (full-width ids; the tiles follow the calibrated density).
     ``window``: the model's sliding window, which clips the layout and the token columns; sparsity is then counted
     against the blocks the window reaches."""
-    keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
-    columns = None
-    if cols is not None:
-        keep, col_counts = column_reads(keep, cols, block_size, plan.dense_rows)
-        columns = (cols, col_counts, keep)
     rows = window_blocks(window, block_size)
-    counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed, window_rows=rows)
+    static = static_layout_key(plan, query, block_size, window, graphed)
+    cached = plan.static_layouts.get(static) if static is not None else None
+    columns = None
+    if cached is not None:
+        counts, ids, density = cached
+    else:
+        keep, cols = layer_layout(plan, query, key, block_size, finished=False, columns=True)
+        if cols is not None:
+            keep, col_counts = column_reads(keep, cols, block_size, plan.dense_rows)
+            columns = (cols, col_counts, keep)
+        counts, ids, density = finalize_ragged(keep, "torch" if backend == "torch" else "auto", plan.dense_rows, sync=not graphed, window_rows=rows)
+        if static is not None:
+            _remember_static(plan, static, (counts, ids, density))
     if graphed:
         density = plan.density if plan.density is not None else 0.25
     elif stats.is_recording():  # every kept block is causal: kept / causal blocks from the counts, columns as tiles
@@ -188,6 +195,24 @@ def sparse_attention(
         query, key, value, counts, ids, block_size, scale=scaling, attn_mask=attn_mask, backend=backend, density=density,
         columns=columns, window=window,
     )
+
+
+MAX_STATIC_LAYOUTS = 4  # prompt shapes whose finished static layout a layer keeps (the oldest go first)
+
+
+def static_layout_key(plan: LayerPlan, query, block_size: int, window: int, graphed: bool) -> tuple | None:
+    """The key under which a layer whose heads' layouts depend on positions alone (dense and streaming heads) keeps
+    its finished layout: the same prompt shape finishes the same layout, so it is built once. None for a layer with a
+    data-dependent head, and for a graphed call (its layout lives in the graph)."""
+    if graphed or not all(group.kind.static for group in plan.groups):
+        return None
+    return (tuple(query.shape), block_size, window, query.device)
+
+
+def _remember_static(plan: LayerPlan, key: tuple, layout: tuple) -> None:
+    plan.static_layouts[key] = layout
+    while len(plan.static_layouts) > MAX_STATIC_LAYOUTS:
+        plan.static_layouts.popitem(last=False)
 
 
 def _graphable(config, query, key, value, attention_mask, backend, block_size) -> bool:

@@ -5,6 +5,7 @@ import torch
 from conftest import ARCHS, tiny_model
 
 import patchattn
+from patchattn.compiled import compiled_for
 from patchattn.patch import ATTN_NAME, is_patched
 from patchattn.recipe import HeadPlan, Recipe
 from patchattn.stats import record_sparsity
@@ -458,3 +459,25 @@ def test_auto_prefills_densely_where_no_sparse_kernel_runs_and_says_so_once(capl
     assert not torch.allclose(layouts, dense, atol=1e-3) and sparse.sparsity > 0.3
     with pytest.raises(ValueError, match="backend must be one of"):
         patch_module.patch(model, recipe, backend="fastest")
+
+
+def test_a_layer_of_position_only_layouts_builds_each_shapes_layout_once(monkeypatch):
+    """Dense and streaming heads' layouts depend on positions alone: a layer of them finishes a prompt shape's layout
+    once and reuses it (same output); a layer with a data-dependent head builds it every time."""
+    import patchattn.prefill as prefill_mod
+
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=32, sink_tokens=32, window_tokens=64)
+    recipe.layers[1][0] = HeadPlan("block_topk", {"threshold": 0.8})
+    calls = []
+    real = prefill_mod.layer_layout
+    monkeypatch.setattr(prefill_mod, "layer_layout", lambda plan, *a, **k: calls.append(plan) or real(plan, *a, **k))
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), patchattn.patched(model, recipe, backend="torch"):
+        first = model(ids).logits
+        second = model(ids).logits
+        model(ids[:, :160])
+        plans = compiled_for(model.config).layers
+    assert torch.equal(first, second)
+    assert [id(p) for p in calls] == [id(plans[0]), id(plans[1]), id(plans[1]), id(plans[0]), id(plans[1])]
+    assert len(plans[0].static_layouts) == 0  # the patch left: its layouts went with it

@@ -65,6 +65,9 @@ class Strategy:
     ``__post_init__`` with :func:`check_int` / :func:`check_number` so every way to build one refuses a bad budget."""
 
     name: ClassVar[str] = ""
+    # Whether the layout depends on positions alone, never on the data: a layer of such heads builds it once per
+    # prompt shape (patchattn.prefill caches it).
+    static: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

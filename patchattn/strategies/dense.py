@@ -15,6 +15,7 @@ from .registry import register
 @dataclass(frozen=True)
 class Dense(Strategy):
     name: ClassVar[str] = "dense"
+    static: ClassVar[bool] = True
 
     def layout(self, est: Estimate) -> torch.Tensor:
         return est.expand(torch.ones(est.n_blocks, est.n_key_blocks, dtype=torch.bool, device=est.device))

@@ -20,6 +20,7 @@ from .registry import register
 @dataclass(frozen=True)
 class Streaming(Strategy):
     name: ClassVar[str] = "streaming"
+    static: ClassVar[bool] = True
     sink_tokens: int = 64
     window_tokens: int = 1024
 
