@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import time
 
@@ -216,6 +217,12 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     row[f"{kind}_graph_ms"] = statistics.median(times)
     row[f"{kind}_graph_paths"] = dict(runner.paths)
     del cache
+    if args.fused_write:  # the token write as one Triton launch (chosen when the pools are allocated)
+        os.environ["PATCHATTN_FUSED_WRITE"] = "1"
+        cache = fill_patched(model, recipe, batch, n_tokens)
+        row[f"{kind}_graph_fused_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner))
+        os.environ.pop("PATCHATTN_FUSED_WRITE")
+        del cache
     patchattn.unpatch(model)
     torch.cuda.empty_cache()
     row[f"{kind}_attn_layer_ms"] = attention_only(model.config, batch, n_tokens, recipe)
@@ -235,7 +242,9 @@ def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
         if row.get(f"{kind}_ms") is None:
             continue
         row[f"{kind}_floor_ms"] = floor(row[f"{kind}_read_bytes"])
-        for key in (f"{kind}_ms", f"{kind}_graph_ms"):
+        for key in (f"{kind}_ms", f"{kind}_graph_ms", f"{kind}_graph_fused_ms"):
+            if row.get(key) is None:
+                continue
             row[key.replace("_ms", "_tokens_per_s")] = row["batch"] * 1e3 / row[key]
             row[key.replace("_ms", "_floor_fraction")] = row[f"{kind}_floor_ms"] / row[key]
             if row["anchor_ms"]:
@@ -249,6 +258,7 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["snapkv", "quest"])
+    parser.add_argument("--fused-write", action="store_true", help="also time the graphed step with PATCHATTN_FUSED_WRITE=1")
     parser.add_argument("--no-compile", action="store_true", help="skip the dense compiled row (its compiles take minutes)")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 
 import torch
 
 from ..kernels import decode_function
+from ..kernels.cache_write import load_triton_kernel as load_cache_write_kernel
+from ..kernels.cache_write import write_token_naive
 from ..kernels.sparse_decode.op import sparse_decode_op
-from ..kv_policies import ring_slot
 from .quest import pick_pages, rebuild_bounds, update_bounds
 
 logger = logging.getLogger(__name__)
 
+FUSED_WRITE_ENV = "PATCHATTN_FUSED_WRITE"  # "1": the token write as one Triton launch per layer on CUDA (opt-in)
 GROWTH_TOKENS = 512  # the most headroom a growing head gets when its region is (re)allocated without a reserve
 NEVER_FULL = torch.iinfo(torch.int32).max  # a growing head's span: it always takes the next token at its valid count
 
@@ -90,6 +93,7 @@ class HeadPools:
                 new, old = slice(offsets[h], offsets[h] + n), slice(self.offsets[h], self.offsets[h] + n)
                 keys[:, new], values[:, new], positions[:, new] = self.keys[:, old], self.values[:, old], self.positions[:, old]
         self.keys, self.values, self.positions = keys, values, positions
+        self.write_fn = self._write_function()
         self.caps, self.offsets = list(caps), offsets
         self.dtype, self.device = dtype, device
         self.room_tokens = min((c - v for c, v, g in zip(caps, most, grows) if g), default=sys.maxsize)
@@ -136,32 +140,39 @@ class HeadPools:
         return self.valid_t.amax(0).tolist() if self.keys is not None else [0] * len(self.plans)
 
     # ---- the device's half of a decode step ------------------------------------------------------------
-    def _write(self, key: torch.Tensor, value: torch.Tensor) -> None:
+    def _write(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write token ``written_t`` (key/value (B, Hkv, D)) into every row's region of every head -- a head still
         filling at the row's valid count, a full window head at the ring slot of the row's own token index (past its
-        padding) -- and advance the counts. In-place tensor ops only."""
-        t = self.written_t
-        filling = self.valid_t < self.span_t  # (B, Hkv)
-        ring = ring_slot(t - self.pad_t, self.sink_t, self.ring_t)
-        slots = (self.offsets_t + torch.where(filling, self.valid_t, ring)).long()  # (B, Hkv)
-        at_slots = slots[..., None].expand(-1, -1, key.shape[-1])
-        self.keys.scatter_(1, at_slots, key)
-        self.values.scatter_(1, at_slots, value)
-        self.positions.scatter_(1, slots, t.expand(slots.shape))
+        padding) -- and advance the counts (:mod:`patchattn.kernels.cache_write`). In-place tensor ops only. Returns
+        each (row, head)'s page count and read limit after the write."""
+        slots, counts, limits = self.write_fn(key, value, self.keys, self.values, self.positions, self.valid_t, self.offsets_t,
+                                      self.span_t, self.sink_t, self.ring_t, self.written_t, self.pad_t, self.page)
         if self.quest_heads:
             update_bounds(self.page_min, self.page_max, slots[:, self.quest_heads_t], key[:, self.quest_heads_t], self.page)
-        self.valid_t.add_(filling.to(torch.int32))
         self.written_t.add_(1)
+        return counts, limits
 
-    def page_lists(self, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _write_function(self):
+        """The token write for these pools: the one-launch Triton kernel on CUDA when ``PATCHATTN_FUSED_WRITE=1`` (not
+        yet the default: to be measured on a GPU first), the PyTorch reference otherwise. Chosen when the pools are
+        allocated, so a decode step (traced or captured) only calls it."""
+        if self.keys.is_cuda and os.environ.get(FUSED_WRITE_ENV) == "1":
+            mod = load_cache_write_kernel()
+            if mod is not None and mod.unsupported_reason(self.keys[:, :1], self.keys) is None:
+                return mod.write_token_triton
+        return write_token_naive
+
+    def page_lists(self, query: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                   limits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(page_ids (B, Hkv, W) int32, page_counts (B, Hkv) int32, limits (B, Hkv) int32) for one decode step, from
         the device counts alone. W is fixed by the pool layout: with ``query`` (B, Hq, D), ``read_width`` (the widest
         non-Quest head's capacity in pages, or the Quest pick), without it every head's capacity (Quest heads then
         read all their pages). Each row's list for a head is ascending, its first ``count`` entries valid; counts and
         limits are the row's own."""
         batch = self.keys.shape[0]
-        counts = (self.valid_t + (self.page - 1)) // self.page  # (B, Hkv)
-        limits = self.offsets_t + self.valid_t
+        if counts is None or limits is None:  # (the token write returns both)
+            counts = (self.valid_t + (self.page - 1)) // self.page  # (B, Hkv)
+            limits = self.offsets_t + self.valid_t
         if query is None or not self.quest_heads:
             return self.page_table.expand(batch, -1, -1), counts, limits
         q = query.view(batch, len(self.plans), -1, query.shape[-1])[:, self.quest_heads_t]  # (B, h, G, D)
@@ -179,8 +190,8 @@ class HeadPools:
         attends what each head keeps. Returns (B, Hq, D). The caller has made room (:meth:`_make_room`). ``backend``
         "auto" runs the custom op ``patchattn::sparse_decode`` (one node to ``torch.compile``); "torch" or "triton"
         force an implementation."""
-        self._write(key, value)
-        ids, counts, limits = self.page_lists(query)
+        counts, limits = self._write(key, value)
+        ids, counts, limits = self.page_lists(query, counts, limits)
         k_view, v_view = self.pool_views(len(self.plans))
         if backend == "auto":
             return sparse_decode_op(query, k_view, v_view, ids, counts, limits, self.page, scale)
