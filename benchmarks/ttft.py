@@ -112,7 +112,7 @@ def time_generate(model, ids, reps: int, chunk: int | None) -> tuple[float, floa
     times, peaks = [], []
     greedy = dict(max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
     with torch.no_grad():
-        model.generate(ids[:, :4096], **greedy)  # warm-up
+        model.generate(ids[:, : 2 * chunk if chunk else 4096], **greedy)  # warm-up (chunked: chunks against earlier keys too)
         for _ in range(reps):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
