@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 from . import hf
 from .cache import HeadBudgetCache
+from .chunked import forget_skipped_mask
 from .compiled import compiled_for
 from .errors import UnsupportedBatchError
 
@@ -203,6 +204,7 @@ def install(model) -> None:
     chosen: list = []
 
     def pre(module, args, kwargs):
+        forget_skipped_mask()
         cache, reason = budget_cache_for(module, kwargs)
         tokens.append(_ACTIVE_CACHE.set(cache))
         chosen.append((cache, reason))

@@ -14,6 +14,7 @@ and backend "auto" without a kernel run dense attention with a lower-right causa
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 import torch
@@ -25,6 +26,30 @@ from .kernels import prefill_kernel, sparse_prefill, triton_prefill_unsupported
 from .layout import num_blocks, to_ragged
 
 logger = logging.getLogger(__name__)
+
+
+# (q_length, kv_length) of the chunk whose mask the builder left out in the running forward: only such a call is a
+# chunk to the attention function (a static cache's prefill also arrives with fewer queries than keys and no mask,
+# from transformers' own builder, and means the top-left causal SDPA then applies). Cleared as each forward begins.
+_SKIPPED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("patchattn_chunk_mask_skipped", default=None)
+
+
+def forget_skipped_mask() -> None:
+    """A new forward begins: no chunk's mask has been left out in it yet."""
+    _SKIPPED.set(None)
+
+
+def is_chunk(n_q: int, n_k: int, attention_mask) -> bool:
+    """Whether an attention call is a chunk whose mask the builder left out in this forward."""
+    return attention_mask is None and 1 < n_q < n_k and _SKIPPED.get() == (n_q, n_k)
+
+
+def skip_chunk_mask(kwargs) -> bool:
+    """:func:`plain_chunk`, remembering the chunk's shape for the attention function when it is one."""
+    if not plain_chunk(kwargs):
+        return False
+    _SKIPPED.set((kwargs["q_length"], kwargs["kv_length"]))
+    return True
 
 
 def plain_chunk(kwargs) -> bool:

@@ -15,7 +15,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import graphs, stats
-from .chunked import chunk_attention
+from .chunked import chunk_attention, is_chunk
 from .backends import kernel_backend
 from .compiled import CompiledRecipe, HeadGroup, LayerPlan, compiled_for
 from .config_keys import GRAPHS_KEY
@@ -116,7 +116,7 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
     ``backend``: the patch's (:mod:`patchattn.backends`)."""
     compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
-    if 1 < n_q < n_k and attention_mask is None:  # a chunk whose mask the builder left out: causal by position
+    if is_chunk(n_q, n_k, attention_mask):  # a chunk whose mask the builder left out: causal by position
         return chunk_attention(compiled, query, key, value, scaling, dropout, layer_idx, backend, kwargs)
     window = model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size

@@ -14,7 +14,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import hf, stats
-from .chunked import plain_chunk
+from .chunked import skip_chunk_mask
 from .kernels import finalize_ragged, sparse_prefill_triton, triton_prefill_unsupported
 from .layout import num_blocks, window_blocks
 
@@ -40,7 +40,7 @@ def mask_for_patchattn(*args, **kwargs):
     unpadded chunk of a prompt (no mask: causal by position, :mod:`patchattn.chunked`)."""
     from transformers.masking_utils import sdpa_mask
 
-    if not args and (plain_sliding_prefill(kwargs) or plain_chunk(kwargs)):
+    if not args and (plain_sliding_prefill(kwargs) or skip_chunk_mask(kwargs)):
         return None
     return sdpa_mask(*args, **kwargs)
 

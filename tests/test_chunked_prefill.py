@@ -103,3 +103,28 @@ def test_a_left_padded_batch_prefilled_in_chunks_generates_what_it_generates_unc
         whole = model.generate(ids, **greedy)
         chunked = model.generate(ids, prefill_chunk_size=64, **greedy)
     assert torch.equal(chunked, whole)
+
+
+def test_a_static_caches_prefill_is_not_taken_for_a_chunk():
+    """A prefill into transformers' StaticCache also has fewer queries than keys (the cache's whole length) and, from
+    transformers' own builder, no mask (its top-left causal SDPA is right there): only a chunk whose mask patchattn's
+    builder left out runs as a chunk, so a patched model that keeps the static cache computes what the unpatched does."""
+    from transformers import StaticCache
+
+    from patchattn import hf
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(1))
+
+    def two_steps():
+        cache = StaticCache(config=model.config, max_cache_len=62)
+        first = model(ids, use_cache=True, **{hf.cache_argument(model): cache}).logits
+        step = model(first[:, -1:].argmax(-1), position_ids=torch.tensor([[50]]), use_cache=True,
+                     **{hf.cache_argument(model): cache}).logits
+        return first, step
+
+    with torch.no_grad():
+        plain = two_steps()
+        with patchattn.patched(model, Recipe.uniform(model.config, "dense"), backend="torch"):
+            patched = two_steps()
+    torch.testing.assert_close(patched, plain, rtol=1e-5, atol=1e-5)

@@ -155,3 +155,23 @@ def test_eval_says_how_the_decode_steps_ran():
     assert result.decode_path == "eager" and result.kv_cache == "budgeted"
     assert graphed == "cuda-graph"
     assert decode_path(model, torch.device("cpu"), {}) == "eager"
+
+
+def test_a_cache_that_stays_full_decodes_through_transformers_own_compile():
+    """A short prompt keeps the full (static) cache, which the runner hands to transformers' own ``torch.compile`` of the
+    model, as generate would have without the patch (here with the eager backend, on a CPU): the same tokens."""
+    model = tiny_model("llama")
+    recipe = Recipe.uniform(model.config, "streaming", sink_tokens=16, window_tokens=64)  # a 50-token prompt keeps it all
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(1))
+    config = compile_everywhere()
+    config.backend, config.mode = "eager", None
+    with patchattn.patched(model, recipe, backend="torch"):
+        eager = model.generate(ids, max_new_tokens=12, do_sample=False)
+        model.generation_config.compile_config = config  # generate's own compile settings: the runner uses them too
+        runner = decode_graphs.runner_for(model)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                             return_dict_in_generate=True)
+    model.generation_config.compile_config = None
+    assert isinstance(hf.output_cache(out), StaticCache)
+    assert runner.paths == {"compiled": 11}
+    assert torch.equal(out.sequences, eager)
