@@ -105,7 +105,7 @@ def chunk_attention(compiled: CompiledRecipe | None, query, key, value, scaling,
     plan = compiled.layers[layer_idx] if compiled is not None else None
     sparse = (plan is not None and not plan.all_dense and dropout == 0.0 and kwargs.get("softcap") is None
               and not kwargs.get("output_attentions") and n_q > block and (n_k - n_q) % block == 0
-              and n_k >= max(compiled.recipe.min_sparse_tokens, plan.min_tokens))
+              and n_k >= max(compiled.recipe.min_sparse_tokens, 0 if backend == "sparse" else plan.min_tokens))
     no_kernel = triton_prefill_unsupported(query, key, value, block) if sparse and backend == "auto" else None
     if plan is not None and not plan.all_dense and (not sparse or no_kernel) and not compiled.said_chunk_dense:
         compiled.said_chunk_dense = True

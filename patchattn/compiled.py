@@ -48,7 +48,7 @@ class LayerPlan:
     all_dense: bool
     dense_rows: int = 0  # the recipe's dense prefix, in query blocks
     density: float | None = None  # the heads' mean calibrated density (None when the recipe has none)
-    min_tokens: int = 0  # shorter prompts prefill this layer densely: the recipe's min_sparse_tokens or its break-even
+    min_tokens: int = 0  # this device's break-even: shorter prompts prefill this layer densely (not under backend "sparse")
     # finished layouts (counts, ids, density) by prompt shape, when every head's layout depends on positions alone
     static_layouts: "OrderedDict[tuple, tuple]" = field(default_factory=OrderedDict, repr=False)
 
@@ -75,7 +75,7 @@ class CompiledRecipe:
             known = [plan.density for plan in heads if plan.density is not None]
             density = sum(known) / len(known) if known and len(known) == len(heads) else None
             self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density,
-                                         max(recipe.min_sparse_tokens, layer_min)))
+                                         layer_min))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
         self.reset_notices()
 

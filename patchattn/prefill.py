@@ -124,7 +124,7 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
     if sparse_ok and n_q < compiled.recipe.min_sparse_tokens:
         _say_dense_below(compiled, n_q)
         sparse_ok = False
-    elif sparse_ok and n_q < compiled.layers[layer_idx].min_tokens:
+    elif sparse_ok and backend != "sparse" and n_q < compiled.layers[layer_idx].min_tokens:  # "sparse": quality runs
         _say_break_even(compiled, n_q)
         sparse_ok = False
     plan = compiled.layers[layer_idx] if sparse_ok else None
