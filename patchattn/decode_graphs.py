@@ -144,7 +144,7 @@ class DecodeGraphs:
         _, cache = hf.given_cache(kwargs)
         if not isinstance(cache, HeadBudgetCache):
             return self._as_transformers(model, *args, **kwargs)
-        reason = None if args else self._why_not(cache, kwargs)
+        reason = "the call passes positional arguments" if args else self._why_not(cache, kwargs)
         if reason is not None:
             self._say(f"a decode step runs eagerly: {reason}")
             self.paths["eager"] += 1

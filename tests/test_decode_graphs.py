@@ -104,8 +104,10 @@ def test_what_a_replay_cannot_give_runs_eagerly_and_says_why(caplog):
         with caplog.at_level(logging.INFO, logger="patchattn"):
             runner(input_ids=ids[:, :2], use_cache=True, **{hf.cache_argument(model): cache})
             runner(input_ids=ids[:, :1], output_hidden_states=True, **{hf.cache_argument(model): cache})
-    assert runner.paths == {"eager": 2}
+            runner(ids[:, :1], **{hf.cache_argument(model): cache})
+    assert runner.paths == {"eager": 3}
     assert "not one new token per row" in caplog.text and "asks for attentions or hidden states" in caplog.text
+    assert "positional arguments" in caplog.text
 
 
 def test_a_static_cache_the_caller_built_is_theirs():
