@@ -217,11 +217,12 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     row[f"{kind}_graph_ms"] = statistics.median(times)
     row[f"{kind}_graph_paths"] = dict(runner.paths)
     del cache
-    if args.fused_write:  # the token write as one Triton launch (chosen when the pools are allocated)
-        os.environ["PATCHATTN_FUSED_WRITE"] = "1"
+    if args.fused:  # the token write and the Quest bounds as one Triton launch each (the write chosen at allocation)
+        os.environ.update(PATCHATTN_FUSED_WRITE="1", PATCHATTN_FUSED_QUEST="1")
         cache = fill_patched(model, recipe, batch, n_tokens)
         row[f"{kind}_graph_fused_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner))
         os.environ.pop("PATCHATTN_FUSED_WRITE")
+        os.environ.pop("PATCHATTN_FUSED_QUEST")
         del cache
     patchattn.unpatch(model)
     torch.cuda.empty_cache()
@@ -258,7 +259,7 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["snapkv", "quest"])
-    parser.add_argument("--fused-write", action="store_true", help="also time the graphed step with PATCHATTN_FUSED_WRITE=1")
+    parser.add_argument("--fused", action="store_true", help="also time the graphed step with PATCHATTN_FUSED_WRITE=1 and PATCHATTN_FUSED_QUEST=1")
     parser.add_argument("--no-compile", action="store_true", help="skip the dense compiled row (its compiles take minutes)")
     parser.add_argument("--out", default="decode.json")
     args = parser.parse_args()

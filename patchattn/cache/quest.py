@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.quest_bound import page_bounds, quest_bounds  # noqa: F401  (page_bounds: imported from here too)
+
 
 def page_extremes(keys: torch.Tensor, n_tokens: int | list[int], page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per page, the minimum and maximum of each key dimension over the first ``n_tokens`` of ``keys`` (..., T, D):
@@ -27,17 +29,6 @@ def page_extremes(keys: torch.Tensor, n_tokens: int | list[int], page: int) -> t
     region = region.reshape(*region.shape[:-2], n_pages, page, region.shape[-1])
     filled = (torch.arange(n_pages * page) < counts).view(len(counts), n_pages, page, 1).to(region.device)
     return region.masked_fill(~filled, float("inf")).amin(-2), region.masked_fill(~filled, float("-inf")).amax(-2)
-
-
-def page_bounds(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
-    """Quest's bound on q.k over each page: ``query`` (B, h, G, *, D) each KV head's query group (any row dimensions
-    after it), ``page_min``/``page_max`` (B, h, P, D) the pages' key extremes; returns (B, h, *, P) float32, the
-    largest over the group of sum_d max(q_d min_d, q_d max_d)."""
-    q = query.float().unsqueeze(-2)  # (B, h, G, *, 1, D)
-    rows = (1,) * (query.dim() - 4)
-    lo = page_min.float().view(*page_min.shape[:2], 1, *rows, *page_min.shape[2:])
-    hi = page_max.float().view(*page_max.shape[:2], 1, *rows, *page_max.shape[2:])
-    return torch.maximum(q * lo, q * hi).sum(-1).amax(2)
 
 
 def rebuild_bounds(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, first_page: int, n_tokens: list[int],
@@ -70,7 +61,7 @@ def pick_pages(
     min(max budget, P), fixed by the pool layout. Returns (pages (B, h, k) int32, ascending, each head's first
     ``counts[..., h]`` entries being its pick; counts, shaped as ``n_pages``, = min(n_pages, budget)). Tensor ops only."""
     n_candidates = candidates.shape[-1]
-    bound = page_bounds(query, page_min[:, candidates], page_max[:, candidates])  # (B, h, P)
+    bound = quest_bounds(query, page_min, page_max, candidates)  # (B, h, P)
     index = torch.arange(n_candidates, device=query.device)
     valid = n_pages[..., None].long()
     bound = bound.masked_fill(index == 0, torch.finfo(bound.dtype).max)  # the attention sink
