@@ -116,10 +116,10 @@ def chunk_attention(compiled: CompiledRecipe | None, query, key, value, scaling,
         return dense_chunk(query, key, value, scaling, dropout).transpose(1, 2).contiguous()
     keep, cols = layer_layout(plan, query, key, block, finished=False, columns=True)
     keep = chunk_layout(keep, cols, n_k, block, plan.dense_rows)
-    counts, ids, _ = to_ragged(keep)
+    counts, ids, square_density = to_ragged(keep)  # one device sync, which also counted the kept blocks
+    kept = round(square_density * counts.numel() * (keep.shape[-1] + 1) / 2)  # its density is against a square's rows
     offset = num_blocks(n_k, block) - keep.shape[-2]
     reach = (offset * keep.shape[-2] + keep.shape[-2] * (keep.shape[-2] + 1) / 2) * keep.shape[0] * keep.shape[1]
-    kept = counts.sum().item()
     backend = kernel_backend(backend)
     if stats.is_recording():
         stats.report(layer_idx, kept, reach, kernel=prefill_kernel(query, key, value, block, None, None, backend))

@@ -51,19 +51,23 @@ def output_cache(output):
     return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
 
 
-def _generation_config_in_stack(frame):
+def _generate_local(frame, name: str, accept=lambda value: value is not None):
+    """The local ``name`` of the nearest frame of generate's module, walking up from ``frame``, that holds one
+    ``accept`` takes; None when no frame within :data:`MAX_FRAMES` does."""
     for _ in range(MAX_FRAMES):
         if frame is None:
             return None
-        if frame.f_globals.get("__name__") == GENERATE_MODULE and frame.f_locals.get("generation_config") is not None:
-            return frame.f_locals["generation_config"]
+        if frame.f_globals.get("__name__") == GENERATE_MODULE:
+            value = frame.f_locals.get(name)
+            if accept(value):
+                return value
         frame = frame.f_back
     return None
 
 
 def in_generate() -> bool:
     """Whether a ``generate`` call runs the forward asking (its frame holds a ``generation_config``)."""
-    return _generation_config_in_stack(sys._getframe(1)) is not None
+    return _generate_local(sys._getframe(1), "generation_config") is not None
 
 
 def generation_new_tokens(prompt_tokens: int) -> int | None:
@@ -71,7 +75,7 @@ def generation_new_tokens(prompt_tokens: int) -> int | None:
     or None when no ``generate`` runs it. transformers hands ``forward`` no length, so this reads the per-call
     ``generation_config`` from generate's own frame (its ``max_length`` is prompt + ``max_new_tokens`` by then); a
     stack without one gives None. Called once per new cache, not per step."""
-    max_length = getattr(_generation_config_in_stack(sys._getframe(1)), "max_length", None)
+    max_length = getattr(_generate_local(sys._getframe(1), "generation_config"), "max_length", None)
     return max(0, max_length - prompt_tokens) if isinstance(max_length, int) else None
 
 
@@ -79,15 +83,8 @@ def chunked_prompt_tokens() -> int | None:
     """The whole prompt's length when the ``generate`` call running this forward prefills it in chunks
     (``prefill_chunk_size``: its prefill loop's ``input_chunks``, in 5.17 and 5.25 alike); None otherwise. Read once
     per new cache, by the first chunk's forward."""
-    frame = sys._getframe(1)
-    for _ in range(MAX_FRAMES):
-        if frame is None:
-            return None
-        chunks = frame.f_locals.get("input_chunks") if frame.f_globals.get("__name__") == GENERATE_MODULE else None
-        if isinstance(chunks, (tuple, list)) and chunks:
-            return sum(int(c.shape[-1]) for c in chunks)
-        frame = frame.f_back
-    return None
+    chunks = _generate_local(sys._getframe(1), "input_chunks", lambda value: isinstance(value, (tuple, list)) and bool(value))
+    return sum(int(c.shape[-1]) for c in chunks) if chunks is not None else None
 
 
 def text_config(config):

@@ -176,9 +176,9 @@ class BudgetLayer(HeadPools, DynamicLayer):
                 both = tail if self.query_tail is None else torch.cat([self.query_tail, tail], dim=2)
                 self.query_tail = both[:, :, -self.tail_tokens:]
             return
-        if self.query_tail is not None:
-            query = torch.cat([self.query_tail, query], dim=2)[:, :, -max(self.tail_tokens, query.shape[2]):]
-            self.query_tail = None
+        if self.query_tail is not None and query.shape[2] < self.tail_tokens:  # a last chunk shorter than the window
+            query = torch.cat([self.query_tail, query], dim=2)[:, :, -self.tail_tokens:]
+        self.query_tail = None
         self.finish_prefill(query, scale)
 
     def finish_prefill(self, query: torch.Tensor | None = None, scale: float | None = None) -> None:
