@@ -1,6 +1,7 @@
 """Quest's page bounds for a decode query: the PyTorch reference (:func:`quest_bounds_naive`, always) and the Triton
 kernel (when Triton imports, on first use), which reads each candidate page's extremes once; :func:`quest_bounds`
-picks the kernel on CUDA when ``PATCHATTN_FUSED_QUEST=1`` (opt-in until measured on a GPU)."""
+picks the kernel on CUDA unless ``PATCHATTN_FUSED_QUEST=0`` (a graphed 8B-shaped step with Quest heads at 128K: 15.5 ms
+against 25.2 with the reference, H100, benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ FUSED_QUEST_ENV = "PATCHATTN_FUSED_QUEST"
 
 
 def quest_bounds(query, page_min, page_max, candidates):
-    """The Triton kernel where ``PATCHATTN_FUSED_QUEST=1`` and it takes the input, the reference otherwise (the
-    choice reads the environment and shapes only: a traced or captured decode step keeps it)."""
-    if query.is_cuda and os.environ.get(FUSED_QUEST_ENV) == "1":
+    """The Triton kernel on CUDA where it takes the input, the reference on a CPU or under ``PATCHATTN_FUSED_QUEST=0``
+    (the choice reads the environment and shapes only: a traced or captured decode step keeps it)."""
+    if query.is_cuda and os.environ.get(FUSED_QUEST_ENV) != "0":
         mod = load_triton_kernel()
         if mod is not None and mod.unsupported_reason(query, page_min) is None:
             return mod.quest_bounds_triton(query, page_min, page_max, candidates)
