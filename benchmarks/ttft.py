@@ -5,9 +5,13 @@ time (``logits_to_keep=1``, synchronised, warm-up excluded) of the unpatched mod
 same model patched with a recipe of >= 90% sparsity, and writes JSON. ``--chunk C`` adds ``generate``'s time to its
 first token and peak memory, unchunked and with ``prefill_chunk_size=C`` (:mod:`patchattn.chunked`); ``--break-even
 2048,4096,8192`` first fits each layer's prefill break-even at those lengths, as ``patchattn calibrate`` does on a GPU
-(:mod:`patchattn.calibrate.breakeven`), so each row is what a calibrated recipe does.
+(:mod:`patchattn.calibrate.breakeven`), so each row is what a calibrated recipe does; ``--bound-from N`` adds, from
+N tokens up, issue 19's bound (what the time to first token would be if only attention changed) and each row's
+fraction of it. ``--shape 1b`` runs the Llama-3.2-1B dimensions.
 
     python benchmarks/ttft.py --lengths 32768,131072 --chunk 8192 --out ttft.json
+    python benchmarks/ttft.py --shape 1b --kinds issue19 --lengths 2048,4096,8192,16384,32768,65536 \
+        --break-even 2048,4096,8192 --bound-from 16384
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import patchattn  # noqa: E402
-from patchattn.calibrate.breakeven import fit_break_even  # noqa: E402
+from patchattn.calibrate.breakeven import fit_break_even, time_layers  # noqa: E402
 from patchattn.recipe import HeadPlan, Recipe  # noqa: E402
 from patchattn.stats import record_sparsity  # noqa: E402
 
@@ -146,6 +150,23 @@ def generate_rows(model, ids, reps: int, chunk: int, prefix: str) -> dict:
             f"{prefix}_chunked_time_ratio": round(part_ms / whole_ms, 3)}
 
 
+def attention_bound(model, recipe, ids, dense_ms: float) -> dict:
+    """Issue 19's bound at this length: the time to first token if only attention changed, dense TTFT / (dense TTFT -
+    dense attention + the patched attention), each layer's attention timed alone on the model's own queries, keys and
+    values (:func:`patchattn.calibrate.breakeven.time_layers`: wall clock, launches included); a layer under its
+    break-even counts its dense time, as it runs."""
+    timings = time_layers(model, recipe, ids, [ids.shape[1]], runs=3)
+    floor = recipe.layer_min_tokens or [0] * len(timings)
+    dense_attn = patched_attn = 0.0
+    for t, least in zip(timings, floor):
+        if not t.lengths:  # an all-dense layer: the same call either way
+            continue
+        dense_attn += t.dense_ms[0]
+        patched_attn += t.sparse_ms[0] if ids.shape[1] >= least else t.dense_ms[0]
+    bound = dense_ms / (dense_ms - dense_attn + patched_attn)
+    return {"attn_dense_ms": round(dense_attn, 1), "attn_patched_ms": round(patched_attn, 1), "bound": round(bound, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="32768,131072")
@@ -156,6 +177,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="vertical_slash,streaming,mixed")
     parser.add_argument("--break-even", default="", help="comma-separated lengths: fit each layer's prefill break-even at them first (what calibrate does on a GPU) and run each recipe with it")
     parser.add_argument("--chunk", type=int, default=0, help="also time generate's first token unchunked and in chunks of this many tokens (prefill_chunk_size), with peak memory")
+    parser.add_argument("--bound-from", type=int, default=0, help="from this length up, also time each layer's attention alone, dense and patched, and report issue 19's bound (dense TTFT / (dense TTFT - dense attention + patched attention)) and each row's fraction of it")
     parser.add_argument("--out", default="ttft.json")
     args = parser.parse_args()
     model = random_model(args.layers, args.shape)
@@ -188,6 +210,10 @@ def main() -> None:
             row[f"{kind}_sparsity"] = round(rec.sparsity or 0.0, 4)
             row[f"{kind}_kernels"] = dict(rec.kernels)  # which implementation ran each layer's prefill
             row[f"{kind}_speedup"] = round(dense / patched_ms, 2)
+            if args.bound_from and n >= args.bound_from:
+                bound = attention_bound(model, recipe, ids, dense)
+                row.update({f"{kind}_{key}": value for key, value in bound.items()})
+                row[f"{kind}_of_bound"] = round(dense / patched_ms / bound["bound"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
@@ -199,10 +225,11 @@ def main() -> None:
     }
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
-    print(f"{'tokens':>8} {'dense ms':>9} " + " ".join(f"{k + ' ms':>18} {'x':>6} {'sparsity':>8}" for k in args.kinds.split(",")))
+    print(f"{'tokens':>8} {'dense ms':>9} " + " ".join(f"{k + ' ms':>18} {'x':>6} {'sparsity':>8} {'bound':>6} {'of it':>6}" for k in args.kinds.split(",")))
     for r in rows:
         print(f"{r['tokens']:>8} {r['dense_sdpa_ms']:>9} " + " ".join(
-            f"{r[k + '_ms']:>18} {r[k + '_speedup']:>6} {r[k + '_sparsity']:>8}" for k in args.kinds.split(",")))
+            f"{r[k + '_ms']:>18} {r[k + '_speedup']:>6} {r[k + '_sparsity']:>8} {r.get(k + '_bound', '-'):>6} {r.get(k + '_of_bound', '-'):>6}"
+            for k in args.kinds.split(",")))
 
 
 if __name__ == "__main__":
