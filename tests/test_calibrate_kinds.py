@@ -178,3 +178,53 @@ def test_files_and_shipped_kinds_become_kinds(tmp_path):
     for kinds, fragment in [(["prose", "prose"], "names prose twice"), (["bogus"], "names unknown bogus"), ([], "needs at least one")]:
         with pytest.raises(OptionError, match=fragment):
             calibration_texts([], kinds)
+
+
+def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeypatch):
+    """verify="unseen-kind": at every target the search measures code under the recipe allocated on prose alone and
+    prose under code's, costs one measurement per kind as the default does, and says so in the record; the recipe
+    written is still allocated on both."""
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
+    seen = []
+
+    def loss(self, recipe, length, bound=None):
+        seen.append((self.held.source, length, recipe.to_dict()["layers"]))
+        sparsity = 1.0 - sum(h.density for layer in recipe.layers for h in layer) / sum(len(layer) for layer in recipe.layers)
+        return 0.04 * sparsity, sparsity, length
+
+    monkeypatch.setattr(Verifier, "loss", loss)
+    model = tiny_model("llama")
+    ids, held = two_kinds()
+    recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, verify="unseen-kind")
+    cal = recipe.calibration
+    assert cal["verify"] == "unseen-kind" and cal["verified_on"].endswith("(each kind under a recipe allocated without it)")
+    search = cal["search"]
+    assert len(search) > 2 and all(step["unseen"] for step in search)
+    first = search[0]["target"]
+    at_first = {source: layers for source, length, layers in seen[:2] if length == 512}
+    assert set(at_first) == {"prose text", "code text"}  # one measurement per kind at the first target
+    prose_alone = calibrate(model, ids["prose"], target_sparsity=first, block_size=32).to_dict()["layers"]
+    code_alone = calibrate(model, ids["code"], target_sparsity=first, block_size=32).to_dict()["layers"]
+    both = calibrate(model, ids, target_sparsity=first, block_size=32).to_dict()["layers"]
+    assert at_first["code text"] == prose_alone and at_first["prose text"] == code_alone
+    assert prose_alone != code_alone or prose_alone != both  # the kinds' allocations differ from the shared one
+    final = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32)  # the default verification
+    assert "verify" not in final.calibration
+    if cal["target_sparsity"] == final.calibration["target_sparsity"]:
+        assert recipe.to_dict()["layers"] == final.to_dict()["layers"]  # the recipe written: allocated on both kinds
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(max_loss="ppl=2%", verify="unseen-kind", single=True), "two kinds or more"),
+    (dict(target_sparsity=0.5, verify="unseen-kind"), "give max_loss instead"),
+    (dict(max_loss="ppl=2%", verify="unseen"), "verify must be one of held-out, unseen-kind"),
+])
+def test_unseen_kind_verification_is_refused_where_it_cannot_run(kwargs, fragment):
+    ids, held = two_kinds(256)
+    single = kwargs.pop("single", False)
+    texts, held_out = (ids["prose"], held["prose"]) if single else (ids, held)
+    if "target_sparsity" in kwargs:
+        held_out = None
+    with pytest.raises(OptionError, match=fragment) as info:
+        calibrate(tiny_model("llama"), texts, held_out=held_out, block_size=32, **kwargs)
+    assert info.value.option == "verify"

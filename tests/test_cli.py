@@ -401,6 +401,21 @@ def test_calibrate_on_shipped_kinds_holds_the_bound_on_each(tiny_model_dir, tmp_
     assert "worst kind" in result.output and "per kind of text" in result.output
 
 
+def test_calibrate_verifies_each_kind_unseen_when_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """--verify unseen-kind: every search step measured each kind under a recipe allocated without it, and the table
+    says so."""
+    from patchattn.calibrate import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 512)
+    out = tmp_path / "r.json"
+    result = invoke("calibrate", tiny_model_dir, "--kinds", "prose,code", "-n", 512, "--block-size", 32, "--max-loss", "ppl=2%",
+                    "--verify", "unseen-kind", "-o", out)
+    assert result.exit_code == 0, result.output
+    cal = Recipe.load(out).calibration
+    assert cal["verify"] == "unseen-kind" and all(step["unseen"] for step in cal["search"])
+    assert "allocated without it" in " ".join(result.output.split())
+
+
 def test_calibrate_reads_every_shipped_kind_by_default(tiny_model_dir, tmp_path):
     """With neither --text nor --kinds the recipe is calibrated on all five shipped kinds, prose first."""
     out = tmp_path / "r.json"

@@ -8,7 +8,7 @@ from .. import options as check
 from ..errors import OptionError
 from ..layout import BLOCK_SIZES
 from ..strategies import STRATEGIES
-from .kinds import ROBUST
+from .kinds import ROBUST, VERIFY
 from .kv import EVAL_ROWS
 from .search import LossBound
 from .texts import calibration_texts
@@ -32,7 +32,9 @@ class CalibrationOptions:
     text, ``"ppl=2%"``), never both; with neither, :data:`DEFAULT_TARGET_SPARSITY`. ``texts`` (files, each a kind named
     by its stem) and ``kinds`` (shipped kinds, :data:`patchattn.text.KINDS`) are the texts to calibrate on, each file
     read here (:func:`~patchattn.calibrate.texts.calibration_texts`; whether it has ``seq_len`` tokens is known when the
-    tokenizer is there); ``robust`` is how several kinds combine (:mod:`patchattn.calibrate.kinds`)."""
+    tokenizer is there); ``robust`` is how several kinds combine and ``verify`` what each kind's held-out text is
+    measured under (:mod:`patchattn.calibrate.kinds`; ``"unseen-kind"`` needs ``max_loss``, and two kinds or more,
+    known once the texts are)."""
 
     target_sparsity: float | None = None
     max_loss: LossBound | str | None = None
@@ -52,6 +54,7 @@ class CalibrationOptions:
     texts: tuple[str, ...] = ()
     kinds: tuple[str, ...] | None = None
     robust: str = "worst"
+    verify: str = "held-out"
     break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
 
     def __post_init__(self):
@@ -87,4 +90,8 @@ class CalibrationOptions:
         if (self.decode_pages or self.decode_recall is not None) and self.kv_budget is None:
             raise OptionError("decode_pages", "and decode_recall need kv_budget (decode plans are calibrated with it)")
         check.one_of("robust", self.robust, ROBUST)
+        check.one_of("verify", self.verify, VERIFY)
+        if self.verify == "unseen-kind" and self.max_loss is None:
+            raise OptionError("verify", "unseen-kind measures the loss bound on each kind of text, but target_sparsity fixes "
+                                        "the sparsity and nothing is verified: give max_loss instead")
         calibration_texts(self.texts, self.kinds)  # every file readable, every kind known

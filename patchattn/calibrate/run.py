@@ -16,7 +16,7 @@ from ..patch import check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from .answers import AnswerCheck
 from .capture import Scores, kv_candidates_for, score_text
-from .kinds import first_held_out, kind_stats, robust_scores, texts_by_kind, verifier_for
+from .kinds import UnseenKind, first_held_out, kind_stats, leave_one_out, robust_scores, texts_by_kind, verifier_for
 from .kv import allocate_kv
 from .kv_search import DecodeVerifier, search_kv_budget
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
@@ -62,6 +62,7 @@ def calibrate(
     on_search: Callable[[SearchStep], None] | None = None,
     min_sparse_tokens: int = 0,
     robust: str = "worst",
+    verify: str = "held-out",
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -94,25 +95,34 @@ def calibrate(
     held-out windows (:mod:`patchattn.calibrate.kinds`). The recipe records each kind's scored tokens, sparsity and
     loss (``calibration["kinds"]``). The KV plans (``kv_budget``) are scored on the first kind only;
     ``retrieval_weight`` applies to every kind's pass, and the probes (built from whichever text) weigh the robust
-    utility."""
+    utility. ``verify="unseen-kind"`` (two kinds or more, with ``max_loss``) measures each kind under a recipe allocated
+    without it, so the bound is met on kinds calibration never read (:class:`~patchattn.calibrate.kinds.UnseenKind`)."""
     texts, several = texts_by_kind(input_ids)
     options = CalibrationOptions(
         target_sparsity=target_sparsity, max_loss=max_loss, seq_len=next(iter(texts.values())).shape[1], block_size=block_size,
         strategies=tuple(strategies), objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages,
         decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
-        min_sparse_tokens=min_sparse_tokens, robust=robust,
+        min_sparse_tokens=min_sparse_tokens, robust=robust, verify=verify,
     )  # every option checked, as the CLI does before loading the model
+    if options.verify == "unseen-kind" and not several:
+        raise OptionError("verify", "unseen-kind verifies each kind of text under a recipe allocated on the others: give "
+                                    "two kinds or more (a dict of texts; on the command line --kinds or several --text)")
     check_supported(model)
     verifier = verifier_for(model, texts, several, held_out) if options.max_loss is not None else None
     first_only = dataclasses.replace(options, kv_budget=None, decode_pages=0, decode_recall=None)  # KV: the first kind's
     per_kind = {kind: score_text(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
     scores = robust_scores(per_kind, options.robust)
     build = functools.partial(_build, model.config, scores, options)
-    probe_stats, dense_answers = None, None
+    probe_stats, dense_answers, weights = None, None, None
     if probes:
         first = options.target_sparsity if options.max_loss is None else PROBE_TARGET
-        probe_stats, dense_answers = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
-    target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search, dense_answers)
+        probe_stats, dense_answers, weights = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
+    unseen = None
+    if options.verify == "unseen-kind" and verifier is not None:
+        without = {kind: _weighed(s, weights) for kind, s in leave_one_out(per_kind, options.robust).items()}
+        unseen = UnseenKind(verifier, {kind: (lambda t, s=s: _build(model.config, s, options, s.choose(t)))
+                                       for kind, s in without.items()})
+    target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search, dense_answers, unseen)
     recipe.calibration = _record(scores, target, options, text_name, quality, (texts, per_kind) if several else None)
     if probe_stats is not None:
         recipe.calibration["probe"] = probe_stats
@@ -121,13 +131,15 @@ def calibrate(
 
 
 def _allocate(model, scores: Scores, build, verifier: Verifier | None, options: CalibrationOptions,
-              probes: Sequence[Probe], on_search, dense_answers: float | None = None) -> tuple[float, Recipe, dict]:
+              probes: Sequence[Probe], on_search, dense_answers: float | None = None,
+              unseen: UnseenKind | None = None) -> tuple[float, Recipe, dict]:
     """(target sparsity, its recipe, the search's record): the fixed target, or the sparsest within the loss bound
-    (``dense_answers``: the probes' mean dense answer log-probability, when the layer probes measured it)."""
+    (``dense_answers``: the probes' mean dense answer log-probability, when the layer probes measured it; ``unseen``:
+    the search's loss measured on each kind unseen)."""
     if options.max_loss is None:
         return options.target_sparsity, build(scores.choose(options.target_sparsity)), {}
     answers = _answer_check(model, probes, options.max_loss, dense_answers)
-    return _search(scores, build, verifier, options, on_search, answers)
+    return _search(scores, build, verifier, options, on_search, answers, unseen)
 
 
 def _record(scores: Scores, target: float, options: CalibrationOptions, text_name: str | Mapping[str, str],
@@ -145,8 +157,9 @@ def _record(scores: Scores, target: float, options: CalibrationOptions, text_nam
 
 
 def _build(config, scores: Scores, options: CalibrationOptions, choice: torch.Tensor, min_sparse: int | None = None) -> Recipe:
-    """The recipe of one allocation ``choice`` (per free layer, head: a candidate's index); the model's windowed layers
-    stay dense (their window applies). ``min_sparse``: its dense threshold (default: the one asked for)."""
+    """The recipe of one allocation ``choice`` (per free layer, head: a candidate's index into ``scores``' grid); the
+    model's windowed layers stay dense (their window applies). ``min_sparse``: its dense threshold (default: the one
+    asked for)."""
     chosen = dict(zip(scores.free, head_plans(scores, choice)))
     n_heads = scores.density.shape[1]
     layers = [chosen.get(i) or [HeadPlan("dense") for _ in range(n_heads)] for i in range(scores.n_layers)]
@@ -177,12 +190,19 @@ def _kv_plans(model, scores: Scores, options: CalibrationOptions, recipe: Recipe
 PROBE_TARGET = 0.8
 
 
-def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> tuple[dict, float]:
+def _weighed(scores: Scores, weights: torch.Tensor | None) -> Scores:
+    """``scores`` with each free layer's utility times its probe weight (a copy; the same scores without weights)."""
+    if weights is None:
+        return scores
+    return dataclasses.replace(scores, utility=scores.utility * weights[scores.free][:, None, None].to(scores.utility.dtype))
+
+
+def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Probe], on_probe) -> tuple[dict, float, torch.Tensor]:
     """Weigh each free layer's utility by what ``first``'s plan for it cost the probes; (the probe statistics, the
-    probes' mean dense answer log-probability)."""
+    probes' mean dense answer log-probability, the weights per layer)."""
     sens = layer_sensitivity(model, first, probes, on_probe)
     weights = layer_weights(sens.answer_drop, sens.nll_rise)
-    scores.utility = scores.utility * weights[scores.free][:, None, None].to(scores.utility.dtype)
+    scores.utility = _weighed(scores, weights).utility
     return {
         "prompts": len(probes),
         "dense_answer_logprob": round(sens.dense_answer_logprob, 4),
@@ -190,7 +210,7 @@ def _weigh_by_probes(model, scores: Scores, first: Recipe, probes: Sequence[Prob
         "layer_drop": [round(float(d), 4) for d in sens.answer_drop],
         "layer_nll_rise": [round(float(d), 8) for d in sens.nll_rise],
         "layer_weight": [round(float(w), 4) for w in weights],
-    }, sens.dense_answer_logprob
+    }, sens.dense_answer_logprob, weights
 
 
 def _answer_check(model, probes: Sequence[Probe], bound: LossBound, dense: float | None = None) -> AnswerCheck | None:
@@ -202,18 +222,22 @@ def _answer_check(model, probes: Sequence[Probe], bound: LossBound, dense: float
 
 
 def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptions, on_search,
-            answers: AnswerCheck | None = None) -> tuple[float, Recipe, dict]:
-    """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length (and, with
-    ``answers``, its answer bound on the probes), its recipe verified at shorter lengths (dense below the shortest one
-    within the perplexity bound), and the record of both."""
+            answers: AnswerCheck | None = None, unseen: UnseenKind | None = None) -> tuple[float, Recipe, dict]:
+    """The sparsest target within ``options.max_loss`` on the held-out windows at the calibration length (each kind
+    unseen, with ``unseen``; and, with ``answers``, its answer bound on the probes), its recipe verified at shorter
+    lengths (dense below the shortest one within the perplexity bound), and the record of both."""
     bound, n_tokens = options.max_loss, options.seq_len
     detail: dict[float, dict] = {}  # target -> what the verifier measured beyond the loss (per kind)
 
     def measure(target: float) -> tuple[float, float]:
         choice = scores.choose(target)
         recipe = build(choice)
-        loss = verifier.loss(recipe, n_tokens, bound.ppl)[0]
-        detail[target] = verifier.loss_detail()
+        if unseen is not None:
+            loss = unseen.loss(target, n_tokens, bound.ppl)
+            detail[target] = unseen.loss_detail()
+        else:
+            loss = verifier.loss(recipe, n_tokens, bound.ppl)[0]
+            detail[target] = verifier.loss_detail()
         if answers is None or loss > bound.ppl:  # over on perplexity already: the probes cannot save it
             return scores.sparsity(choice), loss
         drop = answers.drop(recipe)
@@ -222,7 +246,10 @@ def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptio
 
     target, steps = search_target(measure, bound.ppl, on_step=on_search)
     recipe = build(scores.choose(target))
-    record = {"max_loss": bound.to_dict(), "verified_on": verifier.source, "search": [{**s.to_dict(), **detail[s.target]} for s in steps]}
+    record = {"max_loss": bound.to_dict(), "verified_on": (unseen or verifier).source,
+              "search": [{**s.to_dict(), **detail[s.target]} for s in steps]}
+    if unseen is not None:
+        record["verify"] = "unseen-kind"
     if target == 0.0:
         logger.warning("no sparse recipe kept perplexity within %s at %d tokens; the recipe is dense", bound, n_tokens)
         record["verified"] = []

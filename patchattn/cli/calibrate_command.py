@@ -30,6 +30,7 @@ def calibrate(
         None, "--kinds", help="Comma-separated shipped kinds of text to calibrate on (prose, code, docs, dialogue, structured): each kind's calibration part is scored and its held-out part verifies --max-loss; with --text files too. Several kinds: one allocation robust over them (--robust), the loss bound held on each kind. Default without --text: all five."
     ),
     robust: str = typer.Option("worst", "--robust", help="With several kinds of text: allocate on each head's 'worst' utility over the kinds (default) or their 'mean'."),
+    verify: str = typer.Option("held-out", "--verify", help="With several kinds of text and --max-loss: measure each kind's held-out text under the recipe allocated on every kind ('held-out', default), or under one allocated without that kind ('unseen-kind': the bound then holds on kinds calibration never read, at some sparsity; same cost)."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
     kv_budget: Optional[float] = typer.Option(
@@ -68,10 +69,14 @@ def calibrate(
             kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
             dense_prefix_tokens=dense_prefix_tokens, probes=probes, min_sparse_tokens=min_sparse_tokens, seed=seed,
             texts=tuple(text), kinds=None if kinds is None else _comma_list(kinds), robust=robust, break_even=break_even,
+            verify=verify,
         )
         heat = heatmap or output.with_suffix(".png")
         _check_outputs({"--output": output, "--heatmap": heat, "--baseline-output": baseline_output})
         texts = _calibration_texts(options)
+        if options.verify == "unseen-kind" and len(texts) < 2:
+            raise PatchattnError("--verify unseen-kind measures each kind of text under a recipe allocated on the others: "
+                                 "calibrate on two kinds or more (--kinds prose,code, or several --text files)")
         with console.status("loading model"):
             lm, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         recipe = _calibrate_with_progress(lm, tokenizer, texts, options)
@@ -158,6 +163,7 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
             probes=probe_set,
             on_probe=lambda layer: progress.advance(probe_task),
             robust=options.robust,
+            verify=options.verify,
         )
     _fit_break_even(lm, recipe, first_ids, options)
     return recipe
