@@ -228,3 +228,19 @@ def test_unseen_kind_verification_is_refused_where_it_cannot_run(kwargs, fragmen
     with pytest.raises(OptionError, match=fragment) as info:
         calibrate(tiny_model("llama"), texts, held_out=held_out, block_size=32, **kwargs)
     assert info.value.option == "verify"
+
+
+def test_a_fixed_target_on_several_kinds_records_each_kinds_loss(monkeypatch):
+    """With held-out text, a fixed-target calibration on several kinds measures the recipe once on each kind (no search)
+    and records each kind's loss beside its sparsity; it verifies no lengths (eval's defaults are unchanged)."""
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
+    ids, held = two_kinds()
+    recipe = calibrate(tiny_model("llama"), ids, target_sparsity=0.5, held_out=held, block_size=32)
+    cal = recipe.calibration
+    measured = cal["measured"]
+    assert measured["length"] == 512 and set(measured["ppl_loss_by_kind"]) == {"prose", "code"}
+    assert measured["ppl_loss"] == max(measured["ppl_loss_by_kind"].values())
+    assert {k: v["ppl_loss"] for k, v in cal["kinds"].items()} == measured["ppl_loss_by_kind"]
+    assert "verified" not in cal and "search" not in cal and recipe.verified_lengths() == []
+    assert cal["verified_on"] == "prose: prose text; code: code text"
+    assert Recipe.from_dict(recipe.to_dict()).calibration["measured"] == measured

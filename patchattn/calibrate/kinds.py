@@ -172,15 +172,15 @@ def first_held_out(verifier: Verifier) -> HeldOut:
 def kind_stats(texts: Mapping[str, torch.Tensor], per_kind: Mapping[str, Scores], choice: torch.Tensor, quality: dict,
                names: Mapping[str, str]) -> dict:
     """The recipe's ``kinds`` record: per kind, its text, the tokens scored, the chosen allocation's sparsity under that
-    kind's densities and, with a loss bound, the written recipe's loss on its held-out text at the calibration length
-    (0 for a dense recipe)."""
+    kind's densities and, where it was measured (a loss bound, or a fixed target with held-out text), the written
+    recipe's loss on its held-out text at the calibration length (0 for a dense recipe)."""
     verified = quality.get("verified")
-    losses = verified[0].get("ppl_loss_by_kind", {}) if verified else {}
+    losses = verified[0].get("ppl_loss_by_kind", {}) if verified else quality.get("measured", {}).get("ppl_loss_by_kind", {})
     record = {}
     for kind, ids in texts.items():
         entry = {"text": names.get(kind, kind), "scored_tokens": int(ids.shape[1]),
                  "achieved_sparsity": round(per_kind[kind].sparsity(choice), 6)}
-        if "max_loss" in quality:
+        if "max_loss" in quality or "measured" in quality:
             entry["ppl_loss"] = losses.get(kind, 0.0)
         record[kind] = entry
     return record

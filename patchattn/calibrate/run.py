@@ -108,7 +108,9 @@ def calibrate(
         raise OptionError("verify", "unseen-kind verifies each kind of text under a recipe allocated on the others: give "
                                     "two kinds or more (a dict of texts; on the command line --kinds or several --text)")
     check_supported(model)
-    verifier = verifier_for(model, texts, several, held_out) if options.max_loss is not None else None
+    # a loss bound is verified; a fixed target on several kinds with held-out text is measured once per kind (its record)
+    measured = options.max_loss is not None or (several and held_out is not None)
+    verifier = verifier_for(model, texts, several, held_out) if measured else None
     first_only = dataclasses.replace(options, kv_budget=None, decode_pages=0, decode_recall=None)  # KV: the first kind's
     per_kind = {kind: score_text(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
     scores = robust_scores(per_kind, options.robust)
@@ -137,7 +139,13 @@ def _allocate(model, scores: Scores, build, verifier: Verifier | None, options: 
     (``dense_answers``: the probes' mean dense answer log-probability, when the layer probes measured it; ``unseen``:
     the search's loss measured on each kind unseen)."""
     if options.max_loss is None:
-        return options.target_sparsity, build(scores.choose(options.target_sparsity)), {}
+        recipe = build(scores.choose(options.target_sparsity))
+        if verifier is None:
+            return options.target_sparsity, recipe, {}
+        rise, sparsity, tokens = verifier.loss(recipe, options.seq_len)  # every kind, once: what the recipe costs each
+        measured = {"length": options.seq_len, "ppl_loss": round(rise, 6), "tokens": tokens,
+                    "sparsity": None if sparsity is None else round(sparsity, 6), **verifier.loss_detail()}
+        return options.target_sparsity, recipe, {"measured": measured, "verified_on": verifier.source}
     answers = _answer_check(model, probes, options.max_loss, dense_answers)
     return _search(scores, build, verifier, options, on_search, answers, unseen)
 

@@ -131,11 +131,11 @@ def _worst_kind(row: dict) -> str:
 
 def _print_kinds(cal: dict) -> None:
     """Per kind of text, when the recipe was calibrated on several: tokens scored, the sparsity the allocation reaches on
-    that kind's scores, and (with --max-loss) the recipe's perplexity rise on its held-out text."""
+    that kind's scores, and (with --max-loss, or a fixed target) the recipe's perplexity rise on its held-out text."""
     kinds = cal.get("kinds")
     if not kinds:
         return
-    loss = "max_loss" in cal
+    loss = "max_loss" in cal or "measured" in cal
     table = Table(title=f"per kind of text (allocation robust over kinds: {cal.get('robust')}, at {cal['seq_len']} tokens)")
     for col in ("kind", "text", "scored tokens", "sparsity", *(("perplexity",) if loss else ())):
         table.add_column(col, justify="left" if col in ("kind", "text") else "right")
