@@ -136,6 +136,8 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
         task = progress.add_task(f"calibrating {options.seq_len} tokens{of_kinds}", total=n_layers * len(texts))
         probe_task = progress.add_task(f"probing layers ({len(probe_set)} needle prompts)", total=n_layers, visible=bool(probe_set))
         search_task = progress.add_task(f"searching for {options.max_loss}", total=None, visible=options.max_loss is not None)
+        progress.add_task("then the recipe measured on each kind's held-out text", total=None,
+                          visible=options.max_loss is None and isinstance(input_ids, dict) and len(input_ids) > 1)
 
         def on_search(step) -> None:
             progress.update(search_task, advance=1, description=(
