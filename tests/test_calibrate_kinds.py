@@ -113,7 +113,7 @@ def test_with_a_loss_bound_the_worst_kind_decides(monkeypatch):
     prose_only = calibrate(model, ids["prose"], max_loss="ppl=2%", held_out=held["prose"], block_size=32)
     assert all(s["within"] for s in prose_only.calibration["search"]) and prose_only.calibration["target_sparsity"] > 0.92
 
-    recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, robust="mean")
+    recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, robust="mean", verify="held-out")
     cal = recipe.calibration
     assert cal["verified_on"] == "prose: prose text; code: code text" and cal["robust"] == "mean"
     for step in cal["search"] + cal["verified"]:
@@ -197,6 +197,8 @@ def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeyp
     ids, held = two_kinds()
     recipe = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, verify="unseen-kind")
     cal = recipe.calibration
+    single = calibrate(model, ids["prose"], max_loss="ppl=2%", held_out=held["prose"], block_size=32)  # auto, one text
+    assert "verify" not in single.calibration
     assert cal["verify"] == "unseen-kind" and cal["verified_on"].endswith("(each kind under a recipe allocated without it)")
     search = cal["search"]
     assert len(search) > 2 and all(step["unseen"] for step in search)
@@ -208,8 +210,10 @@ def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeyp
     both = calibrate(model, ids, target_sparsity=first, block_size=32).to_dict()["layers"]
     assert at_first["code text"] == prose_alone and at_first["prose text"] == code_alone
     assert prose_alone != code_alone or prose_alone != both  # the kinds' allocations differ from the shared one
-    final = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32)  # the default verification
+    final = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, verify="held-out")
     assert "verify" not in final.calibration
+    by_default = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32)  # "auto": several kinds, unseen
+    assert by_default.calibration["verify"] == "unseen-kind" and by_default.calibration["search"] == cal["search"]
     if cal["target_sparsity"] == final.calibration["target_sparsity"]:
         assert recipe.to_dict()["layers"] == final.to_dict()["layers"]  # the recipe written: allocated on both kinds
 
@@ -217,7 +221,7 @@ def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeyp
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(max_loss="ppl=2%", verify="unseen-kind", single=True), "two kinds or more"),
     (dict(target_sparsity=0.5, verify="unseen-kind"), "give max_loss instead"),
-    (dict(max_loss="ppl=2%", verify="unseen"), "verify must be one of held-out, unseen-kind"),
+    (dict(max_loss="ppl=2%", verify="unseen"), "verify must be one of auto, held-out, unseen-kind"),
 ])
 def test_unseen_kind_verification_is_refused_where_it_cannot_run(kwargs, fragment):
     ids, held = two_kinds(256)

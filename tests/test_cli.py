@@ -390,6 +390,7 @@ def test_calibrate_on_shipped_kinds_holds_the_bound_on_each(tiny_model_dir, tmp_
     assert result.exit_code == 0, result.output
     cal = Recipe.load(out).calibration
     assert list(cal["kinds"]) == ["prose", "code"] and cal["robust"] == "worst"
+    assert cal["verify"] == "unseen-kind"  # the default with several kinds
     # each kind verified on its calibration part beyond the scored tokens: the shipped held-out parts are eval's
     assert "heldout" not in cal["verified_on"] and "code: " in cal["verified_on"]
     assert cal["kinds"]["code"]["text"] == "patchattn:code-calibration"

@@ -69,7 +69,7 @@ CALIBRATE = [
     (["--kinds", ","], "--kinds needs at least one of prose, code"),
     (["--kinds", "code,code"], "--kinds names code twice"),
     (["--robust", "best"], "--robust must be one of worst, mean"),
-    (["--verify", "unseen"], "--verify must be one of held-out, unseen-kind"),
+    (["--verify", "unseen"], "--verify must be one of auto, held-out, unseen-kind"),
     (["--verify", "unseen-kind", "--target-sparsity", "0.5"], "--verify unseen-kind measures the loss bound"),
     (["--verify", "unseen-kind"], "--verify unseen-kind measures each kind of text under a recipe allocated on the others"),
     (["-o", "a_dir"], "--output a_dir is a directory"),

@@ -9,7 +9,8 @@ own held-out windows and a candidate's loss is the worst kind's (:class:`WorstKi
 
 That bound holds on the kinds calibration read, not on the next one: on SmolLM2 at 8K a recipe calibrated on prose and
 code to +2.2% read +3.3% to +4.4% on docs, dialogue and structured text (``examples/kinds-smollm2-8k/v4``). With
-``verify="unseen-kind"`` each kind is verified instead on a recipe allocated without it (the other kinds' robust
+``verify="unseen-kind"`` (what ``"auto"``, the default, runs for a loss bound on several kinds) each kind is verified
+instead on a recipe allocated without it (the other kinds' robust
 scores at the same target, :class:`UnseenKind`): the loss a kind shows when calibration never read it, which is what a
 user's text of yet another kind meets. The search bounds the worst of those; the recipe written is still allocated on
 every kind. Each kind is still measured once per target, so it costs what the default does.
@@ -33,7 +34,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ROBUST = ("worst", "mean")  # how the allocation combines each head's utility over the kinds
-VERIFY = ("held-out", "unseen-kind")  # what each kind's held-out windows are measured under (see the module's text)
+VERIFY = ("auto", "held-out", "unseen-kind")  # what each kind's held-out windows are measured under (module text)
+
+
+def verify_mode(verify: str, several: bool, bounded: bool) -> str:
+    """The verification a calibration runs: ``"auto"`` is ``"unseen-kind"`` for a loss bound on several kinds (the
+    bound then holds on a kind calibration never read, which is what a user's own text is) and ``"held-out"``
+    otherwise; an explicit mode is kept."""
+    if verify != "auto":
+        return verify
+    return "unseen-kind" if several and bounded else "held-out"
 
 SELF_HELD_OUT = "the scored calibration tokens themselves"
 

@@ -33,8 +33,8 @@ class CalibrationOptions:
     by its stem) and ``kinds`` (shipped kinds, :data:`patchattn.text.KINDS`) are the texts to calibrate on, each file
     read here (:func:`~patchattn.calibrate.texts.calibration_texts`; whether it has ``seq_len`` tokens is known when the
     tokenizer is there); ``robust`` is how several kinds combine and ``verify`` what each kind's held-out text is
-    measured under (:mod:`patchattn.calibrate.kinds`; ``"unseen-kind"`` needs ``max_loss``, and two kinds or more,
-    known once the texts are)."""
+    measured under (:mod:`patchattn.calibrate.kinds`; ``"auto"``: unseen-kind for a loss bound on several kinds;
+    an explicit ``"unseen-kind"`` needs ``max_loss``, and two kinds or more, known once the texts are)."""
 
     target_sparsity: float | None = None
     max_loss: LossBound | str | None = None
@@ -54,7 +54,7 @@ class CalibrationOptions:
     texts: tuple[str, ...] = ()
     kinds: tuple[str, ...] | None = None
     robust: str = "worst"
-    verify: str = "held-out"
+    verify: str = "auto"
     break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
 
     def __post_init__(self):

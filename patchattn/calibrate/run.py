@@ -16,7 +16,8 @@ from ..patch import check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
 from .answers import AnswerCheck
 from .capture import Scores, kv_candidates_for, score_text
-from .kinds import UnseenKind, first_held_out, kind_stats, leave_one_out, robust_scores, texts_by_kind, verifier_for
+from .kinds import (UnseenKind, first_held_out, kind_stats, leave_one_out, robust_scores, texts_by_kind, verifier_for,
+                    verify_mode)
 from .kv import allocate_kv
 from .kv_search import DecodeVerifier, search_kv_budget
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
@@ -62,7 +63,7 @@ def calibrate(
     on_search: Callable[[SearchStep], None] | None = None,
     min_sparse_tokens: int = 0,
     robust: str = "worst",
-    verify: str = "held-out",
+    verify: str = "auto",
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -95,8 +96,10 @@ def calibrate(
     held-out windows (:mod:`patchattn.calibrate.kinds`). The recipe records each kind's scored tokens, sparsity and
     loss (``calibration["kinds"]``). The KV plans (``kv_budget``) are scored on the first kind only;
     ``retrieval_weight`` applies to every kind's pass, and the probes (built from whichever text) weigh the robust
-    utility. ``verify="unseen-kind"`` (two kinds or more, with ``max_loss``) measures each kind under a recipe allocated
-    without it, so the bound is met on kinds calibration never read (:class:`~patchattn.calibrate.kinds.UnseenKind`)."""
+    utility. With ``max_loss`` on several kinds each kind is measured under a recipe allocated without it (``verify``
+    ``"auto"`` or ``"unseen-kind"``), so the bound is met on kinds calibration never read
+    (:class:`~patchattn.calibrate.kinds.UnseenKind`); ``verify="held-out"`` measures every kind under the recipe
+    allocated on all of them."""
     texts, several = texts_by_kind(input_ids)
     options = CalibrationOptions(
         target_sparsity=target_sparsity, max_loss=max_loss, seq_len=next(iter(texts.values())).shape[1], block_size=block_size,
@@ -104,7 +107,8 @@ def calibrate(
         decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
         min_sparse_tokens=min_sparse_tokens, robust=robust, verify=verify,
     )  # every option checked, as the CLI does before loading the model
-    if options.verify == "unseen-kind" and not several:
+    mode = verify_mode(options.verify, several, options.max_loss is not None)
+    if mode == "unseen-kind" and not several:
         raise OptionError("verify", "unseen-kind verifies each kind of text under a recipe allocated on the others: give "
                                     "two kinds or more (a dict of texts; on the command line --kinds or several --text)")
     check_supported(model)
@@ -120,7 +124,7 @@ def calibrate(
         first = options.target_sparsity if options.max_loss is None else PROBE_TARGET
         probe_stats, dense_answers, weights = _weigh_by_probes(model, scores, build(scores.choose(first)), probes, on_probe)
     unseen = None
-    if options.verify == "unseen-kind" and verifier is not None:
+    if mode == "unseen-kind" and verifier is not None:
         without = {kind: _weighed(s, weights) for kind, s in leave_one_out(per_kind, options.robust).items()}
         unseen = UnseenKind(verifier, {kind: (lambda t, s=s: _build(model.config, s, options, s.choose(t)))
                                        for kind, s in without.items()})
