@@ -101,7 +101,8 @@ def test_short_calibration_writes_a_recipe_that_loads(tiny_model_dir, calibratio
     """At 256 tokens in blocks of 32 the early query blocks of a token-column candidate hold most of their causal
     blocks already: every candidate's density stays a share of dense work, and the recipe written loads."""
     result = invoke("calibrate", tiny_model_dir, "--seq-len", 256, "--block-size", 32, "--target-sparsity", 0.5,
-                    "--text", calibration_text, "-o", tmp_path / "r.json")
+                    "--text", calibration_text, "--strategies", "dense,streaming,vertical_slash_tokens,block_topk",
+                    "-o", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     candidates = Recipe.load(tmp_path / "r.json").calibration["candidates"]
     assert any(c["strategy"] == "vertical_slash_tokens" for c in candidates)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 21 on three kinds no shipped calibration kind covers (legal, email, C; see README.md), not run yet: SmolLM2 at
-# 8K calibrated on all five shipped kinds (patchattn calibrate's default) to ppl=$BOUND%, verified as by default and
-# with --verify unseen-kind, then perplexity over two 8K windows of each unseen kind beside dense and each recipe's
+# 8K calibrated on all five shipped kinds to ppl=$BOUND%: the old defaults (each kind verified on the recipe of all
+# kinds, token columns offered), unseen-kind verification with columns, and today's defaults (unseen-kind, no
+# columns), then perplexity over two 8K windows of each unseen kind beside dense and each recipe's
 # uniform twin. With R=<the better recipe>, ../kinds-smollm2-8k/v3/run_gpu_needles.sh next.
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
 set -uo pipefail
@@ -12,14 +13,16 @@ HERE=$(dirname "$0")
 BOUND=${BOUND:-3}
 mkdir -p /tmp/unseen
 for K in legal email c; do zcat "$HERE/$K.txt.gz" > /tmp/unseen/$K.txt; done
+COLUMNS=dense,streaming,vertical_slash,vertical_slash_tokens,block_topk  # the defaults before 2026-12-06 evening
 RECIPES=""
-for V in held-out unseen-kind; do
-  R=$OUT/smollm2-8k-five-kinds-$V-$BOUND.json
+for RUN in "held-out columns $COLUMNS" "unseen-kind columns $COLUMNS" "unseen-kind blocks dense,streaming,vertical_slash,block_topk"; do
+  set -- $RUN
+  R=$OUT/smollm2-8k-five-kinds-$1-$2-$BOUND.json
   SECONDS=0
-  python -m patchattn.cli calibrate $M --seq-len 8192 --max-loss ppl=$BOUND% --verify $V --probes 0 -o $R \
-    --heatmap /tmp/h-$V.png > $OUT/calibrate-$V.log 2>&1
-  echo "five kinds, --verify $V, ppl=$BOUND%: calibrated in $SECONDS s"
-  grep -A12 "target sparsity ┃ achieved" $OUT/calibrate-$V.log | head -12
+  python -m patchattn.cli calibrate $M --seq-len 8192 --max-loss ppl=$BOUND% --verify $1 --strategies $3 --probes 0 \
+    -o $R --heatmap /tmp/h.png > $OUT/calibrate-$1-$2.log 2>&1
+  echo "five kinds, --verify $1, $2, ppl=$BOUND%: calibrated in $SECONDS s"
+  grep -A12 "target sparsity ┃ achieved" $OUT/calibrate-$1-$2.log | head -12
   RECIPES="$RECIPES -r $R"
 done
 SECONDS=0
