@@ -10,10 +10,10 @@ own held-out windows and a candidate's loss is the worst kind's (:class:`WorstKi
 That bound holds on the kinds calibration read, not on the next one: on SmolLM2 at 8K a recipe calibrated on prose and
 code to +2.2% read +3.3% to +4.4% on docs, dialogue and structured text (``examples/kinds-smollm2-8k/v4``). With
 ``verify="unseen-kind"`` (what ``"auto"``, the default, runs for a loss bound on several kinds) each kind is verified
-instead on a recipe allocated without it (the other kinds' robust
-scores at the same target, :class:`UnseenKind`): the loss a kind shows when calibration never read it, which is what a
-user's text of yet another kind meets. The search bounds the worst of those; the recipe written is still allocated on
-every kind. Each kind is still measured once per target, so it costs what the default does.
+instead on a recipe allocated without it (the other kinds' robust scores at the same target, :class:`UnseenKind`): the
+loss a kind shows when calibration never read it, which is what a user's text of yet another kind meets. The search
+bounds the worst of those; the recipe written is still allocated on every kind. Each kind is still measured once per
+target, so it costs what ``verify="held-out"`` (every kind under the recipe allocated on all) does.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def verify_mode(verify: str, several: bool, bounded: bool) -> str:
     if verify != "auto":
         return verify
     return "unseen-kind" if several and bounded else "held-out"
+
 
 SELF_HELD_OUT = "the scored calibration tokens themselves"
 
