@@ -182,8 +182,8 @@ def test_files_and_shipped_kinds_become_kinds(tmp_path):
 
 def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeypatch):
     """verify="unseen-kind": at every target the search measures code under the recipe allocated on prose alone and
-    prose under code's, costs one measurement per kind as the default does, and says so in the record; the recipe
-    written is still allocated on both."""
+    prose under code's, then (where that is within the bound) each under the recipe written, allocated on both; the
+    record says so."""
     monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 256)
     seen = []
 
@@ -199,23 +199,49 @@ def test_unseen_kind_verifies_each_kind_on_a_recipe_allocated_without_it(monkeyp
     cal = recipe.calibration
     single = calibrate(model, ids["prose"], max_loss="ppl=2%", held_out=held["prose"], block_size=32)  # auto, one text
     assert "verify" not in single.calibration
-    assert cal["verify"] == "unseen-kind" and cal["verified_on"].endswith("(each kind under a recipe allocated without it)")
+    assert cal["verify"] == "unseen-kind" and cal["verified_on"].endswith("(each kind also under a recipe allocated without it)")
     search = cal["search"]
     assert len(search) > 2 and all(step["unseen"] for step in search)
     first = search[0]["target"]
-    at_first = {source: layers for source, length, layers in seen[:2] if length == 512}
-    assert set(at_first) == {"prose text", "code text"}  # one measurement per kind at the first target
     prose_alone = calibrate(model, ids["prose"], target_sparsity=first, block_size=32).to_dict()["layers"]
     code_alone = calibrate(model, ids["code"], target_sparsity=first, block_size=32).to_dict()["layers"]
     both = calibrate(model, ids, target_sparsity=first, block_size=32).to_dict()["layers"]
-    assert at_first["code text"] == prose_alone and at_first["prose text"] == code_alone
     assert prose_alone != code_alone or prose_alone != both  # the kinds' allocations differ from the shared one
+    n_first = 4 if search[0]["within"] else 1  # within: each kind unseen, then seen; over: the first kind stops it
+    at_first = [(source, layers) for source, length, layers in seen[:n_first]]
+    assert at_first[0] == ("prose text", code_alone)
+    if search[0]["within"]:
+        assert at_first[1:] == [("prose text", both), ("code text", prose_alone), ("code text", both)]
+        assert set(search[0]["unseen_ppl_loss_by_kind"]) == {"prose", "code"}
     final = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32, verify="held-out")
     assert "verify" not in final.calibration
     by_default = calibrate(model, ids, max_loss="ppl=2%", held_out=held, block_size=32)  # "auto": several kinds, unseen
     assert by_default.calibration["verify"] == "unseen-kind" and by_default.calibration["search"] == cal["search"]
-    if cal["target_sparsity"] == final.calibration["target_sparsity"]:
-        assert recipe.to_dict()["layers"] == final.to_dict()["layers"]  # the recipe written: allocated on both kinds
+
+
+def test_unseen_kind_also_holds_the_bound_on_the_recipe_written(monkeypatch):
+    """Where the recipe written loses more on a kind than the one allocated without it (block top-k runs denser on
+    text its allocation never read), the search stops where the recipe written holds, so the calibration length is
+    verified within the bound and stays sparse."""
+    monkeypatch.setattr(verify_module, "MIN_VERIFY_TOKENS", 512)
+    last = {}
+
+    def loss(self, recipe, length, bound=None):
+        sparsity = 1.0 - sum(h.density for layer in recipe.layers for h in layer) / sum(len(layer) for layer in recipe.layers)
+        key = (self.held.source, length)
+        written = last.get(key) == "unseen"  # each kind: unseen first, then (within the bound) the recipe written
+        last[key] = "written" if written else "unseen"
+        return (0.05 if written else 0.02) * sparsity, sparsity, length
+
+    monkeypatch.setattr(Verifier, "loss", loss)
+    ids, held = two_kinds()
+    recipe = calibrate(tiny_model("llama"), ids, max_loss="ppl=2%", held_out=held, block_size=32)
+    cal = recipe.calibration
+    within = [step for step in cal["search"] if step["within"]]
+    assert within and all(max(step["unseen_ppl_loss_by_kind"].values()) < step["ppl_loss"] for step in within)
+    assert cal["achieved_sparsity"] <= 0.4 + 1e-6  # 0.05 x sparsity within 2%
+    assert cal["verified"][0]["length"] == 512 and cal["verified"][0]["within"] and cal["verified"][0]["sparse"]
+    assert recipe.min_sparse_tokens <= 512
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -248,3 +274,16 @@ def test_a_fixed_target_on_several_kinds_records_each_kinds_loss(monkeypatch):
     assert "verified" not in cal and "search" not in cal and recipe.verified_lengths() == []
     assert cal["verified_on"] == "prose: prose text; code: code text"
     assert Recipe.from_dict(recipe.to_dict()).calibration["measured"] == measured
+
+
+def test_a_kind_the_verification_skipped_has_no_loss_rather_than_zero():
+    """The verification stops at the first kind over the bound; a kind it never measured is recorded as None (shown
+    as "-"), not as a loss of 0."""
+    per_kind = {"a": synthetic(((0.9, 1.0), (0.9, 1.0))), "b": synthetic(((0.9, 1.0), (0.9, 1.0)))}
+    texts = {k: torch.zeros(1, 256, dtype=torch.long) for k in per_kind}
+    choice = torch.tensor([[0, 0]])
+    quality = {"max_loss": {"ppl": 0.02}, "verified": [{"length": 256, "ppl_loss_by_kind": {"b": 0.05}}]}
+    stats = kind_stats(texts, per_kind, choice, quality, {})
+    assert stats["b"]["ppl_loss"] == 0.05 and stats["a"]["ppl_loss"] is None
+    dense = kind_stats(texts, per_kind, choice, {"max_loss": {"ppl": 0.02}, "verified": []}, {})
+    assert dense["a"]["ppl_loss"] == 0.0  # a dense recipe: no loss anywhere

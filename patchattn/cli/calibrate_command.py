@@ -30,7 +30,7 @@ def calibrate(
         None, "--kinds", help="Comma-separated shipped kinds of text to calibrate on (prose, code, docs, dialogue, structured): each kind's calibration part is scored and its held-out part verifies --max-loss; with --text files too. Several kinds: one allocation robust over them (--robust), the loss bound held on each kind. Default without --text: all five."
     ),
     robust: str = typer.Option("worst", "--robust", help="With several kinds of text: allocate on each head's 'worst' utility over the kinds (default) or their 'mean'."),
-    verify: str = typer.Option("auto", "--verify", help="With several kinds of text and --max-loss: measure each kind's held-out text under a recipe allocated without that kind ('unseen-kind': the bound then holds on kinds calibration never read, at some sparsity; same cost), or under the recipe allocated on every kind ('held-out'). 'auto' (default): unseen-kind with several kinds, held-out with one."),
+    verify: str = typer.Option("auto", "--verify", help="With several kinds of text and --max-loss: measure each kind's held-out text under a recipe allocated without that kind and under the recipe written ('unseen-kind': the bound then holds on kinds calibration never read too, at some sparsity; up to twice the measurements), or under the recipe allocated on every kind ('held-out'). 'auto' (default): unseen-kind with several kinds, held-out with one."),
     rows: int = typer.Option(256, "--rows", help="Query rows sampled for scoring."),
     baseline_output: Optional[Path] = typer.Option(None, "--baseline-output", help="Also write the uniform-budget recipe of equal sparsity here."),
     kv_budget: Optional[float] = typer.Option(

@@ -123,6 +123,11 @@ def _print_search(recipe) -> None:
                   f"within the bound, or not verified); `patchattn eval` runs the verified lengths by default")
 
 
+def _percent(rise: float | None) -> str:
+    """A perplexity rise as a signed percentage; "-" where it was not measured (another kind was over the bound)."""
+    return "-" if rise is None else f"{100 * rise:+.2f}%"
+
+
 def _worst_kind(row: dict) -> str:
     """The kind of text whose loss a search step or verified length was measured by (the worst)."""
     by_kind = row.get("ppl_loss_by_kind") or {}
@@ -141,5 +146,5 @@ def _print_kinds(cal: dict) -> None:
         table.add_column(col, justify="left" if col in ("kind", "text") else "right")
     for kind, entry in kinds.items():
         table.add_row(kind, entry.get("text", ""), str(entry["scored_tokens"]), f"{entry['achieved_sparsity']:.3f}",
-                      *((f"{100 * entry['ppl_loss']:+.2f}%",) if loss else ()))
+                      *((_percent(entry.get("ppl_loss")),) if loss else ()))
     console.print(table)
