@@ -103,13 +103,7 @@ class WorstKind(Verifier):
         """(the worst kind's perplexity rise, the mean prefill sparsity over the kinds measured, tokens scored). With
         ``bound``, the kinds are measured worst-first (by their latest loss) and the rest skipped once one is over it:
         the recipe is over the bound whatever they read (``by_kind`` then names only the kinds measured)."""
-        order = sorted(self.kinds, key=lambda kind: -self._last.get(kind, 0.0))
-        measured = {}
-        for kind in order:
-            measured[kind] = self.kinds[kind].loss(recipe, length)
-            self._last[kind] = measured[kind][0]
-            if bound is not None and measured[kind][0] > bound:
-                break
+        measured = self.worst_first(lambda kind: self.kinds[kind].loss(recipe, length), bound)
         self.by_kind = {kind: measured[kind][0] for kind in self.kinds if kind in measured}
         skipped = [kind for kind in self.kinds if kind not in measured]
         logger.info("at %d tokens: %s%s", length, ", ".join(f"{k} {100 * r:+.2f}%" for k, r in self.by_kind.items()),
@@ -117,6 +111,17 @@ class WorstKind(Verifier):
         sparsities = [m[1] for m in measured.values()]
         sparsity = None if None in sparsities else sum(sparsities) / len(sparsities)
         return max(self.by_kind.values()), sparsity, sum(m[2] for m in measured.values())
+
+    def worst_first(self, measure: Callable[[str], tuple], bound: float | None) -> dict[str, tuple]:
+        """``measure(kind)`` (a tuple, the loss first) of each kind, worst first by its latest loss, stopping after the
+        first over ``bound`` (None: every kind); by kind, the kinds measured only."""
+        measured = {}
+        for kind in sorted(self.kinds, key=lambda kind: -self._last.get(kind, 0.0)):
+            measured[kind] = measure(kind)
+            self._last[kind] = measured[kind][0]
+            if bound is not None and measured[kind][0] > bound:
+                break
+        return measured
 
     def loss_detail(self) -> dict:
         return {"ppl_loss_by_kind": {kind: round(rise, 6) for kind, rise in self.by_kind.items()}}
@@ -130,20 +135,17 @@ def leave_one_out(per_kind: Mapping[str, Scores], robust: str) -> dict[str, Scor
 
 class UnseenKind:
     """A :class:`WorstKind`'s kinds, each measured on the recipe ``build_without[kind](target)`` (allocated without
-    that kind, :func:`leave_one_out`) and, where that is within the bound, on the recipe written, ``build(target)``
-    (allocated on every kind): a kind's loss is the larger. Both are needed: the unseen loss is what another kind of
-    text meets, and the recipe written must hold on the kinds it read too; at one target the two differ (block top-k's
-    density follows the text, so a recipe allocated without a kind can run denser on it: SmolLM2 at 8K read code
-    +2.89% unseen and +3.62% under the recipe written). The loss is the worst kind's, measured worst-first and stopped
-    at the first over the bound, as :meth:`WorstKind.loss` does; :meth:`loss_detail` gives each kind's loss and its
-    unseen part."""
+    that kind, :func:`leave_one_out`) and, where that is within the bound, on the recipe written (allocated on every
+    kind): a kind's loss is the larger. Both are needed: the unseen loss is what another kind of text meets, and the
+    recipe written must hold on the kinds it read too; at one target the two differ (block top-k's density follows the
+    text, so a recipe allocated without a kind can run denser on it: SmolLM2 at 8K read code +2.89% unseen and +3.62%
+    under the recipe written). The loss is the worst kind's, measured worst-first and stopped at the first over the
+    bound (:meth:`WorstKind.worst_first`); :meth:`loss_detail` gives each kind's loss and its unseen part."""
 
-    def __init__(self, worst: WorstKind, build: Callable[[float], "Recipe"],
-                 build_without: Mapping[str, Callable[[float], "Recipe"]]):
+    def __init__(self, worst: WorstKind, build_without: Mapping[str, Callable[[float], "Recipe"]]):
         if set(build_without) != set(worst.kinds):
             raise ValueError(f"one recipe builder per kind ({', '.join(worst.kinds)}), not {', '.join(build_without)}")
         self.worst = worst
-        self.build = build
         self.build_without = dict(build_without)
         self.by_kind: dict[str, float] = {}
         self.unseen_by_kind: dict[str, float] = {}
@@ -152,21 +154,19 @@ class UnseenKind:
     def source(self) -> str:
         return self.worst.source + " (each kind also under a recipe allocated without it)"
 
-    def loss(self, target: float, length: int, bound: float | None = None) -> float:
-        order = sorted(self.worst.kinds, key=lambda kind: -self.worst._last.get(kind, 0.0))
-        unseen, measured = {}, {}
-        written = None
-        for kind in order:
+    def loss(self, target: float, written: "Recipe", length: int, bound: float | None = None) -> float:
+        """The worst kind's loss at ``target``, ``written`` being the recipe allocated on every kind there."""
+
+        def measure(kind: str) -> tuple[float, float]:
             verifier = self.worst.kinds[kind]
-            unseen[kind] = measured[kind] = verifier.loss(self.build_without[kind](target), length)[0]
-            if bound is None or measured[kind] <= bound:
-                written = written or self.build(target)
-                measured[kind] = max(measured[kind], verifier.loss(written, length)[0])
-            self.worst._last[kind] = measured[kind]
-            if bound is not None and measured[kind] > bound:
-                break
-        self.by_kind = {kind: measured[kind] for kind in self.worst.kinds if kind in measured}
-        self.unseen_by_kind = {kind: unseen[kind] for kind in self.worst.kinds if kind in unseen}
+            unseen = verifier.loss(self.build_without[kind](target), length)[0]
+            if bound is not None and unseen > bound:
+                return unseen, unseen
+            return max(unseen, verifier.loss(written, length)[0]), unseen
+
+        measured = self.worst.worst_first(measure, bound)
+        self.by_kind = {kind: measured[kind][0] for kind in self.worst.kinds if kind in measured}
+        self.unseen_by_kind = {kind: measured[kind][1] for kind in self.worst.kinds if kind in measured}
         logger.info("target %.3f at %d tokens, each kind unseen and seen: %s", target, length,
                     ", ".join(f"{k} {100 * r:+.2f}%" for k, r in self.by_kind.items()))
         return max(self.by_kind.values())
@@ -207,7 +207,8 @@ def kind_stats(texts: Mapping[str, torch.Tensor], per_kind: Mapping[str, Scores]
     for kind, ids in texts.items():
         entry = {"text": names.get(kind, kind), "scored_tokens": int(ids.shape[1]),
                  "achieved_sparsity": round(per_kind[kind].sparsity(choice), 6)}
-        if "max_loss" in quality or "measured" in quality:  # 0 for a dense recipe; None: skipped (another kind was over)
-            entry["ppl_loss"] = losses.get(kind, None if (verified or quality.get("measured")) else 0.0)
+        if "max_loss" in quality or "measured" in quality:
+            # nothing measured: a dense recipe, no loss; a kind left out of a measurement: None (another was over)
+            entry["ppl_loss"] = losses.get(kind) if verified or "measured" in quality else 0.0
         record[kind] = entry
     return record

@@ -126,8 +126,7 @@ def calibrate(
     unseen = None
     if mode == "unseen-kind" and verifier is not None:
         without = {kind: _weighed(s, weights) for kind, s in leave_one_out(per_kind, options.robust).items()}
-        unseen = UnseenKind(verifier, lambda t: build(scores.choose(t)),
-                            {kind: (lambda t, s=s: _build(model.config, s, options, s.choose(t))) for kind, s in without.items()})
+        unseen = UnseenKind(verifier, {kind: (lambda t, s=s: _build(model.config, s, options, s.choose(t))) for kind, s in without.items()})
     target, recipe, quality = _allocate(model, scores, build, verifier, options, probes, on_search, dense_answers, unseen)
     recipe.calibration = _record(scores, target, options, text_name, quality, (texts, per_kind) if several else None)
     if probe_stats is not None:
@@ -245,7 +244,7 @@ def _search(scores: Scores, build, verifier: Verifier, options: CalibrationOptio
         choice = scores.choose(target)
         recipe = build(choice)
         if unseen is not None:
-            loss = unseen.loss(target, n_tokens, bound.ppl)
+            loss = unseen.loss(target, recipe, n_tokens, bound.ppl)
             detail[target] = unseen.loss_detail()
         else:
             loss = verifier.loss(recipe, n_tokens, bound.ppl)[0]
