@@ -22,6 +22,7 @@ pools grow, elsewhere in memory), and the next step captures again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -29,7 +30,7 @@ import weakref
 
 import torch
 
-from . import hf
+from . import decode_fusion, hf
 from .cache import HeadBudgetCache
 
 logger = logging.getLogger(__name__)
@@ -130,9 +131,12 @@ class DecodeGraphs:
     """The decode-step runner of one patched model (see the module docstring). Called as the model is
     (``runner(**model_inputs)``); ``paths`` counts the steps each way ran ("graph", "eager", "compiled")."""
 
-    def __init__(self, model, graph_factory=None):
+    def __init__(self, model, graph_factory=None, fuse_backend: str | None = "inductor"):
         self.model = weakref.ref(model)
         self.graph_factory = graph_factory or CudaGraph
+        # the norms and MLPs of a replayed step compiled (decode_fusion): on CUDA unless PATCHATTN_DECODE_FUSE=0
+        self.fuse_backend = fuse_backend
+        self.fusion: decode_fusion.ModuleFusion | None = None
         self.step: _Step | None = None
         self.paths: collections.Counter = collections.Counter()
         self.said: set[str] = set()
@@ -155,10 +159,12 @@ class DecodeGraphs:
     def _replay(self, model, cache, kwargs):
         input_ids = kwargs["input_ids"]
         step = self.step
+        fusion = self._fusion(model, input_ids)
         if step is None or step.cache() is not cache:  # a cache's first step runs eagerly: the kernels warm up
             self.step = _Step(cache, input_ids, self._with_cache_position, None)
             self.paths["eager"] += 1
-            return model(**kwargs)
+            with fusion.decoding() if fusion else contextlib.nullcontext():  # and the fused modules compile
+                return model(**kwargs)
         if step.graph is not None and step.fits(cache, input_ids):
             step.load(input_ids, kwargs.get("position_ids"), kwargs.get("cache_position"), cache)
             for layer in cache.layers:
@@ -166,13 +172,23 @@ class DecodeGraphs:
         else:  # capture: the forward's Python runs once (the host's share of this step), its kernels are recorded
             self.step = step = _Step(cache, input_ids, self._with_cache_position, self.graph_factory())
             step.load(input_ids, kwargs.get("position_ids"), kwargs.get("cache_position"), cache)
-            out = step.graph.capture(lambda: model(**self._graph_inputs(model, step, cache)), cache)
+            with fusion.decoding(capture=True) if fusion else contextlib.nullcontext():
+                out = step.graph.capture(lambda: model(**self._graph_inputs(model, step, cache)), cache)
             step.logits, step.output_type = out.logits, type(out)
             step.cache_name = next(n for n in hf.CACHE_ARGUMENTS if out.get(n) is cache)
             self._say(f"decode steps replay as one CUDA graph of the whole model (batch {input_ids.shape[0]})")
         step.graph.replay(cache)
         self.paths["graph"] += 1
         return step.output_type(logits=step.logits.clone(), **{step.cache_name: cache})
+
+    def _fusion(self, model, input_ids: torch.Tensor) -> decode_fusion.ModuleFusion | None:
+        """The model's decode-step fusion, built on the first replayable step on CUDA (None: off)."""
+        if self.fusion is None and self.fuse_backend and decode_fusion.enabled_by_env() and (
+                input_ids.device.type == "cuda" or self.fuse_backend != "inductor"):
+            self.fusion = decode_fusion.ModuleFusion(model, self.fuse_backend)
+            self._say(f"decode steps run {len(self.fusion.modules)} norms and MLPs compiled by torch.compile "
+                      f"({decode_fusion.ENV}=0: eagerly)")
+        return self.fusion if self.fusion is not None and decode_fusion.enabled_by_env() else None
 
     def _graph_inputs(self, model, step: _Step, cache) -> dict:
         inputs = {"input_ids": step.input_ids, "position_ids": step.position_ids, "use_cache": True, "return_dict": True,
@@ -233,8 +249,11 @@ def install(model) -> DecodeGraphs:
 
 
 def remove(model) -> None:
-    if runner_for(model) is None:
+    runner = runner_for(model)
+    if runner is None:
         return
+    if runner.fusion is not None:
+        runner.fusion.remove()
     delattr(model, RUNNER_ATTR)
     if SAVED_ATTR in vars(model):
         setattr(model, RUNNER_ATTR, vars(model).pop(SAVED_ATTR))

@@ -1,0 +1,120 @@
+"""The small modules of a decode step (norms, MLPs) compiled by ``torch.compile``, inside the replayed graph.
+
+A replayed decode step of an 8B-shaped model still launches some forty kernels a layer, and most of them are tiny:
+an RMSNorm is seven elementwise and reduction launches in eager PyTorch, a gated MLP's activation two more. In a CUDA
+graph each still costs a few microseconds, about 0.1 ms a layer in all (H100, ``benchmarks/RESULTS.md``). Compiled
+(inductor), each norm is one kernel and the activation is fused into one.
+
+:class:`ModuleFusion` compiles each such module class's ``forward`` once per input shape and routes a module's call
+to it only while :class:`~patchattn.decode_graphs.DecodeGraphs` runs a decode step (:meth:`ModuleFusion.decoding`):
+a prefill, a training step or any call outside a decode step runs the module as before. The attention and the cache
+are never traced. A cache's first decode step runs eagerly and compiles what it meets; a capture takes the compiled
+code only for inputs already compiled, so no compilation runs inside a capture (a module meeting a new shape there
+runs eagerly, and compiles on the next eager step). Modules with hooks of their own (accelerate's offloading, a
+user's) are left alone.
+
+``PATCHATTN_DECODE_FUSE=0`` turns it off; it is on wherever decode steps are replayed (CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV = "PATCHATTN_DECODE_FUSE"  # "0": decode steps run every module eagerly
+FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes fused, by the end of their name (LlamaRMSNorm, Gemma3MLP, ...)
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fusible_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a decode step's fusion compiles: norms and MLPs (by class name), outermost only, without hooks of
+    their own and not compiled already."""
+    found, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if type(module).__name__.endswith(FUSED_SUFFIXES):
+            inside.add(name + ".")
+            if not _has_hooks(module) and getattr(module, "_compiled_call_impl", None) is None:
+                found.append(module)
+    return found
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None)
+                or hasattr(module, "_hf_hook"))
+
+
+class ModuleFusion:
+    """Compiled decode-step versions of one model's norms and MLPs (see the module docstring). ``backend``: the
+    ``torch.compile`` backend ("inductor"; tests use "eager"). ``calls`` counts the calls each way ran."""
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor"):
+        self.backend = backend
+        self.modules = fusible_modules(model)
+        self.active = self.capturing = False
+        self.warm: set[tuple] = set()
+        self.calls = {"compiled": 0, "eager": 0}
+        self._compiled: dict[type, object] = {}
+        self._signatures = {id(m): tuple((tuple(p.shape), p.dtype) for p in m.parameters()) for m in self.modules}
+        for module in self.modules:
+            module._compiled_call_impl = self._dispatcher(module)
+        logger.debug("decode steps compile %d modules (%s)", len(self.modules),
+                     ", ".join(sorted({type(m).__name__ for m in self.modules})))
+
+    def remove(self) -> None:
+        """Give every module back its own call."""
+        for module in self.modules:
+            if getattr(module._compiled_call_impl, "fusion", None) is self:
+                module._compiled_call_impl = None
+        self.modules = []
+
+    @contextlib.contextmanager
+    def decoding(self, capture: bool = False):
+        """Inside: the fused modules run compiled (a capture: only for inputs compiled before)."""
+        self.active, self.capturing = True, capture
+        try:
+            yield self
+        finally:
+            self.active = self.capturing = False
+
+    def _dispatcher(self, module: torch.nn.Module):
+        def call(*args, **kwargs):
+            if not self.active or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                return module._call_impl(*args, **kwargs)
+            x = args[0]
+            key = (type(module), tuple(x.shape), x.dtype, x.device, self._signatures[id(module)])
+            if self.capturing and key not in self.warm:
+                self.calls["eager"] += 1
+                return module._call_impl(x)
+            out = self._compiled_forward(type(module))(module, x)
+            self.warm.add(key)
+            self.calls["compiled"] += 1
+            return out
+
+        call.fusion = self
+        return call
+
+    def _compiled_forward(self, cls: type):
+        compiled = self._compiled.get(cls)
+        if compiled is None:
+            options = {k: v for k, v in INDUCTOR_OPTIONS.items() if _inductor_has(k)} if self.backend == "inductor" else None
+            compiled = self._compiled[cls] = torch.compile(cls.forward, backend=self.backend, dynamic=False, options=options)
+        return compiled
+
+
+def _inductor_has(option: str) -> bool:
+    try:
+        from torch._inductor import config
+    except Exception:  # pragma: no cover - a torch without inductor
+        return False
+    return hasattr(config, option)

@@ -1,0 +1,104 @@
+"""The norms and MLPs of a replayed decode step run compiled (:mod:`patchattn.decode_fusion`), only there.
+
+On a CPU the compile backend is "eager" (Dynamo traces, nothing is generated) and the graph is simulated: what is
+tested is which calls take the compiled path and when. On a GPU, inductor inside the real CUDA graph is covered by
+``test_decode_graphs.py``'s 256 greedy tokens against eager generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import patchattn
+from patchattn import decode_fusion, decode_graphs, hf
+from patchattn.cache import HeadBudgetCache
+from test_decode_graphs import batch, compile_everywhere, kv_recipe
+
+pytestmark = pytest.mark.internals  # generate's compile path, as in test_decode_graphs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fusible_modules_are_the_norms_and_mlps_outermost(arch):
+    model = tiny_model(arch)
+    found = decode_fusion.fusible_modules(model)
+    names = {type(m).__name__ for m in found}
+    n_layers = model.config.num_hidden_layers
+    assert all(n.endswith(("RMSNorm", "MLP")) for n in names)
+    assert sum(type(m).__name__.endswith("MLP") for m in found) == n_layers
+    assert sum(type(m).__name__.endswith("RMSNorm") for m in found) >= 2 * n_layers + 1  # two a layer and the final one
+
+
+def test_a_module_with_hooks_or_compiled_already_is_left_alone():
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    layer.mlp.register_forward_hook(lambda *a: None)
+    layer.input_layernorm.compile(backend="eager")
+    found = decode_fusion.fusible_modules(model)
+    assert layer.mlp not in found and layer.input_layernorm not in found
+    assert model.model.layers[1].mlp in found
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_generate_compiles_the_decode_steps_modules_only_and_matches_eager(arch):
+    """generate's compile path with fusion on (backend "eager" on a CPU): the decode steps call the norms and MLPs
+    compiled, the prefill and the eager generation never do, the tokens are eager generate's, and unpatching gives
+    every module its own call back."""
+    model = tiny_model(arch)
+    ids, mask = batch()
+    with patchattn.patched(model, kv_recipe(model), backend="torch"):
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        runner.fuse_backend = "eager"
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                             compile_config=compile_everywhere())
+        fusion = runner.fusion
+        modules = list(fusion.modules)
+        per_step = len(modules)
+        # the eager first step and the capture call every module compiled; a replay runs no Python
+        assert fusion.calls == {"compiled": 2 * per_step, "eager": 0}
+        assert runner.paths == {"eager": 1, "graph": 10}
+        assert not fusion.active
+        model(ids[:, :5])  # outside a decode step: the modules' own calls
+        assert fusion.calls["compiled"] == 2 * per_step
+    assert torch.equal(out, eager)
+    assert all(m._compiled_call_impl is None for m in modules)
+
+
+def test_a_capture_never_compiles_an_input_it_has_not_met():
+    """Inside a capture a module meets a shape no eager step compiled: it runs eagerly there (compiling inside a
+    capture would run the compiler's own kernels into the graph), and compiled after an eager step met it."""
+    model = tiny_model("llama")
+    fusion = decode_fusion.ModuleFusion(model, backend="eager")
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(2, 1, model.config.hidden_size)
+    with torch.no_grad():
+        with fusion.decoding(capture=True):
+            first = norm(x)
+        with fusion.decoding():
+            second = norm(x)
+        with fusion.decoding(capture=True):
+            third = norm(x)
+    assert fusion.calls == {"eager": 1, "compiled": 2}
+    assert torch.allclose(first, second) and torch.allclose(second, third)
+    fusion.remove()
+    assert norm._compiled_call_impl is None
+
+
+def test_fusion_is_off_under_the_env_switch(monkeypatch):
+    monkeypatch.setenv(decode_fusion.ENV, "0")
+    model = tiny_model("llama")
+    ids, _ = batch(n=100, rows=1)
+    recipe = kv_recipe(model)
+    with torch.no_grad(), patchattn.patched(model, recipe, backend="torch"):
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        runner.fuse_backend = "eager"
+        cache = HeadBudgetCache.from_recipe(recipe, model.config)
+        out = model(ids, use_cache=True, **{hf.cache_argument(model): cache})
+        token = out.logits[:, -1:].argmax(-1)
+        for i in range(3):
+            pos = torch.full((1, 1), 100 + i)
+            token = runner(input_ids=token, position_ids=pos, use_cache=True, **{hf.cache_argument(model): cache}).logits.argmax(-1)
+    assert runner.fusion is None and runner.paths == {"eager": 1, "graph": 2}
