@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "PATCHATTN_DECODE_FUSE"  # "0": decode steps run every module eagerly
 FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes fused, by the end of their name (LlamaRMSNorm, Gemma3MLP, ...)
+ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alone: their inputs change shape
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
 
 
@@ -37,12 +38,15 @@ def enabled_by_env() -> bool:
 
 def fusible_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules a decode step's fusion compiles: norms and MLPs (by class name), outermost only, without hooks of
-    their own and not compiled already."""
+    their own, not compiled already and not inside a mixture of experts."""
     found, inside = [], set()
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if type(module).__name__.endswith(FUSED_SUFFIXES):
+        cls = type(module).__name__
+        if any(word in cls.lower() for word in ROUTED):  # experts meet a new number of tokens at every step
+            inside.add(name + ".")
+        elif cls.endswith(FUSED_SUFFIXES):
             inside.add(name + ".")
             if not _has_hooks(module) and getattr(module, "_compiled_call_impl", None) is None:
                 found.append(module)

@@ -102,3 +102,17 @@ def test_fusion_is_off_under_the_env_switch(monkeypatch):
             pos = torch.full((1, 1), 100 + i)
             token = runner(input_ids=token, position_ids=pos, use_cache=True, **{hf.cache_argument(model): cache}).logits.argmax(-1)
     assert runner.fusion is None and runner.paths == {"eager": 1, "graph": 2}
+
+
+def test_the_experts_of_a_mixture_are_left_alone():
+    """An expert's MLP meets however many tokens the router sends it: a new shape at every step, never fused."""
+
+    class SparseMoeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([type("ExpertMLP", (torch.nn.Linear,), {})(4, 4) for _ in range(2)])
+
+    model = torch.nn.Module()
+    model.moe = SparseMoeBlock()
+    model.mlp = type("DenseMLP", (torch.nn.Linear,), {})(4, 4)
+    assert decode_fusion.fusible_modules(model) == [model.mlp]
