@@ -160,7 +160,7 @@ def speed_table(results: dict) -> ReportTable | None:
     note = (
         f"{device_label(results)}. Medians of {runs or 'several'} timed runs after a warm-up run"
         + (f"; ms per token over {decode} generated tokens after the first" if decode else "")
-        + ". Decode: how the steps ran (cuda-graph: a patched model's whole step replayed; torch.compile: generate's "
+        + ". Decode: how the steps ran (cuda-graph: a patched model's whole step replayed, its norms and MLPs compiled; torch.compile: generate's "
         "compile path for a static cache; eager)."
         + " Brackets: times faster than dense, or KV cache change."
     )
