@@ -13,7 +13,9 @@ code only for inputs already compiled, so no compilation runs inside a capture (
 runs eagerly, and compiles on the next eager step). Modules with hooks of their own (accelerate's offloading, a
 user's) are left alone.
 
-``PATCHATTN_DECODE_FUSE=0`` turns it off; it is on wherever decode steps are replayed (CUDA).
+``PATCHATTN_DECODE_FUSE=1`` turns it on wherever decode steps are replayed (CUDA); it stays off by default until the
+device has measured it (``benchmarks/decode.py --modules-eager`` times the graph both ways). A compilation that fails
+is said once in the log and every module runs eagerly from then on.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alo
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
 
 
+DEFAULT = "0"  # off until measured on the device: a replayed step then runs every module eagerly, as before
+
+
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV, DEFAULT).strip().lower() not in ("0", "false", "no", "off")
 
 
 def fusible_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -66,6 +71,7 @@ class ModuleFusion:
         self.backend = backend
         self.modules = fusible_modules(model)
         self.active = self.capturing = False
+        self.failed: str | None = None  # why compiling failed (every module eager since)
         self.warm: set[tuple] = set()
         self.calls = {"compiled": 0, "eager": 0}
         self._compiled: dict[type, object] = {}
@@ -97,10 +103,19 @@ class ModuleFusion:
                 return module._call_impl(*args, **kwargs)
             x = args[0]
             key = (type(module), tuple(x.shape), x.dtype, x.device, self._signatures[id(module)])
-            if self.capturing and key not in self.warm:
+            if self.failed or (self.capturing and key not in self.warm):
                 self.calls["eager"] += 1
                 return module._call_impl(x)
-            out = self._compiled_forward(type(module))(module, x)
+            try:
+                out = self._compiled_forward(type(module))(module, x)
+            except Exception as exc:  # a compiler that cannot take this module: eager from now on, said once
+                if self.capturing:
+                    raise
+                self.failed = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                logger.warning("decode steps run their norms and MLPs eagerly: compiling %s failed (%s)", type(module).__name__,
+                               self.failed)
+                self.calls["eager"] += 1
+                return module._call_impl(x)
             self.warm.add(key)
             self.calls["compiled"] += 1
             return out

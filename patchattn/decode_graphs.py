@@ -134,7 +134,7 @@ class DecodeGraphs:
     def __init__(self, model, graph_factory=None, fuse_backend: str | None = "inductor"):
         self.model = weakref.ref(model)
         self.graph_factory = graph_factory or CudaGraph
-        # the norms and MLPs of a replayed step compiled (decode_fusion): on CUDA unless PATCHATTN_DECODE_FUSE=0
+        # the norms and MLPs of a replayed step compiled (decode_fusion): on CUDA under PATCHATTN_DECODE_FUSE=1
         self.fuse_backend = fuse_backend
         self.fusion: decode_fusion.ModuleFusion | None = None
         self.step: _Step | None = None
@@ -187,7 +187,7 @@ class DecodeGraphs:
                 input_ids.device.type == "cuda" or self.fuse_backend != "inductor"):
             self.fusion = decode_fusion.ModuleFusion(model, self.fuse_backend)
             self._say(f"decode steps run {len(self.fusion.modules)} norms and MLPs compiled by torch.compile "
-                      f"({decode_fusion.ENV}=0: eagerly)")
+                      f"({decode_fusion.ENV}=1)")
         return self.fusion if self.fusion is not None and decode_fusion.enabled_by_env() else None
 
     def _graph_inputs(self, model, step: _Step, cache) -> dict:

@@ -40,10 +40,11 @@ def test_a_module_with_hooks_or_compiled_already_is_left_alone():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_generate_compiles_the_decode_steps_modules_only_and_matches_eager(arch):
+def test_generate_compiles_the_decode_steps_modules_only_and_matches_eager(arch, monkeypatch):
     """generate's compile path with fusion on (backend "eager" on a CPU): the decode steps call the norms and MLPs
     compiled, the prefill and the eager generation never do, the tokens are eager generate's, and unpatching gives
     every module its own call back."""
+    monkeypatch.setenv(decode_fusion.ENV, "1")
     model = tiny_model(arch)
     ids, mask = batch()
     with patchattn.patched(model, kv_recipe(model), backend="torch"):
@@ -86,8 +87,13 @@ def test_a_capture_never_compiles_an_input_it_has_not_met():
     assert norm._compiled_call_impl is None
 
 
-def test_fusion_is_off_under_the_env_switch(monkeypatch):
-    monkeypatch.setenv(decode_fusion.ENV, "0")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_fusion_is_off_by_default_and_under_the_env_switch(setting, monkeypatch):
+    """Off until the device has measured it: without PATCHATTN_DECODE_FUSE=1 a replayed step builds no fusion."""
+    if setting is None:
+        monkeypatch.delenv(decode_fusion.ENV, raising=False)
+    else:
+        monkeypatch.setenv(decode_fusion.ENV, setting)
     model = tiny_model("llama")
     ids, _ = batch(n=100, rows=1)
     recipe = kv_recipe(model)
@@ -116,3 +122,24 @@ def test_the_experts_of_a_mixture_are_left_alone():
     model.moe = SparseMoeBlock()
     model.mlp = type("DenseMLP", (torch.nn.Linear,), {})(4, 4)
     assert decode_fusion.fusible_modules(model) == [model.mlp]
+
+
+def test_a_compiler_that_fails_leaves_every_module_eager_and_says_so(caplog):
+    """A backend that raises: said once in the log, the call answered eagerly, and no compiled call tried again."""
+    import logging
+
+    def broken(graph_module, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    model = tiny_model("llama")
+    fusion = decode_fusion.ModuleFusion(model, backend=broken)
+    norm, mlp = model.model.layers[0].input_layernorm, model.model.layers[0].mlp
+    x = torch.randn(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        expected = mlp._call_impl(norm._call_impl(x))
+        with caplog.at_level(logging.WARNING, logger="patchattn"), fusion.decoding():
+            got = mlp(norm(x))
+    assert torch.equal(got, expected)
+    assert fusion.failed and "no compiler here" in fusion.failed
+    assert fusion.calls == {"compiled": 0, "eager": 2}
+    assert caplog.text.count("run their norms and MLPs eagerly") == 1
