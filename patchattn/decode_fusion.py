@@ -13,9 +13,12 @@ code only for inputs already compiled, so no compilation runs inside a capture (
 runs eagerly, and compiles on the next eager step). Modules with hooks of their own (accelerate's offloading, a
 user's) are left alone.
 
-``PATCHATTN_DECODE_FUSE=1`` turns it on wherever decode steps are replayed (CUDA); it stays off by default until the
-device has measured it (``benchmarks/decode.py --modules-eager`` times the graph both ways). A compilation that fails
-is said once in the log and every module runs eagerly from then on.
+``PATCHATTN_DECODE_FUSE=1`` turns it on wherever decode steps are replayed (CUDA). It is off by default because it is
+not token-exact: on an H100 (2026-12-06, ``benchmarks/RESULTS.md``) it takes an 8B-shaped step at 128K from 1.55x to
+1.40x its bandwidth floor, but inductor's norms reduce in another order and its activations round elsewhere than eager
+PyTorch's, and SmolLM2's greedy tokens then leave eager generate's at the 36th (without it, all 256 are equal).
+``benchmarks/decode.py --modules-compiled`` times the graph both ways. A compilation that fails is said once in the
+log and every module runs eagerly from then on.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alo
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
 
 
-DEFAULT = "0"  # off until measured on the device: a replayed step then runs every module eagerly, as before
+DEFAULT = "0"  # off: faster but not token-exact with eager generate (module docstring)
 
 
 def enabled_by_env() -> bool:
