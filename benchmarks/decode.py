@@ -9,8 +9,9 @@ GPU only; never part of the test suite. The caches are filled with random keys a
 * patched: :class:`patchattn.cache.HeadBudgetCache` from a recipe whose KV plans are, per layer, half the KV
   heads streaming (sink 128 + window 4096) and half ``snapkv`` (12.5% of the prompt kept) or ``quest`` (full
   cache, 12.5% of its pages read per step), eagerly and replayed as one CUDA graph of the whole step
-  (:mod:`patchattn.decode_graphs`, what generate's compile path runs for a patched model); ``--modules-compiled`` also
-  times the graph with its norms and MLPs compiled by inductor (:mod:`patchattn.decode_fusion`).
+  (:mod:`patchattn.decode_graphs`, what generate's compile path runs for a patched model); ``--modules-compiled`` and
+  ``--modules-exact`` also time the graph with its norms and MLPs compiled by inductor or run by the eager-exact kernels
+  (:mod:`patchattn.decode_fusion`).
 
 Per case: each row's ms per generated token (wall clock per call after warm-up, synchronised, median of
 ``--steps`` steps: what a user of ``generate`` sees, host work included), tokens/s, KV bytes held and read, the
@@ -218,10 +219,16 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     row[f"{kind}_graph_ms"] = statistics.median(times)
     row[f"{kind}_graph_paths"] = dict(runner.paths)
     del cache
-    if args.modules_compiled:  # the same graph with the norms and MLPs compiled by inductor (decode_fusion)
-        os.environ["PATCHATTN_DECODE_FUSE"] = "1"
+    for name, setting in fused_module_settings(args):  # the same graph with the norms and MLPs fused (decode_fusion)
+        os.environ["PATCHATTN_DECODE_FUSE"] = setting
+        runner.fusion = None  # built anew for this setting
         cache = fill_patched(model, recipe, batch, n_tokens)
-        row[f"{kind}_graph_modules_compiled_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner))
+        row[f"{kind}_graph_modules_{name}_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner))
+        if runner.fusion is not None and runner.fusion.backend == "exact":
+            row[f"{kind}_graph_modules_exact_admitted"] = {k[0].__name__: v for k, v in runner.fusion.admitted.items()}
+        if runner.fusion is not None:
+            runner.fusion.remove()
+            runner.fusion = None
         os.environ.pop("PATCHATTN_DECODE_FUSE")
         del cache
     if args.unfused:  # the token write and the Quest bounds as the PyTorch references' launches (chosen at allocation)
@@ -234,6 +241,11 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     patchattn.unpatch(model)
     torch.cuda.empty_cache()
     row[f"{kind}_attn_layer_ms"] = attention_only(model.config, batch, n_tokens, recipe)
+
+
+def fused_module_settings(args) -> list[tuple[str, str]]:
+    """(row name, PATCHATTN_DECODE_FUSE) of each extra graph row the flags ask for."""
+    return [(n, v) for n, v, on in (("compiled", "1", args.modules_compiled), ("exact", "exact", args.modules_exact)) if on]
 
 
 def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
@@ -250,7 +262,8 @@ def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
         if row.get(f"{kind}_ms") is None:
             continue
         row[f"{kind}_floor_ms"] = floor(row[f"{kind}_read_bytes"])
-        for key in (f"{kind}_ms", f"{kind}_graph_ms", f"{kind}_graph_unfused_ms", f"{kind}_graph_modules_compiled_ms"):
+        for key in (f"{kind}_ms", f"{kind}_graph_ms", f"{kind}_graph_unfused_ms", f"{kind}_graph_modules_compiled_ms",
+                    f"{kind}_graph_modules_exact_ms"):
             if row.get(key) is None:
                 continue
             row[key.replace("_ms", "_tokens_per_s")] = row["batch"] * 1e3 / row[key]
@@ -267,6 +280,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["snapkv", "quest"])
     parser.add_argument("--unfused", action="store_true", help="also time the graphed step with the token write and Quest's bounds as the PyTorch references (PATCHATTN_FUSED_WRITE=0, PATCHATTN_FUSED_QUEST=0)")
+    parser.add_argument("--modules-exact", action="store_true", help="also time the graphed step with its norms and MLPs run by the eager-exact kernels where they are bit-exact (PATCHATTN_DECODE_FUSE=exact)")
     parser.add_argument("--modules-compiled", action="store_true", help="also time the graphed step with its norms and MLPs compiled by inductor (PATCHATTN_DECODE_FUSE=1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the dense compiled row (its compiles take minutes)")
     parser.add_argument("--out", default="decode.json")
@@ -305,9 +319,9 @@ def main():
     print(f"{'N':>7} {'B':>2} | {'dense eager':>16} {'dense compiled':>16} | "
           + " | ".join(f"{k + ' eager':>22} {k + ' graph':>22} {'KV cut':>6}" for k in args.kinds))
     fmt = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.2f} ({r.get(key.replace('_ms', '_floor_fraction'), float('nan')):.2f})"  # noqa: E731
-    extra = [f"{k}_graph_modules_compiled_ms" for k in args.kinds[:1]] if args.modules_compiled else []
+    extra = [f"{{}}_graph_modules_{name}_ms" for name, _ in fused_module_settings(args)]
     if extra:
-        print("(a third column per kind: the graph with the norms and MLPs compiled, PATCHATTN_DECODE_FUSE=1)")
+        print(f"(then per kind: the graph with the norms and MLPs fused: {', '.join(n for n, _ in fused_module_settings(args))})")
     for r in rows:
         line = f"{r['n']:>7} {r['batch']:>2} | {fmt(r, 'dense_ms'):>16} {fmt(r, 'dense_compiled_ms'):>16} | "
         parts = []
@@ -317,7 +331,7 @@ def main():
                 continue
             cut = 1 - r[f"{k}_kv_bytes"] / r["dense_kv_bytes"]
             parts.append(" ".join(f"{fmt(r, key) + ' [' + format(r.get(key.replace('_ms', '_speedup'), float('nan')), '.2f') + 'x]':>22}"
-                                  for key in (f"{k}_ms", f"{k}_graph_ms", *extra)) + f" {cut:>6.1%}")
+                                  for key in (f"{k}_ms", f"{k}_graph_ms", *(e.format(k) for e in extra))) + f" {cut:>6.1%}")
         print(line + " | ".join(parts))
 
 

@@ -19,6 +19,13 @@ not token-exact: on an H100 (2026-12-06, ``benchmarks/RESULTS.md``) it takes an 
 PyTorch's, and SmolLM2's greedy tokens then leave eager generate's at the 36th (without it, all 256 are equal).
 ``benchmarks/decode.py --modules-compiled`` times the graph both ways. A compilation that fails is said once in the
 log and every module runs eagerly from then on.
+
+``PATCHATTN_DECODE_FUSE=exact`` fuses without changing a bit: each norm and gated MLP runs
+:mod:`patchattn.exact_modules`' kernels, which keep eager's own reduction for the norm's mean and do the rest in eager's
+order of operations and roundings (three launches a norm instead of seven or eight, one for ``silu(gate) * up``
+instead of two). The first eager decode step with an input shape runs each kind of module both ways and admits the
+fused one only where the outputs are equal bit for bit (said once where not); a module of another shape (Gemma's
+gelu MLP) stays eager. Not yet measured on a GPU (``--modules-exact``).
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ import os
 
 import torch
 
+from .exact_modules import exact_forward
+
 logger = logging.getLogger(__name__)
 
 ENV = "PATCHATTN_DECODE_FUSE"  # "0": decode steps run every module eagerly
 FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes fused, by the end of their name (LlamaRMSNorm, Gemma3MLP, ...)
 ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alone: their inputs change shape
+EXACT = "exact"  # the backend of eager-exact kernels (exact_modules) instead of torch.compile
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
 
 
@@ -42,6 +52,11 @@ DEFAULT = "0"  # off: faster but not token-exact with eager generate (module doc
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV, DEFAULT).strip().lower() not in ("0", "false", "no", "off")
+
+
+def backend_from_env(default: str = "inductor") -> str:
+    """``PATCHATTN_DECODE_FUSE=exact``: the eager-exact kernels; any other setting that turns fusion on: ``default``."""
+    return EXACT if os.environ.get(ENV, DEFAULT).strip().lower() == EXACT else default
 
 
 def fusible_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -73,6 +88,11 @@ class ModuleFusion:
     def __init__(self, model: torch.nn.Module, backend: str = "inductor"):
         self.backend = backend
         self.modules = fusible_modules(model)
+        self._exact = {}  # backend "exact": each module's forward in eager's arithmetic (exact_modules)
+        if backend == EXACT:
+            self._exact = {id(m): exact_forward(m) for m in self.modules}
+            self.modules = [m for m in self.modules if self._exact[id(m)] is not None]
+        self.admitted: dict[tuple, bool] = {}  # backend "exact": whether the fused forward equalled the module's
         self.active = self.capturing = False
         self.failed: str | None = None  # why compiling failed (every module eager since)
         self.warm: set[tuple] = set()
@@ -106,6 +126,8 @@ class ModuleFusion:
                 return module._call_impl(*args, **kwargs)
             x = args[0]
             key = (type(module), tuple(x.shape), x.dtype, x.device, self._signatures[id(module)])
+            if self.backend == EXACT:
+                return self._exact_call(module, x, key)
             if self.failed or (self.capturing and key not in self.warm):
                 self.calls["eager"] += 1
                 return module._call_impl(x)
@@ -125,6 +147,21 @@ class ModuleFusion:
 
         call.fusion = self
         return call
+
+    def _exact_call(self, module: torch.nn.Module, x: torch.Tensor, key: tuple) -> torch.Tensor:
+        """Backend "exact": the fused forward where it was admitted; the first eager step with an input admits it only
+        if the fused output equals the module's own bit for bit (one device read, once per input shape)."""
+        verdict = self.admitted.get(key)
+        if verdict:
+            self.calls["compiled"] += 1
+            return self._exact[id(module)](x)
+        self.calls["eager"] += 1
+        out = module._call_impl(x)
+        if verdict is None and not self.capturing:
+            verdict = self.admitted[key] = torch.equal(self._exact[id(module)](x), out)
+            if not verdict:
+                logger.info("decode steps run %s eagerly: its fused forward is not bit-exact on this device", type(module).__name__)
+        return out
 
     def _compiled_forward(self, cls: type):
         compiled = self._compiled.get(cls)

@@ -182,13 +182,18 @@ class DecodeGraphs:
         return step.output_type(logits=step.logits.clone(), **{step.cache_name: cache})
 
     def _fusion(self, model, input_ids: torch.Tensor) -> decode_fusion.ModuleFusion | None:
-        """The model's decode-step fusion, built on the first replayable step on CUDA (None: off)."""
-        if self.fusion is None and self.fuse_backend and decode_fusion.enabled_by_env() and (
-                input_ids.device.type == "cuda" or self.fuse_backend != "inductor"):
-            self.fusion = decode_fusion.ModuleFusion(model, self.fuse_backend)
-            self._say(f"decode steps run {len(self.fusion.modules)} norms and MLPs compiled by torch.compile "
-                      f"({decode_fusion.ENV}=1)")
-        return self.fusion if self.fusion is not None and decode_fusion.enabled_by_env() else None
+        """The model's decode-step fusion, built on the first replayable step (inductor: on CUDA only; None: off)."""
+        if not (self.fuse_backend and decode_fusion.enabled_by_env()):
+            return None
+        if self.fusion is None:
+            backend = decode_fusion.backend_from_env(self.fuse_backend)
+            if input_ids.device.type != "cuda" and backend == "inductor":
+                return None
+            self.fusion = decode_fusion.ModuleFusion(model, backend)
+            how = "in eager's arithmetic, where bit-exact" if backend == decode_fusion.EXACT else "compiled by torch.compile"
+            self._say(f"decode steps run {len(self.fusion.modules)} norms and MLPs fused, {how} "
+                      f"({decode_fusion.ENV}={os.environ.get(decode_fusion.ENV)})")
+        return self.fusion
 
     def _graph_inputs(self, model, step: _Step, cache) -> dict:
         inputs = {"input_ids": step.input_ids, "position_ids": step.position_ids, "use_cache": True, "return_dict": True,

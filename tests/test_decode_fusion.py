@@ -143,3 +143,64 @@ def test_a_compiler_that_fails_leaves_every_module_eager_and_says_so(caplog):
     assert fusion.failed and "no compiler here" in fusion.failed
     assert fusion.calls == {"compiled": 0, "eager": 2}
     assert caplog.text.count("run their norms and MLPs eagerly") == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_exact_forwards_equal_the_modules_own(arch):
+    """exact_forward's split norm (float32 squares, PyTorch's own mean, the tail) and gated SiLU give each module's own
+    output bit for bit (here through the references; the kernels are held to them in test_kernel_exact_fusion)."""
+    from patchattn.exact_modules import exact_forward
+
+    model = tiny_model(arch).to(torch.bfloat16)
+    x = torch.randn(3, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    checked = 0
+    for module in decode_fusion.fusible_modules(model):
+        run = exact_forward(module)
+        if run is None:  # Gemma's MLP (gelu-tanh) has no exact forward
+            assert type(module).__name__.endswith("MLP") and arch == "gemma3"
+            continue
+        width = module.weight.shape[-1] if hasattr(module, "weight") else x.shape[-1]  # Gemma's q/k norms: head dim
+        inp = x[..., :width]
+        with torch.no_grad():
+            assert torch.equal(run(inp), module(inp)), type(module).__name__
+        checked += 1
+    assert checked >= 2 * model.config.num_hidden_layers + 1
+
+
+def test_the_exact_backend_admits_only_what_equals_eager_and_generate_matches(monkeypatch, caplog):
+    """PATCHATTN_DECODE_FUSE=exact: each module's fused forward is checked against its own output on the first decode
+    step and used only where equal; one whose fused forward differs (a norm that is not what its attributes suggest)
+    stays eager, said once; the tokens are eager generate's."""
+    import logging
+
+    class OddRMSNorm(torch.nn.Module):  # a norm with Llama's attributes and another formula
+        def __init__(self, hidden):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(hidden))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return self.weight * (x / (x.abs().mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setenv(decode_fusion.ENV, "exact")
+    model = tiny_model("llama")
+    model.model.norm = OddRMSNorm(model.config.hidden_size)
+    ids, mask = batch()
+    with patchattn.patched(model, kv_recipe(model), backend="torch"):
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        runner = decode_graphs.runner_for(model)
+        runner.graph_factory = decode_graphs.SimulatedGraph
+        runner.fuse_backend = "inductor"  # the env's "exact" wins over the runner's default
+        with caplog.at_level(logging.INFO, logger="patchattn"):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                                 compile_config=compile_everywhere())
+        fusion = runner.fusion
+        assert fusion.backend == decode_fusion.EXACT
+        verdicts = {key[0].__name__: ok for key, ok in fusion.admitted.items()}
+        assert verdicts == {"LlamaRMSNorm": True, "LlamaMLP": True, "OddRMSNorm": False}
+        n = len(fusion.modules)
+        # the first step: each kind of module eager once (and checked), the rest fused once admitted; the capture: all
+        # but the odd norm fused
+        assert fusion.calls == {"eager": len(verdicts) + 1, "compiled": 2 * n - len(verdicts) - 1}
+    assert torch.equal(out, eager)
+    assert caplog.text.count("run OddRMSNorm eagerly") == 1

@@ -123,17 +123,17 @@ def test_a_static_cache_the_caller_built_is_theirs():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("fused", [False, True])
-def test_cuda_graph_decode_matches_eager_for_256_greedy_tokens(rows, fused, monkeypatch):
+@pytest.mark.parametrize("fused,modules", [(False, "0"), (True, "1"), (True, "exact")])
+def test_cuda_graph_decode_matches_eager_for_256_greedy_tokens(rows, fused, modules, monkeypatch):
     """The real graph on a GPU, bf16 with the Triton decode kernel: generate's compile path and eager generate give
     the same 256 greedy tokens (a left-padded row among three included), with the token write and the Quest bounds as
     the references' launches and every module eager (``PATCHATTN_FUSED_WRITE=0``, ``PATCHATTN_FUSED_QUEST=0``,
-    ``PATCHATTN_DECODE_FUSE=0``) or as one Triton launch each and the norms and MLPs compiled by inductor (the
-    default)."""
+    ``PATCHATTN_DECODE_FUSE=0``) or as one Triton launch each (the default), the norms and MLPs compiled by inductor
+    (``PATCHATTN_DECODE_FUSE=1``) or run by the eager-exact kernels (``=exact``)."""
     flag = "1" if fused else "0"
     monkeypatch.setenv("PATCHATTN_FUSED_WRITE", flag)
     monkeypatch.setenv("PATCHATTN_FUSED_QUEST", flag)
-    monkeypatch.setenv("PATCHATTN_DECODE_FUSE", flag)
+    monkeypatch.setenv("PATCHATTN_DECODE_FUSE", modules)
     model = tiny_model("llama").to("cuda", torch.bfloat16)
     ids, mask = batch(n=300, rows=rows, pad=23 if rows > 1 else 0, device="cuda")
     with patchattn.patched(model, kv_recipe(model, quest_pages=6), backend="auto"):
@@ -143,6 +143,8 @@ def test_cuda_graph_decode_matches_eager_for_256_greedy_tokens(rows, fused, monk
                                  cache_implementation="static")
     assert runner.paths == {"eager": 1, "graph": 254}
     assert (runner.fusion is not None and runner.fusion.calls["compiled"] > 0) == fused
+    if modules == "exact":  # the kernels do eager's arithmetic on this GPU: every norm and MLP admitted
+        assert runner.fusion.admitted and all(runner.fusion.admitted.values()), runner.fusion.admitted
     assert torch.equal(graphed, eager)
 
 
