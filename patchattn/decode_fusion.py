@@ -40,13 +40,11 @@ from .exact_modules import exact_forward
 
 logger = logging.getLogger(__name__)
 
-ENV = "PATCHATTN_DECODE_FUSE"  # "0": decode steps run every module eagerly
+ENV = "PATCHATTN_DECODE_FUSE"  # "0" (default): every module eager; "1": compiled by inductor; "exact": eager-exact kernels
 FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes fused, by the end of their name (LlamaRMSNorm, Gemma3MLP, ...)
 ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alone: their inputs change shape
 EXACT = "exact"  # the backend of eager-exact kernels (exact_modules) instead of torch.compile
-INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds (bf16 casts), so tokens match eager
-
-
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds its bf16 casts (not enough: see above)
 DEFAULT = "0"  # off: faster but not token-exact with eager generate (module docstring)
 
 
@@ -82,8 +80,9 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 class ModuleFusion:
-    """Compiled decode-step versions of one model's norms and MLPs (see the module docstring). ``backend``: the
-    ``torch.compile`` backend ("inductor"; tests use "eager"). ``calls`` counts the calls each way ran."""
+    """Fused decode-step versions of one model's norms and MLPs (see the module docstring). ``backend``: "exact" (the
+    eager-exact kernels, each admitted by a bitwise check) or a ``torch.compile`` backend ("inductor"; tests use
+    "eager"). ``calls`` counts the calls each way ran ("compiled": fused)."""
 
     def __init__(self, model: torch.nn.Module, backend: str = "inductor"):
         self.backend = backend
