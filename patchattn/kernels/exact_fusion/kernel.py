@@ -21,7 +21,8 @@ try:
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - an older Triton
     libdevice = None
-# on a GPU the SiLU takes CUDA's own expf, which eager's SiLU calls, not Triton's exp2-based one; the interpreter has none
+# on a GPU the SiLU takes CUDA's own expf and the norm CUDA's own rsqrtf, which eager calls, not Triton's approximate
+# instructions; the interpreter has neither
 PRECISE_EXP = libdevice is not None and os.environ.get("TRITON_INTERPRET") != "1"
 
 from ...input_device import launches_on_input_device
@@ -37,10 +38,13 @@ def _squares(X, OUT, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rms_tail(X, VAR, W, OUT, hidden, eps, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_tail(X, VAR, W, OUT, hidden, eps, PLUS_ONE: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     var = tl.load(VAR + row)
-    r = tl.math.rsqrt(var + eps)
+    if PRECISE:
+        r = libdevice.rsqrt(var + eps)
+    else:
+        r = tl.math.rsqrt(var + eps)
     for start in range(0, hidden, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < hidden
@@ -83,7 +87,7 @@ def rms_tail_triton(x: torch.Tensor, variance: torch.Tensor, weight: torch.Tenso
     out_dtype = x.dtype if plus_one else torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rows = x.numel() // hidden
-    _rms_tail[(rows,)](x, variance.contiguous(), weight.contiguous(), out, hidden, float(eps), PLUS_ONE=plus_one,
+    _rms_tail[(rows,)](x, variance.contiguous(), weight.contiguous(), out, hidden, float(eps), PLUS_ONE=plus_one, PRECISE=PRECISE_EXP,
                        BLOCK=min(BLOCK, triton.next_power_of_2(hidden)), enable_fp_fusion=False)
     return out
 
