@@ -45,10 +45,11 @@ def given_cache(kwargs: dict) -> tuple[str | None, object]:
 
 def output_cache(output):
     """The cache a model output or ``generate`` result carries (``cache`` on 5.25, ``past_key_values`` before).
-    Outputs are dicts of their set fields: reading the key, not the attribute, avoids 5.25's deprecated alias."""
+    Outputs are dicts of their set fields: the plain dict's lookup, not the output's own ``get`` or attribute, avoids
+    5.25's deprecated alias (which warns on any read of the old name)."""
     if not isinstance(output, dict):
         return None
-    return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
+    return next((dict.get(output, name) for name in CACHE_ARGUMENTS if dict.get(output, name) is not None), None)
 
 
 def _generate_local(frame, name: str, accept=lambda value: value is not None):

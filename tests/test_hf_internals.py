@@ -49,6 +49,23 @@ def test_forward_takes_and_returns_the_cache_under_a_known_keyword(arch):
     assert hf.output_cache(again).get_seq_length() == 21
 
 
+class _AliasingOutput(dict):
+    """An output whose own lookups of the old cache name warn, as 5.25's ``ModelOutput`` does."""
+
+    def get(self, key, default=None):
+        raise AssertionError(f"read through the output's own get ({key!r}): 5.25 warns that the name is deprecated")
+
+    def __getitem__(self, key):
+        raise AssertionError(f"read through the output's own [] ({key!r}): 5.25 warns that the name is deprecated")
+
+
+@pytest.mark.parametrize("name", hf.CACHE_ARGUMENTS)
+def test_reading_an_outputs_cache_never_goes_through_its_deprecated_alias(name):
+    cache = object()
+    assert hf.output_cache(_AliasingOutput({name: cache, "logits": 1})) is cache
+    assert hf.output_cache(_AliasingOutput({"logits": 1})) is None
+
+
 @pytest.fixture
 def recorded_calls(monkeypatch):
     """Every call transformers makes to patchattn's attention function and mask builder, while registered."""
