@@ -9,9 +9,10 @@ GPU only; never part of the test suite. The caches are filled with random keys a
 * patched: :class:`patchattn.cache.HeadBudgetCache` from a recipe whose KV plans are, per layer, half the KV
   heads streaming (sink 128 + window 4096) and half ``snapkv`` (12.5% of the prompt kept) or ``quest`` (full
   cache, 12.5% of its pages read per step), eagerly and replayed as one CUDA graph of the whole step
-  (:mod:`patchattn.decode_graphs`, what generate's compile path runs for a patched model); ``--modules-compiled`` and
-  ``--modules-exact`` also time the graph with its norms and MLPs compiled by inductor or run by the eager-exact kernels
-  (:mod:`patchattn.decode_fusion`).
+  (:mod:`patchattn.decode_graphs`, what generate's compile path runs for a patched model; its norms and MLPs run by the
+  eager-exact kernels of :mod:`patchattn.decode_fusion`, the default on CUDA, unless ``PATCHATTN_DECODE_FUSE`` says
+  otherwise); ``--modules-eager``, ``--modules-compiled`` and ``--modules-exact`` also time the graph with its norms
+  and MLPs eager, compiled by inductor, or run by the eager-exact kernels.
 
 Per case: each row's ms per generated token (wall clock per call after warm-up, synchronised, median of
 ``--steps`` steps: what a user of ``generate`` sees, host work included), tokens/s, KV bytes held and read, the
@@ -33,7 +34,7 @@ import time
 import torch
 
 import patchattn
-from patchattn import decode_graphs, hf
+from patchattn import decode_fusion, decode_graphs, hf
 from patchattn.cache import HeadBudgetCache
 from patchattn.recipe import HeadPlan, KVPlan, Recipe
 
@@ -218,8 +219,14 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     times = time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner)
     row[f"{kind}_graph_ms"] = statistics.median(times)
     row[f"{kind}_graph_paths"] = dict(runner.paths)
+    row[f"{kind}_graph_modules"] = decode_fusion.setting() if runner.fusion is not None else "eager"
+    if runner.fusion is not None:  # the default's fusion, taken down before the rows that set their own
+        row[f"{kind}_graph_modules_admitted"] = {k[0].__name__: v for k, v in runner.fusion.admitted.items()}
+        runner.fusion.remove()
+        runner.fusion = None
     del cache
-    for name, setting in fused_module_settings(args):  # the same graph with the norms and MLPs fused (decode_fusion)
+    before = os.environ.get("PATCHATTN_DECODE_FUSE")
+    for name, setting in fused_module_settings(args):  # the same graph with its norms and MLPs run another way
         os.environ["PATCHATTN_DECODE_FUSE"] = setting
         runner.fusion = None  # built anew for this setting
         cache = fill_patched(model, recipe, batch, n_tokens)
@@ -230,6 +237,8 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
             runner.fusion.remove()
             runner.fusion = None
         os.environ.pop("PATCHATTN_DECODE_FUSE")
+        if before is not None:
+            os.environ["PATCHATTN_DECODE_FUSE"] = before
         del cache
     if args.unfused:  # the token write and the Quest bounds as the PyTorch references' launches (chosen at allocation)
         os.environ.update(PATCHATTN_FUSED_WRITE="0", PATCHATTN_FUSED_QUEST="0")
@@ -245,7 +254,8 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
 
 def fused_module_settings(args) -> list[tuple[str, str]]:
     """(row name, PATCHATTN_DECODE_FUSE) of each extra graph row the flags ask for."""
-    return [(n, v) for n, v, on in (("compiled", "1", args.modules_compiled), ("exact", "exact", args.modules_exact)) if on]
+    return [(n, v) for n, v, on in (("eager", "0", args.modules_eager), ("compiled", "1", args.modules_compiled),
+                                    ("exact", "exact", args.modules_exact)) if on]
 
 
 def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
@@ -262,8 +272,8 @@ def add_ratios(row: dict, kinds, weights: int, bandwidth: float) -> None:
         if row.get(f"{kind}_ms") is None:
             continue
         row[f"{kind}_floor_ms"] = floor(row[f"{kind}_read_bytes"])
-        for key in (f"{kind}_ms", f"{kind}_graph_ms", f"{kind}_graph_unfused_ms", f"{kind}_graph_modules_compiled_ms",
-                    f"{kind}_graph_modules_exact_ms"):
+        for key in (f"{kind}_ms", f"{kind}_graph_ms", f"{kind}_graph_unfused_ms", f"{kind}_graph_modules_eager_ms",
+                    f"{kind}_graph_modules_compiled_ms", f"{kind}_graph_modules_exact_ms"):
             if row.get(key) is None:
                 continue
             row[key.replace("_ms", "_tokens_per_s")] = row["batch"] * 1e3 / row[key]
@@ -280,6 +290,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kinds", nargs="+", default=["snapkv", "quest"])
     parser.add_argument("--unfused", action="store_true", help="also time the graphed step with the token write and Quest's bounds as the PyTorch references (PATCHATTN_FUSED_WRITE=0, PATCHATTN_FUSED_QUEST=0)")
+    parser.add_argument("--modules-eager", action="store_true", help="also time the graphed step with its norms and MLPs eager (PATCHATTN_DECODE_FUSE=0)")
     parser.add_argument("--modules-exact", action="store_true", help="also time the graphed step with its norms and MLPs run by the eager-exact kernels where they are bit-exact (PATCHATTN_DECODE_FUSE=exact)")
     parser.add_argument("--modules-compiled", action="store_true", help="also time the graphed step with its norms and MLPs compiled by inductor (PATCHATTN_DECODE_FUSE=1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the dense compiled row (its compiles take minutes)")
@@ -321,7 +332,7 @@ def main():
     fmt = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.2f} ({r.get(key.replace('_ms', '_floor_fraction'), float('nan')):.2f})"  # noqa: E731
     extra = [f"{{}}_graph_modules_{name}_ms" for name, _ in fused_module_settings(args)]
     if extra:
-        print(f"(then per kind: the graph with the norms and MLPs fused: {', '.join(n for n, _ in fused_module_settings(args))})")
+        print(f"(then per kind: the graph with the norms and MLPs run: {', '.join(n for n, _ in fused_module_settings(args))})")
     for r in rows:
         line = f"{r['n']:>7} {r['batch']:>2} | {fmt(r, 'dense_ms'):>16} {fmt(r, 'dense_compiled_ms'):>16} | "
         parts = []

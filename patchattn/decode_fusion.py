@@ -13,19 +13,20 @@ code only for inputs already compiled, so no compilation runs inside a capture (
 runs eagerly, and compiles on the next eager step). Modules with hooks of their own (accelerate's offloading, a
 user's) are left alone.
 
-``PATCHATTN_DECODE_FUSE=1`` turns it on wherever decode steps are replayed (CUDA). It is off by default because it is
-not token-exact: on an H100 (2026-12-06, ``benchmarks/RESULTS.md``) it takes an 8B-shaped step at 128K from 1.55x to
-1.40x its bandwidth floor, but inductor's norms reduce in another order and its activations round elsewhere than eager
-PyTorch's, and SmolLM2's greedy tokens then leave eager generate's at the 36th (without it, all 256 are equal).
-``benchmarks/decode.py --modules-compiled`` times the graph both ways. A compilation that fails is said once in the
-log and every module runs eagerly from then on.
-
-``PATCHATTN_DECODE_FUSE=exact`` fuses without changing a bit: each norm and gated MLP runs
+``PATCHATTN_DECODE_FUSE=exact``, the default on CUDA, fuses without changing a bit: each norm and gated MLP runs
 :mod:`patchattn.exact_modules`' kernels, which keep eager's own reduction for the norm's mean and do the rest in eager's
 order of operations and roundings (three launches a norm instead of seven or eight, one for ``silu(gate) * up``
 instead of two). The first eager decode step with an input shape runs each kind of module both ways and admits the
 fused one only where the outputs are equal bit for bit (said once where not); a module of another shape (Gemma's
-gelu MLP) stays eager. Not yet measured on a GPU (``--modules-exact``).
+gelu MLP) stays eager. On an H100 (2026-12-07, ``benchmarks/RESULTS.md``) it takes an 8B-shaped step at 128K from
+8.5-9.2 ms to 8.0-8.7 (1.38-1.51x its bandwidth floor, median 1.41x), with SmolLM2's 256 greedy tokens equal to eager
+generate's. Other devices fuse only when the variable asks.
+
+``PATCHATTN_DECODE_FUSE=1`` compiles the modules by inductor instead: a little faster (1.35x the floor at 128K), but
+not token-exact: inductor's norms reduce in another order and its activations round elsewhere than eager PyTorch's,
+and SmolLM2's greedy tokens then leave eager generate's at the 36th. ``0`` runs every module eagerly.
+``benchmarks/decode.py --modules-compiled --modules-exact`` times the graph each way. A compilation or kernel that
+fails is said once in the log and every module runs eagerly from then on.
 """
 
 from __future__ import annotations
@@ -40,16 +41,27 @@ from .exact_modules import exact_forward
 
 logger = logging.getLogger(__name__)
 
-ENV = "PATCHATTN_DECODE_FUSE"  # "0" (default): every module eager; "1": compiled by inductor; "exact": eager-exact kernels
+ENV = "PATCHATTN_DECODE_FUSE"  # "exact" (default on CUDA): eager-exact kernels; "1": compiled by inductor; "0": every module eager
 FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes fused, by the end of their name (LlamaRMSNorm, Gemma3MLP, ...)
 ROUTED = ("moe", "expert")  # modules (by class name) whose insides are left alone: their inputs change shape
 EXACT = "exact"  # the backend of eager-exact kernels (exact_modules) instead of torch.compile
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds its bf16 casts (not enough: see above)
-DEFAULT = "0"  # off: faster but not token-exact with eager generate (module docstring)
+DEFAULT = EXACT  # unset: the eager-exact kernels, on CUDA only (module docstring)
+OFF = ("0", "false", "no", "off")
 
 
-def enabled_by_env() -> bool:
-    return os.environ.get(ENV, DEFAULT).strip().lower() not in ("0", "false", "no", "off")
+def setting() -> str:
+    """What the variable says, or what its absence means (``exact (default)``), for the log."""
+    value = os.environ.get(ENV)
+    return f"{DEFAULT} (default)" if value is None else value
+
+
+def enabled_by_env(device_type: str = "cuda") -> bool:
+    """Whether decode steps on ``device_type`` fuse: unset, on CUDA only; set, wherever it is not one of :data:`OFF`."""
+    value = os.environ.get(ENV)
+    if value is None:
+        return device_type == "cuda"
+    return value.strip().lower() not in OFF
 
 
 def backend_from_env(default: str = "inductor") -> str:

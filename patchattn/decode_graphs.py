@@ -134,7 +134,7 @@ class DecodeGraphs:
     def __init__(self, model, graph_factory=None, fuse_backend: str | None = "inductor"):
         self.model = weakref.ref(model)
         self.graph_factory = graph_factory or CudaGraph
-        # the norms and MLPs of a replayed step compiled (decode_fusion): on CUDA under PATCHATTN_DECODE_FUSE=1
+        # the norms and MLPs of a replayed step fused (decode_fusion): eager-exact kernels on CUDA by default
         self.fuse_backend = fuse_backend
         self.fusion: decode_fusion.ModuleFusion | None = None
         self.step: _Step | None = None
@@ -182,8 +182,9 @@ class DecodeGraphs:
         return step.output_type(logits=step.logits.clone(), **{step.cache_name: cache})
 
     def _fusion(self, model, input_ids: torch.Tensor) -> decode_fusion.ModuleFusion | None:
-        """The model's decode-step fusion, built on the first replayable step (inductor: on CUDA only; None: off)."""
-        if not (self.fuse_backend and decode_fusion.enabled_by_env()):
+        """The model's decode-step fusion, built on the first replayable step (unset variable or inductor: on CUDA only;
+        None: off)."""
+        if not (self.fuse_backend and decode_fusion.enabled_by_env(input_ids.device.type)):
             return None
         if self.fusion is None:
             backend = decode_fusion.backend_from_env(self.fuse_backend)
@@ -192,7 +193,7 @@ class DecodeGraphs:
             self.fusion = decode_fusion.ModuleFusion(model, backend)
             how = "in eager's arithmetic, where bit-exact" if backend == decode_fusion.EXACT else "compiled by torch.compile"
             self._say(f"decode steps run {len(self.fusion.modules)} norms and MLPs fused, {how} "
-                      f"({decode_fusion.ENV}={os.environ.get(decode_fusion.ENV)})")
+                      f"({decode_fusion.ENV}={decode_fusion.setting()})")
         return self.fusion
 
     def _graph_inputs(self, model, step: _Step, cache) -> dict:

@@ -87,9 +87,21 @@ def test_a_capture_never_compiles_an_input_it_has_not_met():
     assert norm._compiled_call_impl is None
 
 
+def test_the_default_is_the_exact_kernels_on_cuda_only(monkeypatch):
+    """Unset: CUDA decode steps fuse with the eager-exact kernels (measured token-exact on an H100); a CPU's do not.
+    Set: wherever it is not off, "1" meaning inductor."""
+    monkeypatch.delenv(decode_fusion.ENV, raising=False)
+    assert decode_fusion.enabled_by_env("cuda") and not decode_fusion.enabled_by_env("cpu")
+    assert decode_fusion.backend_from_env() == decode_fusion.EXACT and decode_fusion.setting() == "exact (default)"
+    monkeypatch.setenv(decode_fusion.ENV, "1")
+    assert decode_fusion.enabled_by_env("cpu") and decode_fusion.backend_from_env() == "inductor"
+    monkeypatch.setenv(decode_fusion.ENV, "off")
+    assert not decode_fusion.enabled_by_env("cuda")
+
+
 @pytest.mark.parametrize("setting", [None, "0"])
-def test_fusion_is_off_by_default_and_under_the_env_switch(setting, monkeypatch):
-    """Off until the device has measured it: without PATCHATTN_DECODE_FUSE=1 a replayed step builds no fusion."""
+def test_fusion_is_off_on_a_cpu_by_default_and_under_the_env_switch(setting, monkeypatch):
+    """A CPU's replayed step builds no fusion unless PATCHATTN_DECODE_FUSE asks, and none under "0"."""
     if setting is None:
         monkeypatch.delenv(decode_fusion.ENV, raising=False)
     else:
