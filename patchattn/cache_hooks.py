@@ -99,7 +99,7 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     compiled = compiled_for(model.config)
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
-    if compiled is None or not compiled.recipe.compresses_kv or not use_cache:
+    if compiled is None or not use_cache or not compiled.compresses_kv:
         return None, None
     last = getattr(model, REASON_ATTR, None)
     if cache is not None and last is not None and last[0]() is cache:  # a later step of a generation already told
@@ -164,7 +164,7 @@ def _bypassed(model, output, chosen: HeadBudgetCache | None, reason):
         return ("ignored", f"transformers {transformers_version} ran the forward on its own {type(ran_on).__name__}, not "
                            f"the head-budgeted cache patchattn passed as `{hf.cache_argument(model)}`; please report this")
     compiled = compiled_for(model.config)
-    if compiled is None or not compiled.recipe.compresses_kv:
+    if compiled is None or not compiled.compresses_kv:
         return None
     return reason or ("unknown", f"the forward ran on a {type(ran_on).__name__}")
 
@@ -189,7 +189,7 @@ def kv_cache_status(model, cache) -> str | None:
     if isinstance(cache, HeadBudgetCache):
         return "budgeted"
     compiled = compiled_for(model.config)
-    if compiled is None or not compiled.recipe.compresses_kv:
+    if compiled is None or not compiled.compresses_kv:
         return None
     last = getattr(model, REASON_ATTR, None)
     reason = last[1] if last is not None and last[0]() is cache else None

@@ -77,6 +77,8 @@ class CompiledRecipe:
             self.layers.append(LayerPlan(groups, all(g.kind.name == "dense" for g in groups), recipe.dense_prefix_rows(), density,
                                          layer_min))
         self.graphs: dict = {}  # CUDA graphs of short prefills, by (layer, shapes, dtype, device, scale)
+        # read by every forward's cache hook: derived once (deriving the KV plans costs more than a layer's dense call)
+        self.compresses_kv = recipe.compresses_kv
         self.reset_notices()
 
     def reset_notices(self) -> None:
