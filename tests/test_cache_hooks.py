@@ -203,3 +203,24 @@ def test_generate_prefilling_in_chunks_keeps_what_the_whole_prompt_would(kv):
             assert torch.equal(la.kept_positions(h), lb.kept_positions(h))
     assert torch.equal(whole.sequences, chunked.sequences)
     torch.testing.assert_close(torch.stack(whole.scores), torch.stack(chunked.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_the_kv_plans_are_not_derived_again_by_every_forward(monkeypatch):
+    """A forward's cache hook asks whether the recipe compresses the cache; the answer is derived with the compiled
+    recipe, not per forward: on a 1B-shaped recipe deriving it cost more host time than a layer's dense attention
+    (issue 19, ``benchmarks/RESULTS.md`` 2026-12-07)."""
+    from patchattn.recipe import core
+
+    model = tiny_model("llama")
+    recipe = streaming_recipe(model)
+    recipe.name = "derived-once"  # a recipe no other test compiled
+    calls = []
+    real = core.derive_kv_plans
+    monkeypatch.setattr(core, "derive_kv_plans", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), patchattn.patched(model, recipe, backend="torch"):
+        after_patch = len(calls)
+        for _ in range(3):
+            model(prompt(n=40), use_cache=False)
+        assert len(calls) == after_patch, f"{len(calls) - after_patch} derivations in 3 forwards without a cache"
+        model(prompt(n=40), use_cache=True)
+        assert len(calls) <= after_patch + 1, "more than the new cache's own derivation"
