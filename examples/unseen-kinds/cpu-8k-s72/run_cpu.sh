@@ -10,3 +10,9 @@ python -m patchattn.cli calibrate "$M" --seq-len 8192 --target-sparsity 0.72 --d
   --baseline-output smollm2-8k-s72-uniform-vslash.json -o smollm2-8k-five-kinds-s72.json > calibrate.log 2>&1
 python -m patchattn.cli eval "$M" -r smollm2-8k-five-kinds-s72.json -r smollm2-8k-s72-uniform-vslash.json --lengths 8192 \
   --ppl-windows 2 $T --tasks ppl --speed-runs 0 --device cpu --dtype float32 -o eval > eval.log 2>&1
+# The same with one layer probe (the layer weights GPU calibrations get by default; ~23 min for one probe at 8K here)
+mkdir -p probes1
+python -m patchattn.cli calibrate "$M" --seq-len 8192 --target-sparsity 0.72 --probes 1 --device cpu --dtype float32 \
+  -o probes1/smollm2-8k-five-kinds-s72-probes1.json > probes1/calibrate.log 2>&1
+python -m patchattn.cli eval "$M" -r probes1/smollm2-8k-five-kinds-s72-probes1.json --lengths 8192 \
+  --ppl-windows 2 $T --tasks ppl --speed-runs 0 --device cpu --dtype float32 -o probes1/eval > probes1/eval.log 2>&1
