@@ -16,3 +16,9 @@ python -m patchattn.cli calibrate "$M" --seq-len 8192 --target-sparsity 0.72 --p
   -o probes1/smollm2-8k-five-kinds-s72-probes1.json > probes1/calibrate.log 2>&1
 python -m patchattn.cli eval "$M" -r probes1/smollm2-8k-five-kinds-s72-probes1.json --lengths 8192 \
   --ppl-windows 2 $T --tasks ppl --speed-runs 0 --device cpu --dtype float32 -o probes1/eval > probes1/eval.log 2>&1
+# The same with the 'residual' objective (each head's error after the output projection, as a share of the layer's)
+mkdir -p residual
+python -m patchattn.cli calibrate "$M" --seq-len 8192 --target-sparsity 0.72 --objective residual --device cpu --dtype float32 \
+  -o residual/smollm2-8k-five-kinds-s72-residual.json > residual/calibrate.log 2>&1
+python -m patchattn.cli eval "$M" -r residual/smollm2-8k-five-kinds-s72-residual.json --lengths 8192 \
+  --ppl-windows 2 $T --tasks ppl --speed-runs 0 --device cpu --dtype float32 -o residual/eval > residual/eval.log 2>&1
