@@ -220,22 +220,18 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     row[f"{kind}_graph_ms"] = statistics.median(times)
     row[f"{kind}_graph_paths"] = dict(runner.paths)
     row[f"{kind}_graph_modules"] = decode_fusion.setting() if runner.fusion is not None else "eager"
-    if runner.fusion is not None:  # the default's fusion, taken down before the rows that set their own
-        row[f"{kind}_graph_modules_admitted"] = {k[0].__name__: v for k, v in runner.fusion.admitted.items()}
-        runner.fusion.remove()
-        runner.fusion = None
+    admitted = take_down_fusion(runner)  # the default's fusion, before the rows that set their own
+    if admitted:
+        row[f"{kind}_graph_modules_admitted"] = admitted
     del cache
     before = os.environ.get("PATCHATTN_DECODE_FUSE")
     for name, setting in fused_module_settings(args):  # the same graph with its norms and MLPs run another way
         os.environ["PATCHATTN_DECODE_FUSE"] = setting
-        runner.fusion = None  # built anew for this setting
         cache = fill_patched(model, recipe, batch, n_tokens)
         row[f"{kind}_graph_modules_{name}_ms"] = statistics.median(time_steps(model, cache, batch, n_tokens, args.steps, warmup=3, call=runner))
-        if runner.fusion is not None and runner.fusion.backend == "exact":
-            row[f"{kind}_graph_modules_exact_admitted"] = {k[0].__name__: v for k, v in runner.fusion.admitted.items()}
-        if runner.fusion is not None:
-            runner.fusion.remove()
-            runner.fusion = None
+        admitted = take_down_fusion(runner)  # built anew by the next setting
+        if admitted:
+            row[f"{kind}_graph_modules_{name}_admitted"] = admitted
         os.environ.pop("PATCHATTN_DECODE_FUSE")
         if before is not None:
             os.environ["PATCHATTN_DECODE_FUSE"] = before
@@ -250,6 +246,15 @@ def patched_row(model, row: dict, kind: str, batch: int, n_tokens: int, args) ->
     patchattn.unpatch(model)
     torch.cuda.empty_cache()
     row[f"{kind}_attn_layer_ms"] = attention_only(model.config, batch, n_tokens, recipe)
+
+
+def take_down_fusion(runner) -> dict:
+    """Remove the runner's norm and MLP fusion, if it built one; the exact backend's verdicts by module class."""
+    fusion, runner.fusion = runner.fusion, None
+    if fusion is None:
+        return {}
+    fusion.remove()
+    return {key[0].__name__: verdict for key, verdict in fusion.admitted.items()}
 
 
 def fused_module_settings(args) -> list[tuple[str, str]]:
