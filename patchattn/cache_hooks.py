@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 from . import hf
 from .cache import HeadBudgetCache
-from .chunked import forget_skipped_mask
+from .chunked import forget_skipped_mask, prompt_end
 from .compiled import compiled_for
 from .errors import UnsupportedBatchError
 
@@ -111,7 +111,7 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
         return None, ("filled", f"the forward was given a {type(cache).__name__} that already holds tokens (filled "
                                 "without the patch)")
     prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    chunked = hf.chunked_prompt_tokens() if prompt is not None else None  # generate's prefill_chunk_size
+    chunked = prompt_end() if prompt is not None else None  # generate's prefill_chunk_size
     n_prompt = chunked or (prompt.shape[1] if prompt is not None else 0)
     if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), n_prompt):
         return None, ("short", f"on a {n_prompt}-token prompt the KV plans would keep over {MAX_KV_KEPT:.0%} of it, "
@@ -129,6 +129,15 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     kwargs.pop(name, None)
     kwargs[hf.cache_argument(model)] = budget
     return budget, None
+
+
+def _chunked_prompt(kwargs: dict) -> int | None:
+    """The whole prompt's length when this forward is one of ``generate``'s prefill chunks (a frame walk, so only for
+    forwards of more than one token: decode steps skip it)."""
+    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if prompt is None or prompt.shape[1] <= 1:
+        return None
+    return hf.chunked_prompt_tokens()
 
 
 def _fresh(cache) -> bool:
@@ -204,7 +213,7 @@ def install(model) -> None:
     chosen: list = []
 
     def pre(module, args, kwargs):
-        forget_skipped_mask()
+        forget_skipped_mask(_chunked_prompt(kwargs))
         cache, reason = budget_cache_for(module, kwargs)
         tokens.append(_ACTIVE_CACHE.set(cache))
         chosen.append((cache, reason))

@@ -8,7 +8,8 @@ function applies causality by position itself (:func:`chunk_attention`): the lay
 blocks -- the rows of the square layout they are, from the same strategies and budgets (data-dependent ones estimate
 from the chunk's queries, the last of which are the prompt's last so far) -- run by the sparse kernels, which place
 query ``t`` at position ``n_k - n_q + t``. Token columns are read as the blocks that hold them, and each chunk's last
-query block reads every block before it (as a prefill's last does). Dense layers, short or unaligned chunks, dropout
+query block reads every block before it when it ends the prompt (as a prefill's last does; ``generate``'s chunk loop
+says where the prompt ends, and a chunk outside it counts as the last). Dense layers, short or unaligned chunks, dropout
 and backend "auto" without a kernel run dense attention with a lower-right causal bias (no mask materialised).
 """
 
@@ -34,9 +35,21 @@ logger = logging.getLogger(__name__)
 _SKIPPED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("patchattn_chunk_mask_skipped", default=None)
 
 
-def forget_skipped_mask() -> None:
-    """A new forward begins: no chunk's mask has been left out in it yet."""
+# The whole prompt's length while ``generate`` prefills it in chunks (None otherwise), set as each forward begins: only
+# the chunk that ends there gives its last query block every key block, as an unchunked prefill's last block has.
+_PROMPT_END: contextvars.ContextVar[int | None] = contextvars.ContextVar("patchattn_chunked_prompt_end", default=None)
+
+
+def forget_skipped_mask(prompt_end: int | None = None) -> None:
+    """A new forward begins: no chunk's mask has been left out in it yet; ``prompt_end``: the whole prompt's length
+    when ``generate`` prefills it in chunks (:func:`patchattn.hf.chunked_prompt_tokens`)."""
     _SKIPPED.set(None)
+    _PROMPT_END.set(prompt_end)
+
+
+def prompt_end() -> int | None:
+    """The whole prompt's length when the running forward is one of ``generate``'s prefill chunks."""
+    return _PROMPT_END.get()
 
 
 def is_chunk(n_q: int, n_k: int, attention_mask) -> bool:
@@ -81,9 +94,11 @@ def dense_chunk(query, key, value, scaling, dropout: float = 0.0) -> torch.Tenso
                                                             scale=scaling, enable_gqa=True)
 
 
-def chunk_layout(keep: torch.Tensor, cols: torch.Tensor | None, n_keys: int, block_size: int, dense_rows: int) -> torch.Tensor:
+def chunk_layout(keep: torch.Tensor, cols: torch.Tensor | None, n_keys: int, block_size: int, dense_rows: int,
+                 ends_prompt: bool = True) -> torch.Tensor:
     """A chunk's (B, H, nq, nk) layout finished: its token columns' blocks added, clipped to causal blocks by
-    position, the diagonal, the last query block and the recipe's dense prefix rows in full."""
+    position, the diagonal and the recipe's dense prefix rows in full, and the last query block too when the chunk
+    ``ends_prompt`` (an earlier chunk's rows are the whole prompt's square layout's)."""
     n_q_blk, n_k_blk = keep.shape[-2:]
     if cols is not None:  # (B, H, C) ascending key positions, padded with n_keys
         blocks = torch.div(cols.long(), block_size, rounding_mode="floor").clamp(max=n_k_blk)
@@ -91,7 +106,7 @@ def chunk_layout(keep: torch.Tensor, cols: torch.Tensor | None, n_keys: int, blo
         keep = keep | read[..., None, :n_k_blk]
     rows = torch.arange(n_q_blk, device=keep.device)[:, None] + (n_k_blk - n_q_blk)  # absolute query blocks
     k_blk = torch.arange(n_k_blk, device=keep.device)[None, :]
-    full = (rows == rows[-1]) | (rows < dense_rows)
+    full = ((rows == rows[-1]) & ends_prompt) | (rows < dense_rows)
     return ((keep | full) & (k_blk <= rows)) | (k_blk == rows)
 
 
@@ -115,7 +130,8 @@ def chunk_attention(compiled: CompiledRecipe | None, query, key, value, scaling,
     if not sparse or no_kernel:
         return dense_chunk(query, key, value, scaling, dropout).transpose(1, 2).contiguous()
     keep, cols = layer_layout(plan, query, key, block, finished=False, columns=True)
-    keep = chunk_layout(keep, cols, n_k, block, plan.dense_rows)
+    end = _PROMPT_END.get()
+    keep = chunk_layout(keep, cols, n_k, block, plan.dense_rows, ends_prompt=end is None or n_k >= end)
     counts, ids, square_density = to_ragged(keep)  # one device sync, which also counted the kept blocks
     kept = round(square_density * counts.numel() * (keep.shape[-1] + 1) / 2)  # its density is against a square's rows
     offset = num_blocks(n_k, block) - keep.shape[-2]

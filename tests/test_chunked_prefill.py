@@ -53,17 +53,35 @@ def test_the_last_chunks_layout_and_attention_are_the_unchunked_prefills_last_ro
     torch.testing.assert_close(part.transpose(1, 2), whole[:, :, 160:], rtol=1e-5, atol=1e-5)
 
 
-def test_an_earlier_chunks_rows_are_the_square_ones_and_its_last_block_reads_everything_before_it():
+def test_an_earlier_chunks_rows_are_the_square_ones_and_only_the_prompts_last_block_reads_everything():
     model = tiny_model("llama")
     plan = CompiledRecipe(mixed_recipe(model)).layers[0]
     q, k, _ = qkv()
-    keys = k[:, :, :192]  # the chunk [96, 192) against the 192 keys so far
+    keys = k[:, :, :192]  # the chunk [96, 192) against the 192 keys so far, of a 320-token prompt
+    whole = finalize(layer_layout(plan, q, k, 32, finished=False))  # the unchunked prefill's layout
     square = finalize(layer_layout(plan, q[:, :, :192], keys, 32, finished=False))
-    chunk = chunk_layout(layer_layout(plan, q[:, :, 96:192], keys, 32, finished=False), None, 192, 32, 0)
+    earlier = layer_layout(plan, q[:, :, 96:192], keys, 32, finished=False)
+    chunk = chunk_layout(earlier, None, 192, 32, 0, ends_prompt=False)
     streaming, dense = slice(0, 1), slice(3, 4)
-    assert torch.equal(chunk[:, streaming], square[:, streaming, 3:])  # position-only layouts: the same rows
-    assert torch.equal(chunk[:, dense], square[:, dense, 3:])
-    assert bool(chunk[..., -1, :].all())  # the chunk's last block reads every key block
+    assert torch.equal(chunk[:, streaming], whole[:, streaming, 3:6, :6])  # position-only layouts: the prompt's rows
+    assert torch.equal(chunk[:, dense], whole[:, dense, 3:6, :6])
+    assert not bool(chunk[:, streaming, -1, :].all())  # its last block is an ordinary row of the prompt
+    last = chunk_layout(earlier, None, 192, 32, 0)  # a chunk that ends the prompt (or whose end nobody said)
+    assert torch.equal(last[:, streaming], square[:, streaming, 3:])
+    assert bool(last[..., -1, :].all())  # its last block reads every key block
+
+
+def test_generate_tells_each_chunk_whether_it_ends_the_prompt(monkeypatch):
+    from patchattn import chunked
+
+    seen = []
+    real = chunked.chunk_layout
+    monkeypatch.setattr(chunked, "chunk_layout", lambda *a, **kw: seen.append((a[2], kw["ends_prompt"])) or real(*a, **kw))
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 320), generator=torch.Generator().manual_seed(3))
+    with patchattn.patched(model, mixed_recipe(model), backend="torch"):
+        model.generate(ids, prefill_chunk_size=64, max_new_tokens=2, do_sample=False)
+    assert sorted(set(seen)) == [(128, False), (192, False), (256, False), (320, True)]  # keys so far, per chunk
 
 
 @pytest.mark.parametrize("recipe_kind", ["dense", "mixed"])
