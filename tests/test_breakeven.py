@@ -87,3 +87,37 @@ def test_a_prompt_under_a_layers_break_even_prefills_that_layer_densely(caplog):
     assert "600-token prompt is under the prefill break-even of 1 layer(s) (0)" in caplog.text
     # backend "sparse" measures the recipe's quality: its layouts run whatever this device's speed
     assert quality.kernels == {"torch": 2}
+
+
+def test_eval_fits_the_break_even_of_a_recipe_that_has_none_for_its_gpu(caplog):
+    """A recipe calibrated without a break-even (on a CPU) gets one for the speed rows of `patchattn eval` on a GPU,
+    said in one line and recorded; a recipe whose break-even was timed on that GPU runs as it is, and so does any
+    recipe on a CPU. (The device is named here so the logic runs without one; the timings are a cost model.)"""
+    from patchattn.eval.break_even import fitted_on, for_speed
+    from patchattn.eval.tables import break_even_note
+
+    model = tiny_model("llama")
+    recipe = streaming_layer0(model)
+    ids = torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert for_speed(model, recipe, ids) == (recipe, None)  # a CPU: nothing to fit
+    timed = []
+
+    def cost_model(fn, runs, device):
+        n = fn().shape[2]
+        timed.append(n)
+        return (3 + 0.2 * (n / 1000) ** 2) if len(timed) % 2 == 0 else (n / 1000) ** 2
+
+    with caplog.at_level(logging.WARNING, logger="patchattn"):
+        runs, fitted = for_speed(model, recipe, ids, here="GPU X", timer=cost_model)
+    assert runs is not recipe and recipe.layer_min_tokens is None  # the given recipe is left as it was
+    assert 1024 < runs.layer_min_tokens[0] < 2048 and fitted_on(runs) == "GPU X"
+    assert fitted == {"device": "GPU X", "lengths": [1024, 2048], "layer_min_tokens": runs.layer_min_tokens}
+    assert runs.plan_hash() != recipe.plan_hash() and [h.strategy for h in runs.layers[0]] == [h.strategy for h in recipe.layers[0]]
+    said = [r.getMessage() for r in caplog.records if "break-even" in r.getMessage()]
+    assert len(said) == 1 and "GPU X" in said[0] and "calibrated without one" in said[0]
+    assert for_speed(model, runs, ids, here="GPU X", timer=cost_model) == (runs, None)  # timed on this device already
+    n_timed = len(timed)
+    again, refit = for_speed(model, runs, ids, here="GPU Y", timer=cost_model)  # another device: timed again
+    assert refit is not None and len(timed) > n_timed and "timed on GPU X" in caplog.records[-1].getMessage()
+    note = break_even_note({"variants": {"dense": {"dense": True}, "r": {"speed_break_even": fitted}}})
+    assert len(note) == 1 and note[0].startswith("r had no prefill break-even") and str(runs.layer_min_tokens[0]) in note[0]

@@ -53,6 +53,7 @@ from ..models import context_length, prefill
 from ..patch import patched, quality_backend
 from ..recipe import Recipe
 from ..stats import record_sparsity
+from . import break_even
 from .haystack import Prompt, build_prompt
 from .options import DEFAULT_TASKS, MIN_LENGTH, TASKS, EvalOptions  # noqa: F401  (TASKS: the task names, public here too)
 from .ppl_texts import PplText, load_ppl_texts
@@ -187,6 +188,7 @@ def run_eval(
         "variants": {name: _variant_info(recipe) for name, recipe in variants.items()},
         "ppl_texts": [text.info(lengths) for text in texts],
     }
+    speed_recipes = _speed_recipes(model, tokenizer, variants, lengths, header) if "speed" in tasks else {}
     n_rows = len(plan) * len(variants)
     for length, task, text in plan:
         inputs = _task_inputs(task, text, tokenizer, length, limit, trials, seed, ppl_windows)
@@ -195,7 +197,8 @@ def run_eval(
             report(0, description)
             started = time.perf_counter()
             run = _VariantRun(task, is_ppl=task == "ppl" or text is not None)
-            with patched(model, recipe, backend if task == "speed" else quality_backend(backend), cuda_graphs), record_sparsity() as record:
+            runs = speed_recipes.get(name, recipe) if task == "speed" else recipe
+            with patched(model, runs, backend if task == "speed" else quality_backend(backend), cuda_graphs), record_sparsity() as record:
                 for item in inputs:
                     run.measure(model, tokenizer, item, speed_runs, record)
                     report(1, description)
@@ -207,6 +210,22 @@ def run_eval(
             if on_row is not None:
                 on_row({**header, "results": list(results), "complete": len(results) == n_rows})
     return {**header, "results": results, "complete": True}
+
+
+def _speed_recipes(model, tokenizer, variants: Mapping[str, Recipe | None], lengths: Sequence[int], header: dict) -> dict:
+    """The recipes the speed rows run: each variant's own, or a copy with the prefill break-even of this GPU fitted on
+    held-out prose at the longest length (:mod:`patchattn.eval.break_even`), recorded in the header's variant info."""
+    runs: dict[str, Recipe] = {}
+    fit_ids = None
+    for name, recipe in variants.items():
+        if recipe is None:
+            continue
+        if fit_ids is None:
+            fit_ids = ppl_input_ids(tokenizer, max(lengths))
+        runs[name], fitted = break_even.for_speed(model, recipe, fit_ids)
+        if fitted is not None:
+            header["variants"][name]["speed_break_even"] = fitted
+    return runs
 
 
 def _task_inputs(task: str, text: PplText | None, tokenizer, length: int, limit: int | None, trials: int, seed: int,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import MAX_TOKENS
+
 from .cells import (  # noqa: F401  (NOT_BUDGETED and paired_flips are read from here too)
     NOT_BUDGETED, fmt_bytes, fmt_delta, fmt_kernels, fmt_kv, fmt_number, fmt_sparsity, fmt_speedup, fmt_value, kv_note,
     paired_flips,
@@ -178,8 +180,25 @@ def speed_table(results: dict) -> ReportTable | None:
             fmt_bytes(row.get("peak_bytes")),
             fmt_kv([row], b and b.get("kv_bytes")),
         ])
-    table.note = " ".join([table.note, *kv_note(speed)])
+    table.note = " ".join([table.note, *kv_note(speed), *break_even_note(results)])
     return table
+
+
+def break_even_note(results: dict) -> list[str]:
+    """One sentence per variant whose speed rows ran with a prefill break-even eval fitted on this device."""
+    notes = []
+    for name, info in results.get("variants", {}).items():
+        fitted = (info or {}).get("speed_break_even")
+        if not fitted:
+            continue
+        floors = [n for n in fitted.get("layer_min_tokens") or [] if n]
+        finite = [n for n in floors if n < MAX_TOKENS]
+        span = (f"layers prefill densely below {min(finite)}-{max(finite)} tokens" if finite else "") + (
+            f"{'; ' if finite else ''}{len(floors) - len(finite)} layer(s) always densely" if len(finite) < len(floors) else "")
+        span = span or "sparse at every length"
+        notes.append(f"{name} had no prefill break-even for this device: eval timed each layer at "
+                     f"{', '.join(map(str, fitted['lengths']))} tokens first, and its speed rows ran with it ({span}).")
+    return notes
 
 
 def other_table(results: dict) -> ReportTable | None:
