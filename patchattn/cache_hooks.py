@@ -213,6 +213,8 @@ def install(model) -> None:
     chosen: list = []
 
     def pre(module, args, kwargs):
+        if torch.compiler.is_compiling():  # generate's compile path: decode steps on the cache the eager prefill chose
+            return args, kwargs
         forget_skipped_mask(_chunked_prompt(kwargs))
         cache, reason = budget_cache_for(module, kwargs)
         tokens.append(_ACTIVE_CACHE.set(cache))
@@ -220,6 +222,8 @@ def install(model) -> None:
         return args, kwargs
 
     def post(module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return output
         if tokens:
             _ACTIVE_CACHE.reset(tokens.pop())
         cache, reason = chosen.pop() if chosen else (None, None)

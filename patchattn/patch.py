@@ -21,6 +21,7 @@ import contextlib
 import logging
 from typing import Callable
 
+import torch
 from transformers import AttentionInterface
 
 from . import cache_hooks, config_keys, decode_graphs, graphs, hf
@@ -43,7 +44,8 @@ def patchattn_attention(module, query, key, value, attention_mask, scaling=None,
     for hook in _CAPTURE_HOOKS:
         hook(module, query, key, value)
     layer_idx = getattr(module, "layer_idx", 0) or 0
-    cache = cache_hooks.active_cache()
+    # traced by torch.compile (generate's compile path decoding on the full cache): no budgeted cache is active there
+    cache = None if torch.compiler.is_compiling() else cache_hooks.active_cache()
     cache_layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
     backend = getattr(module.config, BACKEND_KEY, None) or DEFAULT_BACKEND  # None: loaded patched, without patch()
     if cache_layer is not None and cache_layer.incoming is not None:  # decode steps: the budgeted cache

@@ -114,10 +114,12 @@ def prefill_attention(module, query, key, value, attention_mask, scaling, dropou
     """Attention of a call the budgeted cache does not answer, as (B, Nq, Hq, D): the layer's sparse layouts where the
     recipe and the call allow them, dense attention (the model's window applied by size where it has one) elsewhere.
     ``backend``: the patch's (:mod:`patchattn.backends`)."""
-    compiled = compiled_for(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
-    if is_chunk(n_q, n_k, attention_mask):  # a chunk whose mask the builder left out: causal by position
-        return chunk_attention(compiled, query, key, value, scaling, dropout, layer_idx, backend, kwargs)
+    if n_q != n_k:  # a chunk of a prompt prefilled in chunks, or a step or prefill over a cache (dense)
+        if is_chunk(n_q, n_k, attention_mask):  # a chunk whose mask the builder left out: causal by position
+            return chunk_attention(compiled_for(module.config), query, key, value, scaling, dropout, layer_idx, backend, kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+    compiled = compiled_for(module.config)
     window = model_window(attention_mask, n_q, n_k, kwargs)
     prefill = compiled is not None and n_q == n_k and n_q > compiled.block_size
     sparse_ok = prefill and dropout == 0.0 and kwargs.get("softcap") is None and not kwargs.get("output_attentions")

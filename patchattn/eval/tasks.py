@@ -256,6 +256,9 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
                   max_new_tokens=n_new, min_new_tokens=n_new)
     if fast_decode and device.type == "cuda":  # each model at its fastest: generate's compile path (dense: torch.compile; patched: graphs)
         greedy["cache_implementation"] = "static"
+        # A fresh compile for each measurement: every length (the static cache's size) and every patch (the config's
+        # recipe) recompiles the forward, and past torch's recompile limit it would silently run eager from then on.
+        torch._dynamo.reset()
     memory = _PeakMemory(device)
     ttft_runs, per_token_runs, peaks, kv, kv_cache = [], [], [], None, None
     for run in range(repeats + 1):  # run 0 is the warm-up
