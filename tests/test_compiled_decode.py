@@ -19,13 +19,12 @@ pytestmark = pytest.mark.internals  # StaticCache's constructor and the forward'
 def decode_step_graphs(model) -> tuple[int, int, torch.Tensor]:
     """(graphs, graph breaks, logits) of one decode step after an eager prefill into a static cache."""
     ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=model.config, max_cache_len=128)
+    cache = {hf.cache_argument(model): StaticCache(config=model.config, max_cache_len=128)}
     with torch.no_grad():
-        first = model(ids, use_cache=True, **{hf.cache_argument(model): cache}).logits[:, -1:].argmax(-1)
+        first = model(ids, use_cache=True, **cache).logits[:, -1:].argmax(-1)
 
         def step(token, position):
-            return model(token, position_ids=position, cache_position=position[0], use_cache=True,
-                         **{hf.cache_argument(model): cache}).logits
+            return model(token, position_ids=position, cache_position=position[0], use_cache=True, **cache).logits
 
         torch._dynamo.reset()
         explained = torch._dynamo.explain(step)(first, torch.tensor([[100]]))
