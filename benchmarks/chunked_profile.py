@@ -42,7 +42,7 @@ def profiled(model, ids, chunk: int | None, top: int) -> dict:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = event.name[:90]
-            totals[name] += event.device_time_total / 1000 if hasattr(event, "device_time_total") else event.cuda_time_total / 1000
+            totals[name] += event.device_time_total / 1000
             calls[name] += 1
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     return {"wall_ms": round(wall, 1), "kernel_ms": round(sum(totals.values()), 1),

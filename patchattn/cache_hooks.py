@@ -110,7 +110,7 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     if cache is not None and cache.get_seq_length() > 0:
         return None, ("filled", f"the forward was given a {type(cache).__name__} that already holds tokens (filled "
                                 "without the patch)")
-    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    prompt = _prompt(kwargs)
     chunked = prompt_end() if prompt is not None else None  # generate's prefill_chunk_size
     n_prompt = chunked or (prompt.shape[1] if prompt is not None else 0)
     if prompt is not None and not worth_budgeting(compiled.recipe.kv_plans(), n_prompt):
@@ -131,11 +131,16 @@ def budget_cache_for(model, kwargs: dict) -> tuple[HeadBudgetCache | None, tuple
     return budget, None
 
 
+def _prompt(kwargs: dict):
+    """The forward's input ids, else its input embeddings (None: neither)."""
+    return kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+
+
 def _chunked_prompt(kwargs: dict) -> int | None:
-    """The whole prompt's length when this forward is one of ``generate``'s prefill chunks (a frame walk, so only for
-    forwards of more than one token: decode steps skip it)."""
-    prompt = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if prompt is None or prompt.shape[1] <= 1:
+    """The whole prompt's length when this forward is one of ``generate``'s prefill chunks. A frame walk, so only for
+    forwards that could be one: given a cache (generate's chunks always are) and more than one token."""
+    prompt = _prompt(kwargs)
+    if prompt is None or prompt.shape[1] <= 1 or hf.given_cache(kwargs)[1] is None:
         return None
     return hf.chunked_prompt_tokens()
 

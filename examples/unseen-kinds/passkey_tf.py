@@ -4,10 +4,9 @@ A generated passkey answer costs a prefill plus a reply per prompt and scores 0 
 forward over prompt + " <passkey>" (the answer's tokens fed, as teacher forcing does), and reports per variant the mean
 log-probability of the answer's tokens, the share of prompts whose every answer token is the argmax (what greedy
 decoding would reproduce, given the prompt), and the prefill sparsity. The prompts are `patchattn eval`'s passkey task
-(repeated filler, seeded as eval seeds them). ``--prev-block`` adds, for each recipe, a variant whose layouts also keep
-each query block's preceding key block (a one-block local window for every head).
+(repeated filler, seeded as eval seeds them). ``--dense`` adds, for each recipe, a copy with some of its heads dense.
 
-    python passkey_tf.py MODEL.gguf RECIPE.json [RECIPE.json ...] --trials 16 --length 8192 [--prev-block]
+    python passkey_tf.py MODEL.gguf RECIPE.json [RECIPE.json ...] --trials 16 --length 8192 [--dense strategy=streaming]
 """
 
 from __future__ import annotations
@@ -19,34 +18,10 @@ import time
 import torch
 
 import patchattn
-from patchattn import prefill
 from patchattn.eval.runner import task_prompts
 from patchattn.models import load_model
 from patchattn.recipe import Recipe
 from patchattn.stats import record_sparsity
-
-
-@contextlib.contextmanager
-def previous_block_kept():
-    """Every layout also keeps the block before the diagonal (the sparse path's layouts come from prefill.layer_layout)."""
-    real = prefill.layer_layout
-
-    def with_previous(plan, query, key, block_size, finished=True, columns=False):
-        out = real(plan, query, key, block_size, finished, columns)
-        keep = out[0] if columns else out
-        n_q, n_k = keep.shape[-2:]
-        rows = torch.arange(n_q, device=keep.device) + (n_k - n_q)
-        below = torch.zeros(n_q, n_k, dtype=torch.bool, device=keep.device)
-        ok = rows >= 1
-        below[torch.arange(n_q, device=keep.device)[ok], rows[ok] - 1] = True
-        keep = keep | below
-        return (keep, out[1]) if columns else keep
-
-    prefill.layer_layout = with_previous
-    try:
-        yield
-    finally:
-        prefill.layer_layout = real
 
 
 def densified(recipe: Recipe, spec: str) -> Recipe:
@@ -63,12 +38,12 @@ def densified(recipe: Recipe, spec: str) -> Recipe:
     return copy
 
 
-def score(model, tokenizer, prompts, recipe, extra=contextlib.nullcontext) -> dict:
+def score(model, tokenizer, prompts, recipe) -> dict:
     logps, exact, sparsity = [], 0, []
     for p in prompts:
         answer = tokenizer(" " + p.answers[0], add_special_tokens=False).input_ids
         ids = torch.tensor([p.input_ids + answer])
-        with torch.no_grad(), extra(), (patchattn.patched(model, recipe, backend="sparse") if recipe else contextlib.nullcontext()), \
+        with torch.no_grad(), (patchattn.patched(model, recipe, backend="sparse") if recipe else contextlib.nullcontext()), \
                 record_sparsity() as rec:
             logits = model(ids).logits[0, -len(answer) - 1 : -1].float().log_softmax(-1)
         target = torch.tensor(answer)
@@ -85,25 +60,22 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--prev-block", action="store_true")
     parser.add_argument("--dense", action="append", default=[], help="also each recipe with these heads dense: "
                         "'strategy=NAME' or 'layers=A-B' (repeatable: one variant each)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")
     prompts = task_prompts("passkey", tokenizer, args.length, None, args.trials, 0)
-    variants = [("dense", None, contextlib.nullcontext)]
+    variants = [("dense", None)]
     for path in args.recipes:
         recipe = Recipe.load(path)
-        variants.append((recipe.name, recipe, contextlib.nullcontext))
+        variants.append((recipe.name, recipe))
         for spec in args.dense:
-            variants.append((f"{recipe.name} {spec} dense", densified(recipe, spec), contextlib.nullcontext))
-        if args.prev_block:
-            variants.append((recipe.name + " +previous block", recipe, previous_block_kept))
+            variants.append((f"{recipe.name} {spec} dense", densified(recipe, spec)))
     base = None
-    for name, recipe, extra in variants:
+    for name, recipe in variants:
         start = time.time()
-        result = score(model, tokenizer, prompts, recipe, extra)
+        result = score(model, tokenizer, prompts, recipe)
         base = base or result
         flips = sum(1 for a, b in zip(base["per_prompt"], result["per_prompt"]) if b < a - 1.0)
         print(f"{name:48s} logp {result['logp']:7.3f} ({result['logp'] - base['logp']:+.3f})  exact {result['exact']:.2f}  "

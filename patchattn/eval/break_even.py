@@ -22,9 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def fitted_on(recipe: Recipe) -> str | None:
-    """The device the recipe's break-even was timed on (None: it has none)."""
-    if not recipe.layer_min_tokens:
-        return None
+    """The device the recipe's break-even was timed on (None: it has none). A fit where every layer pays at every
+    length leaves no per-layer thresholds, but its record still names the device."""
     return (recipe.calibration or {}).get("break_even", {}).get("device")
 
 
@@ -37,7 +36,8 @@ def for_speed(model, recipe: Recipe, input_ids: list[int], here: str | None = No
     if here is None and device.type != "cuda":
         return recipe, None
     here = here or torch.cuda.get_device_name(device)
-    if fitted_on(recipe) == here:
+    before = fitted_on(recipe)
+    if before == here:
         return recipe, None
     lengths = break_even_lengths(len(input_ids))
     if not lengths:
@@ -46,7 +46,7 @@ def for_speed(model, recipe: Recipe, input_ids: list[int], here: str | None = No
     copy.calibration = dict(copy.calibration or {})
     logger.warning("patchattn eval: recipe %s has no prefill break-even for %s (%s): timing each layer at %s tokens, as "
                    "calibrate does on a GPU, so the speed rows prefill densely where sparsity would lose",
-                   recipe.name or "(unnamed)", here, f"timed on {fitted_on(recipe)}" if fitted_on(recipe) else "calibrated without one",
+                   recipe.name or "(unnamed)", here, f"timed on {before}" if before else "calibrated without one",
                    ", ".join(map(str, lengths)))
     ids = torch.tensor([input_ids], device=device)
     record = fit_break_even(model, copy, ids, lengths, **fit)

@@ -193,9 +193,10 @@ def break_even_note(results: dict) -> list[str]:
             continue
         floors = [n for n in fitted.get("layer_min_tokens") or [] if n]
         finite = [n for n in floors if n < MAX_TOKENS]
-        span = (f"layers prefill densely below {min(finite)}-{max(finite)} tokens" if finite else "") + (
-            f"{'; ' if finite else ''}{len(floors) - len(finite)} layer(s) always densely" if len(finite) < len(floors) else "")
-        span = span or "sparse at every length"
+        parts = [f"layers prefill densely below {min(finite)}-{max(finite)} tokens"] if finite else []
+        if len(finite) < len(floors):
+            parts.append(f"{len(floors) - len(finite)} layer(s) always densely")
+        span = "; ".join(parts) or "sparse at every length"
         notes.append(f"{name} had no prefill break-even for this device: eval timed each layer at "
                      f"{', '.join(map(str, fitted['lengths']))} tokens first, and its speed rows ran with it ({span}).")
     return notes
