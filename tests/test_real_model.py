@@ -27,6 +27,28 @@ def test_calibration_reaches_target(recipe_2k, smollm):
     assert recipe_2k.calibration["mean_output_error"] < 0.15
 
 
+def test_needles_keep_retrieval_heads_off_short_windows(recipe_2k, smollm):
+    """The heads whose answer rows read a needle from far back (L7H7, L17H3, L20H6 and more on SmolLM2) are given
+    windows by the prose scores alone; the needle check gives none of them a window that cannot reach the needle."""
+    from patchattn.calibrate import needle_probes
+    from patchattn.calibrate.retrieval import NEEDLE_DEPTHS
+
+    model, tokenizer = smollm
+    ids = tokens_from_text(tokenizer, load_text("calibration"), 2048, model.config)
+    checked = calibrate(model, ids, target_sparsity=0.7, block_size=64,
+                        needles=needle_probes(tokenizer, ids, 2, 1, depths=NEEDLE_DEPTHS))
+    readers = [(layer, head) for layer, head, share in checked.calibration["needles"]["heads"] if share >= 0.5]
+    assert len(readers) >= 10
+
+    def short_window(recipe, layer, head):
+        plan = recipe.layers[layer][head]
+        return plan.strategy == "streaming" and plan.params["window_tokens"] < 1024
+
+    assert sum(short_window(recipe_2k, *lh) for lh in readers) >= 3  # what the prose scores alone gave them
+    assert not any(short_window(checked, *lh) for lh in readers)
+    assert abs(checked.calibration["achieved_sparsity"] - 0.7) <= 0.02
+
+
 def test_passkey_dense_and_patched(smollm):
     """At half the blocks skipped SmolLM2 keeps every passkey at 2K (6 of 6 on 2026-12-06). At 70% it does not: 2-3 of
     6 (a small model at a short length tolerates little sparsity; README), so that recipe is not asked to."""

@@ -620,6 +620,44 @@ def test_calibrate_with_probes_moves_budget_to_the_layer_that_loses_most():
     assert "probe" not in plain.calibration
 
 
+def test_needles_hold_only_the_windowed_candidates_to_the_answer_rows():
+    from patchattn.calibrate.retrieval import NEEDLE_DEPTHS, needle_scores, windowed_columns
+    from patchattn.calibrate.capture import score_text
+    from patchattn.calibrate.options import CalibrationOptions
+
+    tok, ids, needle_probes = _probe_setup()
+    model = tiny_model("llama")
+    needles = needle_probes(tok, ids, 2, seed=1, depths=NEEDLE_DEPTHS)
+    scores = score_text(model, ids, CalibrationOptions(seq_len=ids.shape[1], block_size=32), None)
+    found = needle_scores(model, needles, scores, 32, "output")
+    columns = windowed_columns(scores.candidates)
+    assert columns and found.columns == columns
+    assert all(scores.candidates[i].name == "streaming" for i in columns)
+    assert found.utility.shape == (len(scores.free), scores.utility.shape[1], len(columns))
+    assert found.rows == sum(int(p.answer.shape[1]) for p in needles)
+    assert bool(((found.far_share >= 0) & (found.far_share <= 1)).all())
+    held = found.apply(scores)
+    others = [i for i in range(len(scores.candidates)) if i not in columns]
+    assert torch.equal(held.utility[..., others], scores.utility[..., others])
+    assert torch.equal(held.utility[..., columns], torch.minimum(scores.utility[..., columns], found.utility))
+    assert held.utility is not scores.utility and torch.equal(scores.utility, score_text(model, ids, CalibrationOptions(seq_len=ids.shape[1], block_size=32), None).utility)
+    # no windowed candidate, or no needle: nothing to check
+    assert needle_scores(model, (), scores, 32, "output") is None
+    recipe = calibrate(model, ids, target_sparsity=0.6, block_size=32, needles=needles)
+    record = recipe.calibration["needles"]
+    assert record["prompts"] == 2 and record["rows"] == found.rows and record["depths"] == list(NEEDLE_DEPTHS)
+    assert all(share >= record["reach_share"] for _, _, share in record["heads"])
+    assert "needles" not in calibrate(model, ids, target_sparsity=0.6, block_size=32, strategies=["dense", "block_topk"], needles=needles).calibration
+
+
+def test_needle_heads_threshold_the_far_share():
+    from patchattn.calibrate.retrieval import REACH_SHARE, NeedleScores
+
+    share = torch.tensor([[0.0, REACH_SHARE, 0.5], [0.09, 0.2, 1.0]])
+    found = NeedleScores([1], torch.ones(2, 3, 1), share, 1, 4)
+    assert found.heads([3, 7]) == [[3, 1, REACH_SHARE], [3, 2, 0.5], [7, 1, 0.2], [7, 2, 1.0]]
+
+
 def test_a_kv_window_beyond_the_models_context_holds_the_context_at_most():
     """A window head's ring is allocated whole when the prefill ends, so a window longer than the context (10^8 tokens
     took 24 GB) is capped at the context by the cache: what the model can attend anyway."""

@@ -42,9 +42,11 @@ class Probe:
     depth: float  # where the needle sits, as a fraction of the prompt
 
 
-def needle_probes(tokenizer, input_ids: torch.Tensor, count: int, seed: int = 0) -> list[Probe]:
+def needle_probes(tokenizer, input_ids: torch.Tensor, count: int, seed: int = 0,
+                  depths: tuple[float, float] = (0.1, 0.8)) -> list[Probe]:
     """``count`` prompts as long as ``input_ids`` (the calibration tokens): its text with a seeded needle sentence
-    inserted at a depth between 10% and 80% and its tail replaced by a question about the needle."""
+    inserted at a depth between ``depths`` (fractions of the text kept: 10% and 80% by default) and its tail replaced
+    by a question about the needle."""
     rng = random.Random(f"patchattn-probe-{seed}")
     n = input_ids.shape[1]
     enc = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=input_ids.dtype)  # noqa: E731
@@ -56,7 +58,7 @@ def needle_probes(tokenizer, input_ids: torch.Tensor, count: int, seed: int = 0)
         body = n - len(needle) - len(question)
         if body < n // 2:
             raise OptionError("seq_len", f"{n} is too short for layer probes; raise it or ask for 0 probes")
-        depth = int(body * rng.uniform(0.1, 0.8))
+        depth = int(body * rng.uniform(*depths))
         text = input_ids[0, :body].cpu()
         prompt = torch.cat([text[:depth], needle, text[depth:], question])[None]
         probes.append(Probe(prompt, enc(f" {value}")[None], depth / n))

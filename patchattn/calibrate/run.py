@@ -23,6 +23,7 @@ from .kv_search import DecodeVerifier, search_kv_budget
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .record import calibration_stats, head_plans
+from .retrieval import needle_scores
 from .scoring import LayerScores
 from .search import LossBound, SearchStep, search_target
 from .verify import HeldOut, Verifier, lengths_to_verify, split_text
@@ -64,6 +65,7 @@ def calibrate(
     min_sparse_tokens: int = 0,
     robust: str = "worst",
     verify: str = "auto",
+    needles: Sequence[Probe] = (),
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -83,6 +85,12 @@ def calibrate(
     rarely shows it on sampled rows, and would be given a window. With ``retrieval_weight`` > 0 the text ends on a
     passage repeated from its middle (:func:`~patchattn.calibrate.kv.with_copy_tail`) and the rows continuing the
     copy, just before the last query block (which every layout keeps dense), weigh that much of each head's score.
+
+    With ``needles`` (:func:`~patchattn.calibrate.probe.needle_probes` with ``depths=``
+    :data:`~patchattn.calibrate.retrieval.NEEDLE_DEPTHS`) each is run once and every streaming candidate is also scored
+    on the rows that write its answer; its utility is the lower of the two, so a head that reads a needle from far
+    back is not given a window that cuts it off (:mod:`patchattn.calibrate.retrieval`; recorded as
+    ``calibration["needles"]``).
 
     With ``probes`` (:func:`~patchattn.calibrate.probe.needle_probes`) a first allocation (at the target, or at
     :data:`PROBE_TARGET` when searching) is probed layer by layer (``on_probe`` called after each) and each layer's
@@ -117,6 +125,9 @@ def calibrate(
     verifier = verifier_for(model, texts, several, held_out) if measured else None
     first_only = dataclasses.replace(options, kv_budget=None, decode_pages=0, decode_recall=None)  # KV: the first kind's
     per_kind = {kind: score_text(model, ids, options if i == 0 else first_only, on_layer) for i, (kind, ids) in enumerate(texts.items())}
+    needle = needle_scores(model, needles, next(iter(per_kind.values())), block_size, options.objective, options.dense_prefix_tokens)
+    if needle is not None:  # every kind's windowed candidates held to the needles' answer rows too
+        per_kind = {kind: needle.apply(s) for kind, s in per_kind.items()}
     scores = robust_scores(per_kind, options.robust)
     build = functools.partial(_build, model.config, scores, options)
     probe_stats, dense_answers, weights = None, None, None
@@ -131,6 +142,8 @@ def calibrate(
     recipe.calibration = _record(scores, target, options, text_name, quality, (texts, per_kind) if several else None)
     if probe_stats is not None:
         recipe.calibration["probe"] = probe_stats
+    if needle is not None:
+        recipe.calibration["needles"] = needle.record(scores.free)
     recipe.kv_layers = _kv_plans(model, scores, options, recipe, verifier) if scores.kv else None
     return recipe
 

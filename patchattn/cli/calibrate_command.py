@@ -47,6 +47,9 @@ def calibrate(
     probes: Optional[int] = typer.Option(
         None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to the answer and to the text's likelihood; the allocation is then weighed by both. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
     ),
+    needles: int = typer.Option(
+        2, "--needles", help="Needle prompts (the first text with a hidden number at least half the prompt back and a question about it), each run once: a head whose answer rows read the needle is not given a streaming window that cuts it off. 0: none."
+    ),
     break_even: bool = typer.Option(True, "--break-even/--no-break-even", help="On a GPU, time each layer's sparse prefill against dense attention at the calibration length, its half and its quarter, and prefill a layer densely below the length where its sparse path stops losing (written into the recipe per layer). Nothing is timed on a CPU."),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
@@ -67,7 +70,7 @@ def calibrate(
             target_sparsity=target_sparsity, max_loss=max_loss if max_loss is not None or target_sparsity is not None else DEFAULT_MAX_LOSS,
             seq_len=seq_len, block_size=block_size, strategies=_comma_list(strategies), objective=objective, n_rows=rows,
             kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
-            dense_prefix_tokens=dense_prefix_tokens, probes=probes, min_sparse_tokens=min_sparse_tokens, seed=seed,
+            dense_prefix_tokens=dense_prefix_tokens, probes=probes, needles=needles, min_sparse_tokens=min_sparse_tokens, seed=seed,
             texts=tuple(text), kinds=None if kinds is None else _comma_list(kinds), robust=robust, break_even=break_even,
             verify=verify,
         )
@@ -119,6 +122,18 @@ def _needle_probes(lm, tokenizer, first_ids, options) -> tuple:
     return needle_probes(tokenizer, first_ids, n_probes, options.seed) if n_probes else ()
 
 
+def _retrieval_needles(tokenizer, first_ids, options) -> tuple:
+    """The retrieval check's --needles prompts on the first text, each needle at least half the prompt back (none
+    when no windowed strategy is among the candidates)."""
+    from ..calibrate import needle_probes
+    from ..calibrate.retrieval import NEEDLE_DEPTHS
+    from ..strategies import STRATEGIES
+
+    if not options.needles or not any(STRATEGIES[name].windowed for name in options.strategies):
+        return ()
+    return tuple(needle_probes(tokenizer, first_ids, options.needles, options.seed + 1, depths=NEEDLE_DEPTHS))
+
+
 def _calibrate_with_progress(lm, tokenizer, texts: list, options):
     """The calibration of ``options`` on ``texts`` and the loaded model; its layers, probes and loss-bound search as
     progress bars."""
@@ -131,6 +146,7 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
     first_ids = next(iter(input_ids.values())) if isinstance(input_ids, dict) else input_ids  # the probes' text
     n_layers = num_layers(lm.config)
     probe_set = _needle_probes(lm, tokenizer, first_ids, options)
+    needle_set = _retrieval_needles(tokenizer, first_ids, options)
     with _progress() as progress:
         of_kinds = f" of {len(texts)} kinds of text" if isinstance(input_ids, dict) else ""
         task = progress.add_task(f"calibrating {options.seq_len} tokens{of_kinds}", total=n_layers * len(texts))
@@ -163,6 +179,7 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
             retrieval_weight=options.retrieval_weight,
             dense_prefix_tokens=options.dense_prefix_tokens,
             probes=probe_set,
+            needles=needle_set,
             on_probe=lambda layer: progress.advance(probe_task),
             robust=options.robust,
             verify=options.verify,

@@ -12,6 +12,18 @@ from .app import console
 HIGH_OUTPUT_ERROR = 0.15
 
 
+def _print_needles(recipe) -> None:
+    """One line on the retrieval check: how many heads read a needle's answer from far back, how many of them stream."""
+    needles = recipe.calibration.get("needles")
+    if not needles:
+        return
+    heads = needles["heads"]
+    streaming = sum(recipe.layers[layer][head].strategy == "streaming" for layer, head, _ in heads)
+    console.print(f"needles: {len(heads)} heads read {needles['reach_share']:.0%} or more of an answer from over half the "
+                  f"prompt back ({needles['prompts']} prompts); {streaming} of them still stream, where the window kept "
+                  f"their answer rows close to dense")
+
+
 def _print_recipe(recipe) -> None:
     probe = recipe.calibration.get("probe")
     caption = ("answer / NLL: what the layer's first-pass plan alone cost the probes (drop of the answer's log-probability, "
@@ -48,6 +60,7 @@ def _print_recipe(recipe) -> None:
         f"target sparsity {cal.get('target_sparsity')}, achieved {cal.get('achieved_sparsity')}, "
         f"mean kept mass {cal.get('mean_kept_mass')}, heads {recipe.strategy_counts()}"
     )
+    _print_needles(recipe)
     _print_kinds(cal)
     _print_search(recipe)
     error = cal.get("mean_output_error")

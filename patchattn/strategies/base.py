@@ -68,6 +68,10 @@ class Strategy:
     # Whether the layout depends on positions alone, never on the data: a layer of such heads builds it once per
     # prompt shape (patchattn.prefill caches it).
     static: ClassVar[bool] = False
+    # Whether the head reads only its sinks and a fixed window back from each query, whatever the prompt (and, at
+    # decode, keeps no more of the cache): what lies further back is out of its reach. Calibration keeps such a
+    # budget off the heads a needle's answer reads from far back (patchattn.calibrate.retrieval).
+    windowed: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ from .registry import register
 class Streaming(Strategy):
     name: ClassVar[str] = "streaming"
     static: ClassVar[bool] = True
+    windowed: ClassVar[bool] = True
     sink_tokens: int = 64
     window_tokens: int = 1024
 
