@@ -11,7 +11,8 @@ reads it (the prompt prefilled, the answer fed after it through the cache), and 
 log-likelihood of the prompt's last tokens rises (what perplexity sees; on SmolLM2 the per-layer rises add up to
 the whole plan's within 6%). The allocation then runs again with each layer's utility weighed by
 ``1 + sqrt(answer drop / mean) + sqrt(NLL rise / mean)`` (DuoAttention and MoA also calibrate on synthetic
-retrieval; here it only re-weighs layers, the per-head choice still comes from prose).
+retrieval; here it only re-weighs layers. The per-head check that keeps windows off the heads a needle's answer reads
+is :mod:`patchattn.calibrate.retrieval`, one forward per needle).
 
 Each probe costs one forward per layer that has a sparse head, plus one dense: seconds on a GPU, minutes per
 layer at 8K on a CPU.
