@@ -109,6 +109,24 @@ def test_short_calibration_writes_a_recipe_that_loads(tiny_model_dir, calibratio
     assert all(0.0 <= c["mean_density"] <= 1.0 and 0.0 <= c["mean_kept_mass"] <= 1.0 for c in candidates), candidates
 
 
+def test_calibrate_runs_the_needle_check_by_default_and_refuses_one_that_cannot_fit(tiny_model_dir, calibration_text, tmp_path):
+    args = ("calibrate", tiny_model_dir, "--block-size", 32, "--target-sparsity", 0.5, "--text", calibration_text)
+    result = invoke(*args, "--seq-len", 512, "-o", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    needles = Recipe.load(tmp_path / "r.json").calibration["needles"]
+    assert needles["prompts"] == 2 and needles["rows"] > 0
+    assert "needles:" in result.output and "still stream" in result.output
+    # too short for a needle and its question: the default says so and calibrates without; asked for, a clear error
+    result = invoke(*args, "--seq-len", 256, "-o", tmp_path / "short.json")
+    assert result.exit_code == 0, result.output
+    assert "no needle check" in result.output and "needles" not in Recipe.load(tmp_path / "short.json").calibration
+    result = invoke(*args, "--seq-len", 256, "--needles", 2, "-o", tmp_path / "asked.json")
+    assert result.exit_code == 2 and "too short for the needle check" in result.output and "--needles 0" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "asked.json").exists()
+    result = invoke(*args, "--seq-len", 512, "--needles", 0, "-o", tmp_path / "none.json")
+    assert result.exit_code == 0 and "needles" not in Recipe.load(tmp_path / "none.json").calibration
+
+
 def test_recipe_for_another_model(tiny_model_dir, tmp_path):
     other = Recipe.uniform(tiny_model("gpt2").config, "dense")
     other.save(tmp_path / "gpt2.json")

@@ -56,6 +56,7 @@ CALIBRATE = [
     (["--dense-prefix-tokens", "-1"], "--dense-prefix-tokens must be an integer between 0 and 4095"),
     (["--dense-prefix-tokens", "4096"], "--dense-prefix-tokens must be an integer between 0 and 4095"),
     (["--probes", "-1"], "--probes must be an integer >= 0"),
+    (["--needles", "-1"], "--needles must be an integer >= 0"),
     (["--min-sparse-tokens", "-1"], "--min-sparse-tokens must be an integer >= 0"),
     (["--rows", "0"], "--rows must be an integer >= 1"),
     (["--strategies", "dense,bogus"], "--strategies names unknown bogus"),

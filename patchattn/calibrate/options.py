@@ -52,7 +52,7 @@ class CalibrationOptions:
     retrieval_weight: float = 0.0
     dense_prefix_tokens: int = 0
     probes: int | None = None
-    needles: int = 2  # the retrieval check's needle prompts (patchattn.calibrate.retrieval)
+    needles: int | None = None  # the needle check's prompts (patchattn.calibrate.retrieval); None: the CLI's default
     min_sparse_tokens: int = 0
     seed: int = 0
     texts: tuple[str, ...] = ()
@@ -86,7 +86,8 @@ class CalibrationOptions:
         check.integer("seed", self.seed)
         if self.probes is not None:
             check.integer("probes", self.probes, 0)
-        check.integer("needles", self.needles, 0)
+        if self.needles is not None:
+            check.integer("needles", self.needles, 0)
         if self.kv_budget is not None:
             check.number("kv_budget", self.kv_budget, 0.0, 1.0, low_open=True)
             check.integer("seq_len", self.seq_len, 8 * EVAL_ROWS)  # the KV scoring's rows need room before them

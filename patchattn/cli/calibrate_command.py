@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import PatchattnError
+from ..errors import OptionError, PatchattnError
 from .app import DEBUG_OPTION, DEVICE_MAP_HELP, MODEL_HELP, _comma_list, _progress, _run, app, console
 from .calibrate_tables import _print_recipe
 
@@ -47,8 +47,8 @@ def calibrate(
     probes: Optional[int] = typer.Option(
         None, "--probes", help="Needle prompts (the calibration text with a hidden number and a question about it) that measure each layer's cost to the answer and to the text's likelihood; the allocation is then weighed by both. Costs a forward per layer per probe. Default: 4 on a GPU, 0 on a CPU (minutes per layer at 8K)."
     ),
-    needles: int = typer.Option(
-        2, "--needles", help="Needle prompts (the first text with a hidden number at least half the prompt back and a question about it), each run once: a head whose answer rows read the needle is not given a streaming window that cuts it off. 0: none."
+    needles: Optional[int] = typer.Option(
+        None, "--needles", help="Needle prompts (the first text with a hidden number at least half the prompt back and a question about it), each run once: a head whose answer rows read the needle is not given a streaming window that cuts it off. Default: 2 (none where the text is too short for one). 0: none."
     ),
     break_even: bool = typer.Option(True, "--break-even/--no-break-even", help="On a GPU, time each layer's sparse prefill against dense attention at the calibration length, its half and its quarter, and prefill a layer densely below the length where its sparse path stops losing (written into the recipe per layer). Nothing is timed on a CPU."),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
@@ -122,6 +122,9 @@ def _needle_probes(lm, tokenizer, first_ids, options) -> tuple:
     return needle_probes(tokenizer, first_ids, n_probes, options.seed) if n_probes else ()
 
 
+DEFAULT_NEEDLES = 2
+
+
 def _retrieval_needles(tokenizer, first_ids, options) -> tuple:
     """The retrieval check's --needles prompts on the first text, each needle at least half the prompt back (none
     when no windowed strategy is among the candidates)."""
@@ -129,9 +132,17 @@ def _retrieval_needles(tokenizer, first_ids, options) -> tuple:
     from ..calibrate.retrieval import NEEDLE_DEPTHS
     from ..strategies import STRATEGIES
 
-    if not options.needles or not any(STRATEGIES[name].windowed for name in options.strategies):
+    count = DEFAULT_NEEDLES if options.needles is None else options.needles
+    if not count or not any(STRATEGIES[name].windowed for name in options.strategies):
         return ()
-    return tuple(needle_probes(tokenizer, first_ids, options.needles, options.seed + 1, depths=NEEDLE_DEPTHS))
+    try:
+        return tuple(needle_probes(tokenizer, first_ids, count, options.seed + 1, depths=NEEDLE_DEPTHS))
+    except OptionError:
+        n = first_ids.shape[1]
+        if options.needles is None:
+            console.print(f"[dim]no needle check: {n} tokens leave no room for a needle and its question[/]")
+            return ()
+        raise OptionError("seq_len", f"{n} is too short for the needle check; raise it or pass --needles 0") from None
 
 
 def _calibrate_with_progress(lm, tokenizer, texts: list, options):
