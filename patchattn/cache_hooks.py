@@ -27,6 +27,8 @@ from . import hf
 from .cache import HeadBudgetCache
 from .chunked import forget_skipped_mask, prompt_end
 from .compiled import compiled_for
+from .config_keys import ATTN_NAME
+from .dense_forward import dense_prefill, report_dense
 from .errors import UnsupportedBatchError
 
 logger = logging.getLogger(__name__)
@@ -216,6 +218,7 @@ def install(model) -> None:
         return
     tokens: list = []
     chosen: list = []
+    swapped: list = []  # per forward: whether it runs the replaced attention implementation (dense_forward)
 
     def pre(module, args, kwargs):
         if torch.compiler.is_compiling():  # generate's compile path: decode steps on the cache the eager prefill chose
@@ -224,11 +227,18 @@ def install(model) -> None:
         cache, reason = budget_cache_for(module, kwargs)
         tokens.append(_ACTIVE_CACHE.set(cache))
         chosen.append((cache, reason))
+        dense = dense_prefill(module, args, kwargs) if cache is None else None
+        if dense is not None:  # every layer dense in this prefill: the dense model's own attention path
+            module.config._attn_implementation = dense
+            report_dense(module, args, kwargs)
+        swapped.append(dense is not None)
         return args, kwargs
 
     def post(module, args, kwargs, output):
         if torch.compiler.is_compiling():
             return output
+        if swapped and swapped.pop():
+            module.config._attn_implementation = ATTN_NAME
         if tokens:
             _ACTIVE_CACHE.reset(tokens.pop())
         cache, reason = chosen.pop() if chosen else (None, None)

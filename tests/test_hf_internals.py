@@ -97,7 +97,8 @@ def test_the_attention_function_is_called_as_patchattn_expects(arch, recorded_ca
     model = tiny_model(arch)
     text = hf.text_config(model.config)
     ids = torch.randint(0, 256, (1, 160))
-    with patchattn.patched(model, Recipe.uniform(model.config, "dense", block_size=16), backend="torch"):
+    # a sparse recipe: a prefill dense in every layer runs the replaced implementation, not patchattn's function
+    with patchattn.patched(model, Recipe.uniform(model.config, "block_topk", block_size=16, threshold=0.9), backend="torch"):
         out = model(ids, use_cache=True)
         model(ids[:, -1:], use_cache=True, **{hf.cache_argument(model): hf.output_cache(out)})
     windows = sliding_windows(model.config)

@@ -279,6 +279,50 @@ def test_prompts_below_min_sparse_tokens_prefill_densely():
         Recipe.from_dict({**recipe.to_dict(), "min_sparse_tokens": -1})
 
 
+@pytest.mark.parametrize("below", ["min_sparse_tokens", "layer_min_tokens"])
+def test_a_prefill_dense_in_every_layer_runs_the_models_own_attention(below, monkeypatch, caplog):
+    """Below the recipe's break-even the forward runs the attention implementation the patch replaced (the dense
+    model's own path, no per-layer detour through patchattn's function), says so once, reports the dense prefill to a
+    sparsity record, and is patched again after; above it, or under a layer's break-even with backend "sparse", every
+    layer goes through patchattn's function."""
+    import logging
+    import sys
+
+    patch_module = sys.modules["patchattn.patch"]  # the module (patchattn.patch is also the function's name)
+
+    model = tiny_model("llama")
+    n_layers = model.config.num_hidden_layers
+    recipe = Recipe.uniform(model.config, "block_topk", block_size=32, threshold=0.5)  # keeps the full KV cache
+    if below == "min_sparse_tokens":
+        recipe.min_sparse_tokens = 400
+    else:
+        recipe.layer_min_tokens = [400] * n_layers
+    calls = []
+    original = patch_module.prefill_attention
+    monkeypatch.setattr(patch_module, "prefill_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    short, long = _ids(n=300, batch=1), _ids(n=512, batch=1)
+    with torch.no_grad():
+        ref = model(short).logits
+        with patchattn.patched(model, recipe, backend="auto"), record_sparsity() as rec, \
+                caplog.at_level(logging.INFO, logger="patchattn"):
+            out = model(short).logits
+            assert calls == [] and model.config._attn_implementation == ATTN_NAME
+            assert rec.sparsity == pytest.approx(0.0) and rec.kernels == {"sdpa": n_layers}
+            model(short)
+            said = [r for r in caplog.records if "300-token prompt" in r.getMessage()]
+            assert len(said) == 1
+            model(long)
+            assert len(calls) == n_layers
+            generated = model.generate(short, max_new_tokens=3, do_sample=False)
+        with patchattn.patched(model, recipe, backend="sparse"):  # min_sparse_tokens holds; the break-even does not
+            calls.clear()
+            model(short)
+            assert len(calls) == (0 if below == "min_sparse_tokens" else n_layers)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generated, model.generate(short, max_new_tokens=3, do_sample=False))
+    assert model.config._attn_implementation != ATTN_NAME
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("second", ["cpu", 1])

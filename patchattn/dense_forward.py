@@ -1,0 +1,77 @@
+"""A prefill the recipe makes dense in every layer runs the model's own attention, not patchattn's function.
+
+Below a recipe's break-even (or its ``min_sparse_tokens``) every layer makes the same SDPA call dense would, but
+through patchattn's attention function: per layer a few dictionary and config reads before it gets there, 0.3-0.7 ms
+per forward on the 1B and 8B shapes. Where the GPU's work outlasts the launching, that is hidden; a 135M model at 2-8K
+tokens is launch-bound (SmolLM2's time to first token is ~30 ms at every length on an H100), and there it shows. So
+such a forward runs with the attention implementation the patch replaced (and its mask builder): the very code path
+of the dense model. The model's forward hook (:mod:`patchattn.cache_hooks`) asks :func:`dense_prefill` before the
+forward and restores the patch after it.
+
+Left on patchattn's path: a forward with a head-budgeted cache (its prefill fills the budgeted cache), a prefill chunk,
+a forward over a filled cache, a model with its own sliding windows (patchattn's windowed dense kernel is its own),
+calibration's capture, and, for the break-even, ``backend="sparse"`` (quality runs read the layouts at any length).
+"""
+
+from __future__ import annotations
+
+from . import stats
+from .compiled import compiled_for
+from .config_keys import BACKEND_KEY, ORIGINAL_KEY
+from .hf import given_cache, sliding_windows, text_config
+from .layout import num_blocks
+
+
+def _prompt_tokens(args: tuple, kwargs: dict) -> int | None:
+    """The forward's query length: its input ids (keyword or first positional) or embeddings."""
+    for value in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds")):
+        if value is not None and hasattr(value, "shape") and value.dim() >= 2:
+            return int(value.shape[1])
+    return None
+
+
+def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
+    """The attention implementation to run this forward with instead of patchattn's (the one the patch replaced), when
+    the recipe makes every layer of this prefill dense and nothing else needs patchattn's function; else None. The
+    rules are :func:`patchattn.prefill.prefill_attention`'s: under ``min_sparse_tokens`` whatever the backend, under
+    every layer's break-even unless the backend is ``"sparse"``; each said once, as there."""
+    import importlib
+
+    from .prefill import _say_break_even, _say_dense_below
+
+    patch = importlib.import_module("patchattn.patch")  # the module: the package's ``patch`` is the function
+
+    config = model.config
+    compiled = compiled_for(config)
+    if compiled is None or patch._CAPTURE_HOOKS:
+        return None
+    n_tokens = _prompt_tokens(args, kwargs)
+    if n_tokens is None or n_tokens <= compiled.block_size:
+        return None
+    cache = given_cache(kwargs)[1]
+    if cache is not None and cache.get_seq_length() > 0:  # a chunk or a step over a filled cache
+        return None
+    if any(w is not None for w in sliding_windows(config)):
+        return None
+    if n_tokens < compiled.recipe.min_sparse_tokens:
+        _say_dense_below(compiled, n_tokens)
+    elif (getattr(config, BACKEND_KEY, None) or patch.DEFAULT_BACKEND) == "sparse" or any(
+            not layer.all_dense and n_tokens >= layer.min_tokens for layer in compiled.layers):
+        return None
+    else:
+        _say_break_even(compiled, n_tokens)
+    return getattr(config, ORIGINAL_KEY, None) or "sdpa"
+
+
+def report_dense(model, args: tuple, kwargs: dict) -> None:
+    """What each layer's call would have told an active sparsity record: a dense prefill of every causal block."""
+    if not stats.is_recording():
+        return
+    compiled = compiled_for(model.config)
+    n_tokens = _prompt_tokens(args, kwargs)
+    batch = next(v for v in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds"))
+                 if v is not None and hasattr(v, "shape")).shape[0]
+    n_blk = num_blocks(n_tokens, compiled.block_size)
+    causal = n_blk * (n_blk + 1) / 2 * batch * text_config(model.config).num_attention_heads
+    for layer_idx in range(len(compiled.layers)):
+        stats.report(layer_idx, causal, causal, kernel="sdpa")
