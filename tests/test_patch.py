@@ -279,6 +279,7 @@ def test_prompts_below_min_sparse_tokens_prefill_densely():
         Recipe.from_dict({**recipe.to_dict(), "min_sparse_tokens": -1})
 
 
+@pytest.mark.internals  # transformers reads config._attn_implementation at every attention call
 @pytest.mark.parametrize("below", ["min_sparse_tokens", "layer_min_tokens"])
 def test_a_prefill_dense_in_every_layer_runs_the_models_own_attention(below, monkeypatch, caplog):
     """Below the recipe's break-even the forward runs the attention implementation the patch replaced (the dense
