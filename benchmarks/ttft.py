@@ -36,6 +36,7 @@ from patchattn.stats import record_sparsity  # noqa: E402
 SHAPES = {  # hidden, intermediate, q heads, KV heads, default layers
     "8b": (4096, 14336, 32, 8, 32),  # Llama-3.1-8B
     "1b": (2048, 8192, 32, 8, 16),  # Llama-3.2-1B (head dim 64)
+    "135m": (576, 1536, 9, 3, 30),  # SmolLM2-135M (head dim 64): launch-bound at 2-8K
 }
 
 
@@ -170,7 +171,7 @@ def attention_bound(model, recipe, ids, dense_ms: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="32768,131072")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="Llama-3.1-8B or Llama-3.2-1B dimensions")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="Llama-3.1-8B, Llama-3.2-1B or SmolLM2-135M dimensions")
     parser.add_argument("--layers", type=int, default=None, help="default: the shape's own (32 for 8b, 16 for 1b)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=128)

@@ -53,14 +53,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default="ttft_alternate.json")
+    parser.add_argument("--through-patchattn", action="store_true", help="route every layer through patchattn's "
+                        "attention function even where all are dense (as before patchattn/dense_forward.py)")
     args = parser.parse_args()
+    if args.through_patchattn:
+        import patchattn.cache_hooks
+
+        patchattn.cache_hooks.dense_prefill = lambda *a: None
     model = random_model(None, args.shape)
     recipe = sparse_recipe(model.config, args.kind)
     fit = [int(x) for x in args.break_even.split(",")]
     fit_ids = torch.randint(0, 128256, (1, max(fit)), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     fit_break_even(model, recipe, fit_ids, fit)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
-              "kind": args.kind, "break_even": recipe.layer_min_tokens, "lengths": {}}
+              "kind": args.kind, "through_patchattn": args.through_patchattn, "break_even": recipe.layer_min_tokens, "lengths": {}}
     for n in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(0, 128256, (1, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(n))
         rounds = []
