@@ -126,7 +126,7 @@ DEFAULT_NEEDLES = 2
 
 
 def _retrieval_needles(tokenizer, first_ids, options) -> tuple:
-    """The retrieval check's --needles prompts on the first text, each needle at least half the prompt back (none
+    """The needle check's --needles prompts on the first text, each needle at least half the prompt back (none
     when no windowed strategy is among the candidates)."""
     from ..calibrate import needle_probes
     from ..calibrate.retrieval import NEEDLE_DEPTHS
