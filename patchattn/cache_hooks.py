@@ -28,7 +28,7 @@ from .cache import HeadBudgetCache
 from .chunked import forget_skipped_mask, prompt_end
 from .compiled import compiled_for
 from .config_keys import ATTN_NAME
-from .dense_forward import dense_prefill, report_dense
+from .dense_forward import dense_prefill
 from .errors import UnsupportedBatchError
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,6 @@ def install(model) -> None:
         dense = dense_prefill(module, args, kwargs) if cache is None else None
         if dense is not None:  # every layer dense in this prefill: the dense model's own attention path
             module.config._attn_implementation = dense
-            report_dense(module, args, kwargs)
         swapped.append(dense is not None)
         return args, kwargs
 

@@ -15,6 +15,8 @@ calibration's capture, and, for the break-even, ``backend="sparse"`` (quality ru
 
 from __future__ import annotations
 
+import torch
+
 from . import stats
 from .compiled import compiled_for
 from .config_keys import BACKEND_KEY, ORIGINAL_KEY
@@ -22,11 +24,11 @@ from .hf import given_cache, sliding_windows, text_config
 from .layout import num_blocks
 
 
-def _prompt_tokens(args: tuple, kwargs: dict) -> int | None:
-    """The forward's query length: its input ids (keyword or first positional) or embeddings."""
+def _prompt(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The forward's input ids (keyword or first positional), else its input embeddings (None: neither)."""
     for value in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds")):
-        if value is not None and hasattr(value, "shape") and value.dim() >= 2:
-            return int(value.shape[1])
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value
     return None
 
 
@@ -34,20 +36,17 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
     """The attention implementation to run this forward with instead of patchattn's (the one the patch replaced), when
     the recipe makes every layer of this prefill dense and nothing else needs patchattn's function; else None. The
     rules are :func:`patchattn.prefill.prefill_attention`'s: under ``min_sparse_tokens`` whatever the backend, under
-    every layer's break-even unless the backend is ``"sparse"``; each said once, as there."""
-    import importlib
-
+    every layer's break-even unless the backend is ``"sparse"``; each said once, as there, and reported to an active
+    sparsity record as each layer's call would have."""
+    from .patch import _CAPTURE_HOOKS, DEFAULT_BACKEND
     from .prefill import _say_break_even, _say_dense_below
-
-    patch = importlib.import_module("patchattn.patch")  # the module: the package's ``patch`` is the function
 
     config = model.config
     compiled = compiled_for(config)
-    if compiled is None or patch._CAPTURE_HOOKS:
+    prompt = _prompt(args, kwargs)
+    if compiled is None or _CAPTURE_HOOKS or prompt is None or prompt.shape[1] <= compiled.block_size:
         return None
-    n_tokens = _prompt_tokens(args, kwargs)
-    if n_tokens is None or n_tokens <= compiled.block_size:
-        return None
+    n_tokens = prompt.shape[1]
     cache = given_cache(kwargs)[1]
     if cache is not None and cache.get_seq_length() > 0:  # a chunk or a step over a filled cache
         return None
@@ -55,23 +54,14 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
         return None
     if n_tokens < compiled.recipe.min_sparse_tokens:
         _say_dense_below(compiled, n_tokens)
-    elif (getattr(config, BACKEND_KEY, None) or patch.DEFAULT_BACKEND) == "sparse" or any(
+    elif (getattr(config, BACKEND_KEY, None) or DEFAULT_BACKEND) == "sparse" or any(
             not layer.all_dense and n_tokens >= layer.min_tokens for layer in compiled.layers):
         return None
     else:
         _say_break_even(compiled, n_tokens)
+    if stats.is_recording():  # a dense prefill of every causal block, per layer
+        n_blk = num_blocks(n_tokens, compiled.block_size)
+        causal = n_blk * (n_blk + 1) / 2 * prompt.shape[0] * text_config(config).num_attention_heads
+        for layer_idx in range(len(compiled.layers)):
+            stats.report(layer_idx, causal, causal, kernel="sdpa")
     return getattr(config, ORIGINAL_KEY, None) or "sdpa"
-
-
-def report_dense(model, args: tuple, kwargs: dict) -> None:
-    """What each layer's call would have told an active sparsity record: a dense prefill of every causal block."""
-    if not stats.is_recording():
-        return
-    compiled = compiled_for(model.config)
-    n_tokens = _prompt_tokens(args, kwargs)
-    batch = next(v for v in (kwargs.get("input_ids"), args[0] if args else None, kwargs.get("inputs_embeds"))
-                 if v is not None and hasattr(v, "shape")).shape[0]
-    n_blk = num_blocks(n_tokens, compiled.block_size)
-    causal = n_blk * (n_blk + 1) / 2 * batch * text_config(model.config).num_attention_heads
-    for layer_idx in range(len(compiled.layers)):
-        stats.report(layer_idx, causal, causal, kernel="sdpa")

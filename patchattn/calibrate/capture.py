@@ -111,7 +111,7 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
         if query.shape[2] != key.shape[2] or layer in seen:
             return
         seen.add(layer)
-        scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
+        scale = attention_scale(module, query)
         if windows[layer] is None:  # a layer under the model's own window keeps it: nothing to score
             layer_scores[layer] = score_layer(query, key, value, candidates, block_size, rows, scale, row_weights, _out_proj(module), prefix_rows)
         if kv_cands:
@@ -119,13 +119,7 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
         if on_layer is not None:
             on_layer(layer, layer_scores.get(layer))
 
-    original = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)  # dense (no recipe), but through our function
-    try:
-        with capture(hook):
-            prefill(model, input_ids)
-    finally:
-        model.set_attn_implementation(original)
+    captured_prefill(model, input_ids, hook)
     if len(seen) != n_layers:
         raise PatchattnError(f"captured {len(seen)} of {n_layers} layers; this model's attention is not fully routed through the registry")
     if options.objective == "residual" and any(layer_scores[i].residual_error is None for i in free):
@@ -133,11 +127,26 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
     # (F, H, C) over the free layers: the sparsity target is theirs, a model's own windows are not ours to count
     stack = lambda name: torch.stack([getattr(layer_scores[i], name) for i in free])  # noqa: E731
     density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
-    utility = {"mass": mass, "output": 1.0 - error}.get(options.objective)
-    if utility is None:
-        utility = 1.0 - stack("residual_error")
+    utility = torch.stack([layer_scores[i].utility(options.objective) for i in free])
     return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
                   0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
+
+
+def captured_prefill(model, input_ids: torch.Tensor, hook) -> None:
+    """One dense forward of ``input_ids`` through patchattn's attention function (no recipe), ``hook(module, query,
+    key, value)`` called on every attention call; the model's attention implementation restored after."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        with capture(hook):
+            prefill(model, input_ids)
+    finally:
+        model.set_attn_implementation(original)
+
+
+def attention_scale(module, query: torch.Tensor) -> float:
+    """The attention module's softmax scale (1 / sqrt(head dim) where it names none)."""
+    return getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
 
 
 def _out_proj(module) -> torch.Tensor | None:

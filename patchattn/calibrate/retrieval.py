@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import PatchattnError
 from ..layout import num_blocks
-from ..models import prefill
-from ..patch import ATTN_NAME, capture
+from .capture import Scores, _out_proj, attention_scale, captured_prefill
 from .probe import Probe
 from .scoring import row_probs, score_layer
-
-if TYPE_CHECKING:
-    from .capture import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +54,7 @@ class NeedleScores:
     needles: int
     rows: int
 
-    def apply(self, scores: "Scores") -> "Scores":
+    def apply(self, scores: Scores) -> Scores:
         """A copy of ``scores`` whose windowed candidates' utility is the lower of their text's and the needles'."""
         utility = scores.utility.clone()
         utility[..., self.columns] = torch.minimum(utility[..., self.columns], self.utility.to(utility.dtype))
@@ -81,12 +76,10 @@ def windowed_columns(candidates) -> list[int]:
 
 
 @torch.no_grad()
-def needle_scores(model, needles: Sequence[Probe], scores: "Scores", block_size: int, objective: str,
+def needle_scores(model, needles: Sequence[Probe], scores: Scores, block_size: int, objective: str,
                   dense_prefix_tokens: int = 0) -> NeedleScores | None:
     """Score the windowed candidates of ``scores``' grid on the rows that write each needle's answer (None: no
     windowed candidate, or no needle)."""
-    from .capture import _out_proj
-
     columns = windowed_columns(scores.candidates)
     if not columns or not needles:
         return None
@@ -110,26 +103,17 @@ def needle_scores(model, needles: Sequence[Probe], scores: "Scores", block_size:
             layer = module.layer_idx
             if query.shape[2] != key.shape[2] or layer in layers or layer not in free:
                 return
-            scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
+            scale = attention_scale(module, query)
             got = score_layer(query, key, value, windowed, block_size, rows, scale, out_proj=_out_proj(module),
                               dense_rows=prefix_rows)
-            utility = {"mass": got.kept_mass, "output": 1.0 - got.output_error}.get(objective)
-            if utility is None:
-                utility = 1.0 - got.residual_error
             expanded = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             probs = row_probs(query, expanded, rows, scale)[0]  # (H, R, N)
             keys = torch.arange(probs.shape[-1], device=probs.device)[None, :]
             before = (keys >= block_size) & (keys < far[:, None].to(probs.device))  # the first block is the sinks'
             share = (probs * before).sum(-1).mean(-1).cpu()  # (H,)
-            layers[layer] = (utility, share)
+            layers[layer] = (got.utility(objective), share)
 
-        original = model.config._attn_implementation
-        model.set_attn_implementation(ATTN_NAME)
-        try:
-            with capture(hook):
-                prefill(model, ids.to(next(model.parameters()).device))
-        finally:
-            model.set_attn_implementation(original)
+        captured_prefill(model, ids, hook)
         if set(layers) != free:
             raise PatchattnError(f"the needle pass captured {len(layers)} of {len(free)} layers")
         per_needle.append(layers)

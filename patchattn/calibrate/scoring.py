@@ -26,6 +26,13 @@ class LayerScores:
     # projection as a share of the layer's whole attention output (None without the projection's weight)
     residual_error: torch.Tensor | None = None
 
+    def utility(self, objective: str) -> torch.Tensor:
+        """(H, C): what the allocation maximises under ``objective`` (:data:`.options.OBJECTIVES`): the kept mass, or
+        1 - the output error, or 1 - the residual error."""
+        if objective == "mass":
+            return self.kept_mass
+        return 1.0 - (self.output_error if objective == "output" else self.residual_error)
+
 
 def sample_rows(n_tokens: int, n_rows: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
     """Query positions to score on: uniform over the sequence past the first block, sorted."""

@@ -13,7 +13,7 @@ HIGH_OUTPUT_ERROR = 0.15
 
 
 def _print_needles(recipe) -> None:
-    """One line on the retrieval check: how many heads read a needle's answer from far back, how many of them stream."""
+    """One line on the needle check: how many heads read a needle's answer from far back, how many of them stream."""
     needles = recipe.calibration.get("needles")
     if not needles:
         return
