@@ -57,9 +57,9 @@ def main() -> None:
                         "attention function even where all are dense (as before patchattn/dense_forward.py)")
     args = parser.parse_args()
     if args.through_patchattn:
-        import patchattn.cache_hooks
+        from patchattn import cache_hooks
 
-        patchattn.cache_hooks.dense_prefill = lambda *a: None
+        cache_hooks.dense_prefill = lambda *a: None
     model = random_model(None, args.shape)
     recipe = sparse_recipe(model.config, args.kind)
     fit = [int(x) for x in args.break_even.split(",")]

@@ -97,3 +97,22 @@ def test_unsupported_shapes_are_named_and_the_dispatch_falls_back():
     vert, slash = vertical_slash_scores(q, k, 0.1, 16, 4)
     ref = vertical_slash_scores_naive(q, k, 0.1, 16, 4)
     assert torch.equal(vert, ref[0]) and torch.equal(slash, ref[1])
+
+
+@runs_kernel
+@pytest.mark.parametrize("n_q,n_keys,windows", [(200, 200, 4), (96, 160, 8), (40, 40, 8)])
+def test_spread_kernel_matches_reference(n_q, n_keys, windows, monkeypatch):
+    """The spread estimate (windows of queries through the prompt, or through a chunk's queries) composed of the
+    kernel's one-window estimates equals its one-softmax reference."""
+    import patchattn.strategies.vs_estimate as vs
+    from patchattn.strategies.vs_estimate.spread import spread_scores_naive, spread_vertical_slash_scores
+
+    gen = torch.Generator().manual_seed(n_q + windows)
+    q = torch.randn(1, 4, n_q, 16, generator=gen).to(DEVICE)
+    k = torch.randn(1, 2, n_keys, 16, generator=gen).to(DEVICE)
+    nb = num_blocks(n_keys, 16)
+    monkeypatch.setattr(vs, "vertical_slash_scores", kernel.vertical_slash_scores_triton)
+    got = spread_vertical_slash_scores(q, k, 0.25, 16, nb, windows, 16, columns=True)
+    ref = spread_scores_naive(q.float(), k.float(), 0.25, 16, nb, windows, 16, columns=True)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-2, rel_err(a, b)

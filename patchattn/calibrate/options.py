@@ -20,7 +20,7 @@ DEFAULT_TARGET_SPARSITY = 0.85
 # Fixed token columns (vertical_slash_tokens) are offered on request only: their heads are the ones that lose on kinds of
 # text calibration never read (SmolLM2 8K: 24 of the 30 heads whose error rises most; at 2K, without them the search
 # chose 44.5% and held three unseen kinds within +2%, with them 37.1%: examples/kinds-smollm2-8k/v4, v5/cpu-2k).
-DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash", "block_topk")
+DEFAULT_STRATEGIES = ("dense", "streaming", "vertical_slash_spread", "block_topk")
 # What the allocation maximises per head: the attention mass kept, 1 - the relative error of the attention
 # output (which also weighs what the dropped keys' values would have contributed), or 1 - that error after the
 # output projection as a share of the layer's attention output ("residual": heads weighed by what they add).

@@ -17,7 +17,7 @@ def save_density_heatmap(recipe: Recipe, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     grid = [[h.density if h.density is not None else float("nan") for h in layer] for layer in recipe.layers]
-    letters = {"dense": "D", "streaming": "S", "vertical_slash": "V", "vertical_slash_tokens": "C", "block_topk": "T"}
+    letters = {"dense": "D", "streaming": "S", "vertical_slash": "V", "vertical_slash_spread": "W", "vertical_slash_tokens": "C", "block_topk": "T"}
     n_layers, n_heads = len(grid), len(grid[0])
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.28 * n_layers + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)

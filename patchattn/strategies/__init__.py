@@ -5,7 +5,7 @@ from .block_topk import BlockTopK
 from .dense import Dense
 from .registry import STRATEGIES, get_strategy, register
 from .streaming import Streaming
-from .vertical_slash import VerticalSlash, VerticalSlashTokens
+from .vertical_slash import VerticalSlash, VerticalSlashSpread, VerticalSlashTokens
 from .vertical_slash_adaptive import VerticalSlashAdaptive
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Streaming",
     "VerticalSlash",
     "VerticalSlashAdaptive",
+    "VerticalSlashSpread",
     "VerticalSlashTokens",
     "get_strategy",
     "register",
