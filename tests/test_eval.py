@@ -187,6 +187,7 @@ def test_run_eval_end_to_end(tiny_results, tiny_model):
         elif task == "speed":  # time to first token and per generated token, on this CPU
             assert row["metric"] == "ttft_ms" and row["value"] > 0 and row["ms_per_token"] >= 0
             assert row["value"] == sorted(row["scores"])[1] and len(row["ms_per_token_runs"]) == 3  # medians of 3 runs
+            assert results["ttft_interleaved"] is True  # the times to first token come from interleaved rounds
             assert row["device"] == "cpu" and (row["peak_memory"] is None) == (row["peak_bytes"] is None)
         else:
             assert row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0 and len(row["replies"]) == 2
@@ -362,3 +363,41 @@ def test_sparsity_record_pauses():
             stats.report(0, 3.0, 4.0)
         stats.report(1, 1.0, 4.0)
     assert rec.calls == 2 and rec.density == pytest.approx(2.0 / 8.0)
+
+
+def test_times_to_first_token_come_from_rounds_that_run_each_variant_in_turn(tiny_model):
+    """Each round enters every variant's patch in turn and times one generate of one token after an untimed one,
+    so a drifting machine moves every variant alike; the patch is left after each run."""
+    import contextlib
+
+    from patchattn.eval.interleaved import interleaved_ttft
+    from patchattn.eval.tasks import speed_generate_kwargs
+    from patchattn.patch import patched
+
+    recipe = Recipe.uniform(tiny_model.config, "streaming", block_size=16, sink_tokens=16, window_tokens=64)
+    entered, generated = [], []
+    original = tiny_model.generate
+
+    def counting_generate(*args, **kwargs):
+        generated.append((entered[-1], kwargs["max_new_tokens"], tiny_model.config._attn_implementation))
+        return original(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def variant(name, r):
+        entered.append(name)
+        with patched(tiny_model, r):
+            yield
+
+    tiny_model.generate = counting_generate
+    try:
+        times = interleaved_ttft(tiny_model, {"dense": lambda: variant("dense", None), "stream": lambda: variant("stream", recipe)},
+                                 list(range(1, 200)), 3, speed_generate_kwargs(tiny_model))
+    finally:
+        del tiny_model.generate
+    assert entered == ["dense", "stream"] * 3
+    assert [g[0] for g in generated] == [n for n in entered for _ in range(2)] and {g[1] for g in generated} == {1}
+    assert {g[2] for g in generated if g[0] == "stream"} == {"patchattn"} and "patchattn" not in {g[2] for g in generated if g[0] == "dense"}
+    assert set(times) == {"dense", "stream"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    assert tiny_model.config._attn_implementation != "patchattn"
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_ttft(tiny_model, {}, [1, 2], 0, {})

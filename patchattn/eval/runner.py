@@ -9,8 +9,10 @@ The results dict is versioned and JSON-serialisable::
                   "replies", "prompt_tokens", "seconds", "kv_bytes", "kv_cache"}]}
 
 ``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` and ``"accuracy"`` (mean score over
-trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` timed
-greedy generations after a warm-up (``scores`` holds each run); it also has ``ms_per_token`` (median) and
+trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` rounds that run
+every variant in turn, each a ``generate`` of one token after an untimed one (``scores`` holds each round's; header
+``ttft_interleaved`` true: :mod:`patchattn.eval.interleaved`; results without it timed them in the generations below).
+It also has ``ms_per_token`` (median) and
 ``ms_per_token_runs``, ``decode_tokens``, ``peak_bytes`` (median peak memory of one generation),
 ``peak_memory`` (what that measures: ``"cuda_allocated"``, ``"process_rss"`` on a CPU, or None) and
 ``device``. ``environment`` has ``device`` and ``device_name`` (the GPU's or CPU's model) and ``threads``.
@@ -38,9 +40,12 @@ and a speed row's ``scores`` held the one median.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,7 +62,8 @@ from . import break_even
 from .haystack import Prompt, build_prompt
 from .options import DEFAULT_TASKS, MIN_LENGTH, TASKS, EvalOptions  # noqa: F401  (TASKS: the task names, public here too)
 from .ppl_texts import PplText, load_ppl_texts
-from .tasks import SpeedResult, answer, measure_speed, perplexity, ppl_input_ids, window_seed
+from .interleaved import interleaved_ttft
+from .tasks import SpeedResult, answer, measure_speed, perplexity, ppl_input_ids, speed_generate_kwargs, window_seed
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +188,7 @@ def run_eval(
         "trials": trials,
         "seed": seed,
         "speed_runs": speed_runs,
+        "ttft_interleaved": "speed" in tasks,
         "ppl_windows": ppl_windows,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(model),
@@ -192,11 +199,17 @@ def run_eval(
     n_rows = len(plan) * len(variants)
     for length, task, text in plan:
         inputs = _task_inputs(task, text, tokenizer, length, limit, trials, seed, ppl_windows)
+        ttfts = {}
+        if task == "speed":  # every variant's time to first token, round by round (patchattn.eval.interleaved)
+            report(0, f"{length} tokens · speed · time to first token, variants interleaved")
+            ttfts = interleaved_ttft(model, {
+                name: functools.partial(patched, model, speed_recipes.get(name, recipe), backend, cuda_graphs)
+                for name, recipe in variants.items()}, inputs[0], speed_runs, speed_generate_kwargs(model))
         for name, recipe in variants.items():
             description = f"{length} tokens · {task} · {name}"
             report(0, description)
             started = time.perf_counter()
-            run = _VariantRun(task, is_ppl=task == "ppl" or text is not None)
+            run = _VariantRun(task, is_ppl=task == "ppl" or text is not None, ttft_runs=ttfts.get(name))
             runs = speed_recipes.get(name, recipe) if task == "speed" else recipe
             with patched(model, runs, backend if task == "speed" else quality_backend(backend), cuda_graphs), record_sparsity() as record:
                 for item in inputs:
@@ -252,6 +265,7 @@ class _VariantRun:
     kv_bytes: list[int] = field(default_factory=list)
     kv_cache: set = field(default_factory=set)
     speed: SpeedResult | None = None
+    ttft_runs: list[float] | None = None  # the speed task's times to first token, timed interleaved with the others'
 
     def measure(self, model, tokenizer, item, speed_runs: int, record) -> None:
         if self.is_ppl:
@@ -259,7 +273,11 @@ class _VariantRun:
             return
         if self.task == "speed":
             with record.paused():
-                result = self.speed = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
+                result = measure_speed(model, item, SPEED_DECODE_TOKENS, speed_runs)
+                if self.ttft_runs:
+                    result = dataclasses.replace(result, ttft_ms=round(statistics.median(self.ttft_runs), 3),
+                                                 ttft_runs_ms=[round(x, 3) for x in self.ttft_runs])
+                self.speed = result
             prefill(model, torch.tensor([item]))  # untimed: the sparsity of what was timed
             self.scores.extend(result.ttft_runs_ms)
         else:

@@ -161,6 +161,8 @@ def speed_table(results: dict) -> ReportTable | None:
     decode = next((r.get("decode_tokens") for r in speed if r.get("decode_tokens")), None)
     note = (
         f"{device_label(results)}. Medians of {runs or 'several'} timed runs after a warm-up run"
+        + ("; times to first token from rounds that run each variant in turn (generate to its first token)"
+           if results.get("ttft_interleaved") else "")
         + (f"; ms per token over {decode} generated tokens after the first" if decode else "")
         + ". Decode: how the steps ran (cuda-graph: a patched model's whole step replayed, its norms and MLPs compiled; torch.compile: generate's "
         "compile path for a static cache; eager)."

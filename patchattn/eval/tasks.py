@@ -233,6 +233,15 @@ def decode_path(model, device, before: dict) -> str:
     return "torch.compile" if compiled else "eager"
 
 
+def speed_generate_kwargs(model, fast_decode: bool = True) -> dict:
+    """``generate``'s arguments for a timed greedy generation (the token counts left out). On a GPU each model decodes
+    at its fastest, through generate's compile path: a static cache (dense: torch.compile; patched: CUDA graphs)."""
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0)
+    if fast_decode and model.get_input_embeddings().weight.device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
 @torch.no_grad()
 def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats: int = 3, fast_decode: bool = True) -> SpeedResult:
     """Time to first token, ms per generated token and peak memory of one prompt, each the median of ``repeats``
@@ -252,10 +261,8 @@ def measure_speed(model, input_ids: list[int], decode_tokens: int = 16, repeats:
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([input_ids], device=device)
     n_new = decode_tokens + 1
-    greedy = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id or 0,
-                  max_new_tokens=n_new, min_new_tokens=n_new)
-    if fast_decode and device.type == "cuda":  # each model at its fastest: generate's compile path (dense: torch.compile; patched: graphs)
-        greedy["cache_implementation"] = "static"
+    greedy = dict(speed_generate_kwargs(model, fast_decode), max_new_tokens=n_new, min_new_tokens=n_new)
+    if "cache_implementation" in greedy:
         # A fresh compile for each measurement: every length (the static cache's size) and every patch (the config's
         # recipe) recompiles the forward, and past torch's recompile limit it would silently run eager from then on.
         torch._dynamo.reset()
