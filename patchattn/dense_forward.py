@@ -9,7 +9,8 @@ of the dense model. The model's forward hook (:mod:`patchattn.cache_hooks`) asks
 forward and restores the patch after it.
 
 Left on patchattn's path: a forward with a head-budgeted cache (its prefill fills the budgeted cache), a prefill chunk,
-a forward over a filled cache, a model with its own sliding windows (patchattn's windowed dense kernel is its own),
+a forward over a filled cache, a prompt of :data:`~patchattn.sliding_window.WINDOW_KERNEL_MIN_TOKENS` or more to a model
+with its own sliding windows (patchattn's windowed dense kernel computes only the blocks the window reaches),
 calibration's capture, and, for the break-even, ``backend="sparse"`` (quality runs read the layouts at any length).
 """
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from . import stats
+from . import sliding_window, stats
 from .compiled import compiled_for
 from .config_keys import BACKEND_KEY, ORIGINAL_KEY
 from .hf import given_cache, sliding_windows, text_config
-from .layout import num_blocks
+from .layout import num_blocks, window_blocks
 
 
 def _prompt(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -50,8 +51,8 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
     cache = given_cache(kwargs)[1]
     if cache is not None and cache.get_seq_length() > 0:  # a chunk or a step over a filled cache
         return None
-    if any(w is not None for w in sliding_windows(config)):
-        return None
+    if n_tokens >= sliding_window.WINDOW_KERNEL_MIN_TOKENS and any(w is not None for w in sliding_windows(config)):
+        return None  # the windowed kernel computes only the blocks the model's window reaches: faster than its own
     if n_tokens < compiled.recipe.min_sparse_tokens:
         _say_dense_below(compiled, n_tokens)
     elif (getattr(config, BACKEND_KEY, None) or DEFAULT_BACKEND) == "sparse" or any(
@@ -59,9 +60,11 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
         return None
     else:
         _say_break_even(compiled, n_tokens)
-    if stats.is_recording():  # a dense prefill of every causal block, per layer
+    if stats.is_recording():  # a dense prefill of every causal block per layer (under a model's window, those it reaches)
         n_blk = num_blocks(n_tokens, compiled.block_size)
-        causal = n_blk * (n_blk + 1) / 2 * prompt.shape[0] * text_config(config).num_attention_heads
-        for layer_idx in range(len(compiled.layers)):
-            stats.report(layer_idx, causal, causal, kernel="sdpa")
+        heads = prompt.shape[0] * text_config(config).num_attention_heads
+        for layer_idx, window in enumerate(sliding_windows(config)[: len(compiled.layers)]):
+            rows = window_blocks(window, compiled.block_size) if window and n_tokens > window else n_blk
+            reach = sliding_window.window_band_blocks(n_blk, rows) * heads
+            stats.report(layer_idx, reach, reach, kernel="sdpa")
     return getattr(config, ORIGINAL_KEY, None) or "sdpa"

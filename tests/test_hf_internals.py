@@ -121,11 +121,14 @@ def test_the_attention_function_is_called_as_patchattn_expects(arch, recorded_ca
     assert all(c["shapes"][0][2] == 160 for c in prefill) and all(c["shapes"][0][2] == 1 for c in decode)
 
 
-def test_the_mask_builder_gets_the_arguments_it_reads(recorded_calls):
+def test_the_mask_builder_gets_the_arguments_it_reads(recorded_calls, monkeypatch):
     """``plain_sliding_prefill`` reads these keyword arguments; were one renamed, a sliding-window prefill would keep
     transformers' full mask (slow) or a chunked one lose it (wrong). The defaults it assumes are sdpa_mask's."""
     from transformers.masking_utils import sdpa_mask
 
+    from patchattn import sliding_window
+
+    monkeypatch.setattr(sliding_window, "WINDOW_KERNEL_MIN_TOKENS", 0)  # a dense prefill this short runs the model's own path
     model = tiny_model("gemma3")
     with patchattn.patched(model, Recipe.uniform(model.config, "dense", block_size=16), backend="torch"):
         model(torch.randint(0, 256, (1, 160)))

@@ -78,6 +78,7 @@ def test_model_window_applied_by_size_equals_the_models_mask(strategy, params, m
     import sys
 
     window_mod = sys.modules["patchattn.sliding_window"]
+    monkeypatch.setattr(window_mod, "WINDOW_KERNEL_MIN_TOKENS", 0)  # a dense recipe too takes patchattn's windowed path
     model = tiny_model("gemma3")
     recipe = Recipe.uniform(model.config, strategy, block_size=32, **params)
     ids = _ids(n=400, batch=2)
@@ -322,6 +323,39 @@ def test_a_prefill_dense_in_every_layer_runs_the_models_own_attention(below, mon
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(generated, model.generate(short, max_new_tokens=3, do_sample=False))
     assert model.config._attn_implementation != ATTN_NAME
+
+
+@pytest.mark.internals  # transformers reads config._attn_implementation at every attention call
+def test_a_dense_prefill_of_a_sliding_window_model_runs_its_own_attention_below_the_window_kernels_length(monkeypatch):
+    """A model with its own sliding windows (Gemma 3's first layer) prefilling densely in every layer runs its own
+    attention below WINDOW_KERNEL_MIN_TOKENS (there the windowed kernel's launches cost more than the window saves),
+    and patchattn's windowed path from it; the logits equal the unpatched model's either way."""
+    import sys
+
+    from patchattn import sliding_window
+
+    patch_module = sys.modules["patchattn.patch"]
+    model = tiny_model("gemma3")
+    n_layers = model.config.num_hidden_layers
+    recipe = Recipe.uniform(model.config, "block_topk", block_size=32, threshold=0.5)
+    recipe.layer_min_tokens = [1000] * n_layers  # every layer under its break-even at 300 tokens
+    calls = []
+    original = patch_module.prefill_attention
+    monkeypatch.setattr(patch_module, "prefill_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids = _ids(n=300, batch=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patchattn.patched(model, recipe, backend="auto"), record_sparsity() as rec:
+            own = model(ids).logits
+            assert calls == [] and rec.kernels == {"sdpa": n_layers}
+            n_blk, reach = 10, 3  # 300 tokens in blocks of 32; the 48-token window reaches 3 blocks back
+            assert rec.per_layer[0][1] == sum(min(i + 1, reach) for i in range(n_blk)) * 4  # counted in the window
+            assert rec.per_layer[1][1] == n_blk * (n_blk + 1) / 2 * 4 and rec.sparsity == pytest.approx(0.0)
+            monkeypatch.setattr(sliding_window, "WINDOW_KERNEL_MIN_TOKENS", 256)
+            windowed = model(ids).logits
+            assert len(calls) == n_layers
+    torch.testing.assert_close(own, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(windowed, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
