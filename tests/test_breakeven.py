@@ -121,3 +121,32 @@ def test_eval_fits_the_break_even_of_a_recipe_that_has_none_for_its_gpu(caplog):
     assert refit is not None and len(timed) > n_timed and "timed on GPU X" in caplog.records[-1].getMessage()
     note = break_even_note({"variants": {"dense": {"dense": True}, "r": {"speed_break_even": fitted}}})
     assert len(note) == 1 and note[0].startswith("r had no prefill break-even") and str(runs.layer_min_tokens[0]) in note[0]
+
+
+def test_a_layer_under_the_models_sliding_window_is_timed_as_it_runs(monkeypatch):
+    """Gemma 3's first layer has its own 48-token window: its dense path is patchattn's windowed dense attention and
+    its layout is clipped to the window, as a prefill runs them; the full-attention layer is timed against causal SDPA
+    with no window. Timing causal attention in a windowed layer would credit sparsity with what the window saves."""
+    import sys
+
+    from patchattn import sliding_window
+
+    breakeven = sys.modules["patchattn.calibrate.breakeven"]
+    model = tiny_model("gemma3")
+    recipe = Recipe.uniform(model.config, "streaming", block_size=16, sink_tokens=16, window_tokens=32)
+    ran = []
+    monkeypatch.setattr(breakeven, "windowed_dense", lambda module, q, *a: ran.append(("windowed", module.layer_idx, a[4]))
+                        or sliding_window.windowed_dense(module, q, *a))
+    real_sparse = breakeven.sparse_attention
+    monkeypatch.setattr(breakeven, "sparse_attention", lambda *a, **k: ran.append(("sparse", k["layer_idx"], k["window"]))
+                        or real_sparse(*a, **k))
+    calls = []
+
+    def timer(fn, runs, device):
+        calls.append(fn())
+        return 1.0
+
+    ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
+    breakeven.time_layers(model, recipe, ids, [128, 256], timer=timer)
+    assert ran == [("windowed", 0, 48), ("sparse", 0, 48), ("sparse", 1, 0)] * 2
+    assert len(calls) == 8 and all(torch.isfinite(out).all() for out in calls)

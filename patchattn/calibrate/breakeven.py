@@ -29,8 +29,10 @@ from ..checks import MAX_TOKENS
 from ..compiled import CompiledRecipe
 from ..models import prefill
 from ..patch import capture, patched
+from ..hf import sliding_windows
 from ..prefill import sparse_attention
 from ..recipe import Recipe
+from ..sliding_window import windowed_dense
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +97,14 @@ def _median_ms(fn: Callable[[], object], runs: int, device: torch.device) -> flo
 def time_layers(model, recipe: Recipe, input_ids: torch.Tensor, lengths: Sequence[int], runs: int = BREAK_EVEN_RUNS,
                 timer: Callable[[Callable[[], object], int, torch.device], float] = _median_ms) -> list[LayerTiming]:
     """Per layer, its dense and sparse prefill attention at each of ``lengths`` (the first tokens of ``input_ids``),
-    on the model's own queries, keys and values. Layers whose heads are all dense time nothing (they never pay)."""
+    on the model's own queries, keys and values. Layers whose heads are all dense time nothing (they never pay). A
+    layer under the model's own sliding window is timed as it runs: its dense path is patchattn's windowed dense
+    attention and its layout is clipped to the window (timing full causal attention there would credit sparsity with
+    what the window already saves)."""
     compiled = CompiledRecipe(recipe)
     timings = [LayerTiming([], [], []) for _ in recipe.layers]
     backend = kernel_backend("auto")
+    windows = sliding_windows(model.config)
 
     def hook(module, query, key, value):
         li = getattr(module, "layer_idx", 0) or 0
@@ -106,9 +112,15 @@ def time_layers(model, recipe: Recipe, input_ids: torch.Tensor, lengths: Sequenc
         if plan.all_dense or query.shape[2] != key.shape[2]:
             return
         scaling = getattr(module, "scaling", None)
-        dense = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        sparse = lambda: sparse_attention(plan, query, key, value, recipe.block_size, scaling, backend)  # noqa: E731
+        window = windows[li] if li < len(windows) and windows[li] and query.shape[2] > windows[li] else 0
+        if window:  # the model's own sliding window: both paths compute only the blocks it reaches
+            dense = lambda: windowed_dense(module, query, key, value, scaling, 0.0, window, li, recipe.block_size,  # noqa: E731
+                                           backend, {})
+        else:
+            dense = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        sparse = lambda: sparse_attention(plan, query, key, value, recipe.block_size, scaling, backend,  # noqa: E731
+                                          layer_idx=li, window=window)
         t = timings[li]
         t.lengths.append(query.shape[2])
         t.dense_ms.append(timer(dense, runs, query.device))
