@@ -366,8 +366,8 @@ def test_sparsity_record_pauses():
 
 
 def test_times_to_first_token_come_from_rounds_that_run_each_variant_in_turn(tiny_model):
-    """Each round enters every variant's patch in turn and times one generate of one token after an untimed one,
-    so a drifting machine moves every variant alike; the patch is left after each run."""
+    """Each round enters every variant's patch in turn and times one generate of one token, so a drifting machine
+    moves every variant alike; the patch is left after each run."""
     import contextlib
 
     from patchattn.eval.interleaved import interleaved_ttft
@@ -395,7 +395,9 @@ def test_times_to_first_token_come_from_rounds_that_run_each_variant_in_turn(tin
     finally:
         del tiny_model.generate
     assert entered == ["dense", "stream"] * 3
-    assert [g[0] for g in generated] == [n for n in entered for _ in range(2)] and {g[1] for g in generated} == {1}
+    # an untimed run first in each patch of the first round (on a GPU, of every round: CUDA graphs are captured anew)
+    assert [g[0] for g in generated] == ["dense", "dense", "stream", "stream"] + ["dense", "stream"] * 2
+    assert {g[1] for g in generated} == {1}
     assert {g[2] for g in generated if g[0] == "stream"} == {"patchattn"} and "patchattn" not in {g[2] for g in generated if g[0] == "dense"}
     assert set(times) == {"dense", "stream"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
     assert tiny_model.config._attn_implementation != "patchattn"

@@ -5,7 +5,8 @@ apart. On an H100, SmolLM2-135M prefills 2-8K tokens in ~30 ms, and eval once re
 27.6-28.1 ms while the patched model's, on the very same prefill code, fell from 40.4 to 26.9 ms over its seven. So
 the speed rows' times to first token are timed here: each round runs every variant once, in turn, as ``generate`` of
 one token (prefill, the cache's set-up and the first token, as in the speed rows' own generations; no decode step, so
-no compile), each after one untimed run inside the same patch (a patch's first forward may capture CUDA graphs).
+no compile), each after one untimed run inside the same patch on a GPU (a patch's first forward may capture CUDA
+graphs; on a CPU only the first round has one).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def interleaved_ttft(model, variants: Mapping[str, Callable[[], AbstractContextM
     ids = torch.tensor([input_ids], device=model.get_input_embeddings().weight.device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for name, enter in variants.items():
                 with enter():
-                    first_token_ms(model, ids, generate_kwargs)  # untimed: the patch's first forward
+                    if round_ == 0 or ids.is_cuda:  # untimed: the patch's first forward (on a GPU, each entry's)
+                        first_token_ms(model, ids, generate_kwargs)
                     times[name].append(first_token_ms(model, ids, generate_kwargs))
     return times

@@ -10,7 +10,7 @@ The results dict is versioned and JSON-serialisable::
 
 ``metric`` is ``"perplexity"`` for ``ppl``, ``"ttft_ms"`` for ``speed`` and ``"accuracy"`` (mean score over
 trials) otherwise. A ``speed`` row's ``value`` is the median time to first token over ``speed_runs`` rounds that run
-every variant in turn, each a ``generate`` of one token after an untimed one (``scores`` holds each round's; header
+every variant in turn, each a ``generate`` of one token (``scores`` holds each round's; header
 ``ttft_interleaved`` true: :mod:`patchattn.eval.interleaved`; results without it timed them in the generations below).
 It also has ``ms_per_token`` (median) and
 ``ms_per_token_runs``, ``decode_tokens``, ``peak_bytes`` (median peak memory of one generation),
