@@ -4,7 +4,9 @@
 # Known so far (H100, SmolLM2 at 8K, 100 prompts): dense 0.32; the prose-only s80-probed recipe 0.31 (but +6.6-14% on
 # code and docs); every five-kind recipe at 72%: 0.11-0.23 (spread vertical-slash + needle check: 0.23). Each row here
 # is one calibration (~30 s on the H100) and one eval of passkey + perplexity on the unseen kinds (~90 s): run it in
-# two calls of ~5 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10").
+# two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Row 10 asks whether block top-k's pooled
+# estimate costs the passkey: the prose-only recipe that holds it (0.31) gives the heads that read the passkey
+# (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind recipes give them block top-k.
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:${SRC:-$PWD}
@@ -23,7 +25,8 @@ declare -A ROW=(
   [7]="no-needles --needles 0"
   [8]="needles4 --needles 4"
   [9]="objective-mass --objective mass"
-  [10]="blocks-only --strategies dense,block_topk"
+  [10]="no-topk --strategies dense,streaming,vertical_slash_spread"
+  [11]="blocks-only --strategies dense,block_topk"
 )
 for I in ${ROWS:-1 2 3 4 5}; do
   set -- ${ROW[$I]}
