@@ -30,7 +30,9 @@ def save_density_heatmap(recipe: Recipe, path: str | os.PathLike) -> Path:
     cal = recipe.calibration
     ax.set_title(
         f"chosen block density ({recipe.model.get('architecture', '')}, {cal.get('seq_len', '?')} tokens, "
-        f"sparsity {cal.get('achieved_sparsity', float('nan')):.2f})\nD dense, S streaming, V vertical-slash, T block top-k",
+        f"sparsity {cal.get('achieved_sparsity', float('nan')):.2f})\n"
+        + ", ".join(f"{letter} {name.replace('_', ' ')}" for name, letter in letters.items()
+                    if any(h.strategy == name for layer in recipe.layers for h in layer)),
         fontsize=8,
     )
     fig.colorbar(image, ax=ax, label="density")
