@@ -3,7 +3,8 @@
 A generated passkey answer costs a prefill plus a reply per prompt and scores 0 or 1; this scores each prompt with the
 answer's tokens fed (teacher forcing) and reports per variant the mean log-probability of the answer's tokens, the
 share of prompts whose every answer token is the argmax (what greedy decoding would reproduce, given the prompt), and
-the prefill sparsity. The prompts are `patchattn eval`'s passkey task (repeated filler, seeded as eval seeds them).
+the prefill sparsity. The prompts are `patchattn eval`'s passkey task (repeated filler, seeded and limited to the
+model's context as eval does; runs before 2026-12-07 afternoon drew other prompts of the same task).
 ``--dense`` adds, for each recipe, a copy with some of its heads dense.
 
 ``--read`` says how the answer is read:
@@ -29,7 +30,7 @@ import torch
 
 import patchattn
 from patchattn.eval.runner import task_prompts
-from patchattn.models import load_model
+from patchattn.models import context_length, load_model
 from patchattn.recipe import Recipe
 from patchattn.stats import record_sparsity
 
@@ -85,7 +86,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    prompts = task_prompts("passkey", tokenizer, args.length, None, args.trials, 0)
+    # the model's context limit, as eval passes it: the draws depend on it (before 2026-12-07 afternoon this passed
+    # None, so its prompts were other draws of the same task, not eval's)
+    prompts = task_prompts("passkey", tokenizer, args.length, context_length(model.config), args.trials, 0)
     variants = [("dense", None)]
     for path in args.recipes:
         recipe = Recipe.load(path)
