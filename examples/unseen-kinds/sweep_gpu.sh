@@ -7,6 +7,8 @@
 # two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Row 10 asks whether block top-k's pooled
 # estimate costs the passkey: the prose-only recipe that holds it (0.31) gives the heads that read the passkey
 # (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind recipes give them block top-k.
+# COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their
+# lost / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:${SRC:-$PWD}
@@ -28,6 +30,12 @@ declare -A ROW=(
   [10]="no-topk --strategies dense,streaming,vertical_slash_spread"
   [11]="blocks-only --strategies dense,block_topk"
 )
+if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
+  python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
+    -r recipes/smollm2-135m-instruct-8k-s72-spread.json --lengths 8192 --tasks passkey --trials 100 --speed-runs 0 \
+    -o /tmp/ev-compare > $OUT/compare-eval.log 2>&1
+  cp /tmp/ev-compare/results.json $OUT/compare-results.json; grep "passkey" /tmp/ev-compare/results.md
+fi
 for I in ${ROWS:-1 2 3 4 5}; do
   set -- ${ROW[$I]}
   NAME=$1; shift
