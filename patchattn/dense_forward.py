@@ -51,7 +51,8 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
     cache = given_cache(kwargs)[1]
     if cache is not None and cache.get_seq_length() > 0:  # a chunk or a step over a filled cache
         return None
-    if n_tokens >= sliding_window.WINDOW_KERNEL_MIN_TOKENS and any(w is not None for w in sliding_windows(config)):
+    windows = sliding_windows(config)
+    if n_tokens >= sliding_window.WINDOW_KERNEL_MIN_TOKENS and any(w is not None for w in windows):
         return None  # the windowed kernel computes only the blocks the model's window reaches: faster than its own
     if n_tokens < compiled.recipe.min_sparse_tokens:
         _say_dense_below(compiled, n_tokens)
@@ -63,7 +64,7 @@ def dense_prefill(model, args: tuple, kwargs: dict) -> str | None:
     if stats.is_recording():  # a dense prefill of every causal block per layer (under a model's window, those it reaches)
         n_blk = num_blocks(n_tokens, compiled.block_size)
         heads = prompt.shape[0] * text_config(config).num_attention_heads
-        for layer_idx, window in enumerate(sliding_windows(config)[: len(compiled.layers)]):
+        for layer_idx, window in enumerate(windows[: len(compiled.layers)]):
             rows = window_blocks(window, compiled.block_size) if window and n_tokens > window else n_blk
             reach = sliding_window.window_band_blocks(n_blk, rows) * heads
             stats.report(layer_idx, reach, reach, kernel="sdpa")

@@ -112,7 +112,7 @@ def time_layers(model, recipe: Recipe, input_ids: torch.Tensor, lengths: Sequenc
         if plan.all_dense or query.shape[2] != key.shape[2]:
             return
         scaling = getattr(module, "scaling", None)
-        window = windows[li] if li < len(windows) and windows[li] and query.shape[2] > windows[li] else 0
+        window = windows[li] if windows[li] and query.shape[2] > windows[li] else 0
         if window:  # the model's own sliding window: both paths compute only the blocks it reaches
             dense = lambda: windowed_dense(module, query, key, value, scaling, 0.0, window, li, recipe.block_size,  # noqa: E731
                                            backend, {})

@@ -23,7 +23,6 @@ import torch
 
 from .base import Estimate, Strategy, blocks_for, check_int, per_head
 from .registry import register
-from .vs_estimate import vertical_slash_scores
 from .vs_estimate.spread import spread_vertical_slash_scores
 
 LAST_Q = 64
@@ -59,13 +58,8 @@ class VerticalSlash(Strategy):
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, block_size: int) -> Estimate:
         est = super().estimate(q, k, block_size)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if self.QUERY_WINDOWS > 1:
-            scores = spread_vertical_slash_scores(q, k, scale, block_size, est.n_key_blocks, self.QUERY_WINDOWS, LAST_Q,
-                                                  columns=self.TOKEN_VERTICALS)
-        else:
-            last = min(LAST_Q, q.shape[2])
-            scores = vertical_slash_scores(q[:, :, -last:], k, scale, block_size, est.n_key_blocks, columns=self.TOKEN_VERTICALS)
+        scores = spread_vertical_slash_scores(q, k, 1.0 / math.sqrt(q.shape[-1]), block_size, est.n_key_blocks,
+                                              self.QUERY_WINDOWS, LAST_Q, columns=self.TOKEN_VERTICALS)
         for name, value in zip(("vertical", "slash", "column"), scores):
             est.scores[name] = value
         return est

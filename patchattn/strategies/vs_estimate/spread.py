@@ -42,13 +42,17 @@ def spread_vertical_slash_scores(q, k, scale: float, block_size: int, n_blocks: 
     n_q, n_keys = q.shape[2], k.shape[2]
     offset, width = n_keys - n_q, min(last, n_q)
     total = None
-    for end in window_ends(n_q, windows, last):
+    # The last window first: it reads every key, so its scores are full size and the earlier (shorter) ones add into
+    # their leading entries. One window is the end-only estimate, one call and nothing more.
+    for end in reversed(window_ends(n_q, windows, last)):
         keys = offset + end
         part = vertical_slash_scores(q[:, :, end - width : end], k[:, :, :keys], scale, block_size,
                                      num_blocks(keys, block_size), columns)
-        sizes = (n_blocks, n_blocks, n_keys)
-        part = [torch.nn.functional.pad(x, (0, size - x.shape[-1])) for x, size in zip(part, sizes)]
-        total = part if total is None else [a.add_(b) for a, b in zip(total, part)]
+        if total is None:
+            total = part
+        else:
+            for into, x in zip(total, part):
+                into[..., : x.shape[-1]].add_(x)
     return tuple(total)
 
 
