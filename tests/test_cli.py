@@ -178,7 +178,8 @@ def test_a_model_with_its_own_windows_calibrates_exports_and_loads(calibration_t
     byte_tokenizer().save_pretrained(model_dir)
     recipe_path = tmp_path / "g.json"
     result = invoke("calibrate", model_dir, "--target-sparsity", 0.6, "--seq-len", 1024, "--block-size", 32,
-                    "--text", calibration_text, "-o", recipe_path, "--probes", 0)
+                    "--text", calibration_text, "-o", recipe_path, "--probes", 0,
+                    "--no-break-even")  # on a GPU the break-even column would wrap the strategies column's text
     assert result.exit_code == 0, result.output
     assert "own window of 48" in result.output
     recipe = Recipe.load(recipe_path)

@@ -29,6 +29,9 @@ declare -A ROW=(
   [9]="objective-mass --objective mass"
   [10]="no-topk --strategies dense,streaming,vertical_slash_spread"
   [11]="blocks-only --strategies dense,block_topk"
+  [12]="blocks-stream --strategies dense,streaming,block_topk"
+  [13]="blocks-s70 --strategies dense,block_topk --target-sparsity 0.70"
+  [14]="blocks-vs --strategies dense,block_topk,vertical_slash_spread"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
