@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 21, the passkey: which calibration choice keeps eval's passkey within 2 points of dense at a mean sparsity of
-# 70% or more, with perplexity on the three unseen kinds within +3%? Not run yet (written 2026-12-07 afternoon).
+# 70% or more, with perplexity on the three unseen kinds within +3%? First run 2026-12-07 evening (COMPARE, rows 8, 10-14: gpu-sweep/).
 # Known so far (H100, SmolLM2 at 8K, 100 prompts): dense 0.32; the prose-only s80-probed recipe 0.31 (but +6.6-14% on
 # code and docs); every five-kind recipe at 72%: 0.11-0.23 (spread vertical-slash + needle check: 0.23). Each row here
 # is one calibration (~30 s on the H100) and one eval of passkey + perplexity on the unseen kinds (~90 s): run it in
-# two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Row 10 asks whether block top-k's pooled
+# two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Rows 10-14 ran on 2026-12-07 (evening;
+# gpu-sweep/): offered vertical-slash, every recipe loses the same nine passkey prompts; block top-k alone holds the
+# passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash. Row 10 asks whether block top-k's pooled
 # estimate costs the passkey: the prose-only recipe that holds it (0.31) gives the heads that read the passkey
 # (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind recipes give them block top-k.
 # COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their
@@ -32,6 +34,8 @@ declare -A ROW=(
   [12]="blocks-stream --strategies dense,streaming,block_topk"
   [13]="blocks-s70 --strategies dense,block_topk --target-sparsity 0.70"
   [14]="blocks-vs --strategies dense,block_topk,vertical_slash_spread"
+  [15]="tokens-blocks --strategies dense,streaming,vertical_slash_tokens,block_topk"
+  [16]="adaptive-blocks --strategies dense,streaming,vertical_slash_adaptive,block_topk"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
