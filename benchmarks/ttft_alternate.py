@@ -4,9 +4,9 @@ GPU only; never part of the test suite. Below the fitted break-even a patched la
 so any difference is the patch's own host work. ``ttft.py`` times dense and patched minutes apart, and clocks drift;
 this script alternates them: per round, ``--reps`` forwards of each (dense first in even rounds, patched first in odd
 ones: on 2026-12-07 the 8B shape at 2K read 0.8 ms slower patched in all three rounds, each of which ran dense
-first), each timed twice -- to the end of the GPU's work (synchronised: the time to first token) and to the forward's return without waiting
-(the host's share: launching). Writes JSON: per length, per round, [dense ms, patched ms, dense host ms, patched host
-ms], and the medians' ratio.
+first), each timed twice -- to the end of the GPU's work (synchronised: the time to first token) and to the forward's
+return without waiting (the host's share: launching). Writes JSON: per length, per round, [dense ms, patched ms, dense
+host ms, patched host ms], and the medians' ratio.
 
     python benchmarks/ttft_alternate.py --shape 1b --lengths 2048,4096 --rounds 3 --reps 15
 """
