@@ -36,6 +36,8 @@ declare -A ROW=(
   [14]="blocks-vs --strategies dense,block_topk,vertical_slash_spread"
   [15]="tokens-blocks --strategies dense,streaming,vertical_slash_tokens,block_topk"
   [16]="adaptive-blocks --strategies dense,streaming,vertical_slash_adaptive,block_topk"
+  [17]="retrieval25 --retrieval-weight 0.25"
+  [18]="probes8-needles4 --probes 8 --needles 4"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
