@@ -6,7 +6,8 @@
 # is one calibration (~30 s on the H100) and one eval of passkey + perplexity on the unseen kinds (~90 s): run it in
 # two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Rows 10-14 ran on 2026-12-07 (evening;
 # gpu-sweep/): offered vertical-slash, every recipe loses the same nine passkey prompts; block top-k alone holds the
-# passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash. Row 10 asks whether block top-k's pooled
+# passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash; rows 19-21
+# offer vertical-slash in some layers only (--layer-strategies), each at the same 72%. Row 10 asks whether block top-k's pooled
 # estimate costs the passkey: the prose-only recipe that holds it (0.31) gives the heads that read the passkey
 # (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind recipes give them block top-k.
 # COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their
@@ -38,6 +39,9 @@ declare -A ROW=(
   [16]="adaptive-blocks --strategies dense,streaming,vertical_slash_adaptive,block_topk"
   [17]="retrieval25 --retrieval-weight 0.25"
   [18]="probes8-needles4 --probes 8 --needles 4"
+  [19]="vs-in-0-4 --layer-strategies 5-29=dense,streaming,block_topk"
+  [20]="vs-in-0-10 --layer-strategies 11-29=dense,streaming,block_topk"
+  [21]="vs-after-10 --layer-strategies 0-10=dense,streaming,block_topk"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \

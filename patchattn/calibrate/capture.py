@@ -19,6 +19,7 @@ from ..patch import ATTN_NAME, capture
 from ..strategies import STRATEGIES, Strategy
 from .allocate import allocate
 from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer, with_copy_tail
+from .layer_strategies import parse_rules, restrict
 from .options import CalibrationOptions
 from .scoring import LayerScores, sample_rows, score_layer
 
@@ -128,6 +129,8 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
     stack = lambda name: torch.stack([getattr(layer_scores[i], name) for i in free])  # noqa: E731
     density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
     utility = torch.stack([layer_scores[i].utility(options.objective) for i in free])
+    rules = parse_rules(options.layer_strategies, options.strategies)
+    utility = restrict(utility, free, [c.name for c in candidates], rules, n_layers)
     return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
                   0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
 

@@ -10,6 +10,7 @@ from ..layout import BLOCK_SIZES
 from ..strategies import STRATEGIES
 from .kinds import ROBUST, VERIFY
 from .kv import EVAL_ROWS
+from .layer_strategies import parse_rules
 from .search import LossBound
 from .texts import calibration_texts
 
@@ -60,6 +61,7 @@ class CalibrationOptions:
     robust: str = "worst"
     verify: str = "auto"
     break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
+    layer_strategies: tuple[str, ...] = ()  # "A-B=name,name": those layers choose among fewer strategies (layer_strategies.py)
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -77,6 +79,8 @@ class CalibrationOptions:
         check.one_of("block_size", self.block_size, BLOCK_SIZES)
         check.integer("seq_len", self.seq_len, 4 * self.block_size)
         check.all_of("strategies", self.strategies, sorted(STRATEGIES))
+        object.__setattr__(self, "layer_strategies", tuple(self.layer_strategies))
+        parse_rules(self.layer_strategies, self.strategies)
         check.one_of("objective", self.objective, OBJECTIVES)
         check.integer("n_rows", self.n_rows, 1)
         check.integer("decode_pages", self.decode_pages, 0)

@@ -1,0 +1,78 @@
+"""Layers that choose among fewer strategies than the rest: ``--layer-strategies 5-29=dense,streaming,block_topk``.
+
+The allocation still spends one global budget over every head, but a head of a restricted layer is offered only the
+candidates of the strategies its rule names. What it is for: on SmolLM2 at 8K the vertical-slash heads hold copy-heavy
+text (email) and lose the passkey, block top-k heads the reverse (``examples/unseen-kinds/gpu-sweep/``), and a rule per
+range of layers tries one where it helps and the other elsewhere, each calibrated at the same sparsity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import OptionError
+
+FORBIDDEN = -1e6  # the utility of a candidate a rule leaves out: never chosen while any allowed one remains
+_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*=\s*(.+)$")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Layers ``first`` to ``last`` (inclusive) choose among ``strategies`` only."""
+
+    first: int
+    last: int
+    strategies: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, spec: str, offered: Sequence[str]) -> "LayerRule":
+        """From ``"A-B=name,name"`` (or ``"A=..."`` for one layer); each name among ``offered`` (the calibration's
+        strategies)."""
+        match = _SPEC.match(spec) if isinstance(spec, str) else None
+        if match is None:
+            raise OptionError("layer_strategies",
+                              f"takes FIRST-LAST=STRATEGY,STRATEGY (e.g. 5-29=dense,block_topk), not {spec!r}")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        names = tuple(n.strip() for n in match.group(3).split(",") if n.strip())
+        if last < first:
+            raise OptionError("layer_strategies", f"{spec!r}: the range ends before it starts")
+        unknown = [n for n in names if n not in offered]
+        if unknown or not names:
+            raise OptionError("layer_strategies", f"{spec!r} names {', '.join(unknown) or 'no strategy'}; each must be "
+                                                  f"one of the calibration's strategies ({', '.join(offered)})")
+        return cls(first, last, names)
+
+    def spec(self) -> str:
+        return f"{self.first}-{self.last}={','.join(self.strategies)}"
+
+
+def parse_rules(specs: Sequence[str], offered: Sequence[str]) -> tuple[LayerRule, ...]:
+    rules = tuple(LayerRule.parse(s, offered) for s in specs)
+    for i, a in enumerate(rules):
+        for b in rules[i + 1:]:
+            if a.first <= b.last and b.first <= a.last:
+                raise OptionError("layer_strategies", f"{a.spec()} and {b.spec()} overlap: give each layer one rule")
+    return rules
+
+
+def restrict(utility: torch.Tensor, free: Sequence[int], candidate_names: Sequence[str], rules: Sequence[LayerRule],
+             n_layers: int) -> torch.Tensor:
+    """``utility`` (F, H, C) over the free layers, with each rule's left-out candidates set to :data:`FORBIDDEN`."""
+    for rule in rules:
+        if rule.last >= n_layers:
+            raise OptionError("layer_strategies", f"{rule.spec()} reaches layer {rule.last}, but the model has {n_layers} "
+                                                  f"layers (0-{n_layers - 1})")
+    if not rules:
+        return utility
+    utility = utility.clone()
+    for f, layer in enumerate(free):
+        for rule in rules:
+            if rule.first <= layer <= rule.last:
+                left_out = [c for c, name in enumerate(candidate_names) if name not in rule.strategies]
+                utility[f, :, left_out] = FORBIDDEN
+    return utility
