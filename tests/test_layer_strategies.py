@@ -6,7 +6,7 @@ from conftest import tiny_model
 from test_cli import assert_clean_error, calibration_text, invoke  # noqa: F401  (calibration_text is a fixture)
 
 from patchattn.calibrate import calibrate
-from patchattn.calibrate.layer_strategies import FORBIDDEN, LayerRule, parse_rules, restrict
+from patchattn.calibrate.layer_strategies import FORBIDDEN, LayerRule, check_layers, parse_rules, restrict
 from patchattn.errors import OptionError
 
 OFFERED = ("dense", "streaming", "vertical_slash_spread", "block_topk")
@@ -26,11 +26,12 @@ def test_rules_parse_and_refuse_what_they_cannot_mean():
 def test_restrict_leaves_out_the_rules_candidates_in_their_layers_only():
     utility = torch.rand(3, 2, 4)  # free layers 0, 2, 3 (layer 1 has the model's own window), 4 candidates
     names = ["dense", "streaming", "block_topk", "block_topk"]
-    got = restrict(utility, [0, 2, 3], names, parse_rules(["2-3=dense,streaming"], OFFERED), n_layers=4)
+    got = restrict(utility, [0, 2, 3], names, parse_rules(["2-3=dense,streaming"], OFFERED))
     assert torch.equal(got[0], utility[0])
     assert (got[1:, :, 2:] == FORBIDDEN).all() and torch.equal(got[1:, :, :2], utility[1:, :, :2])
+    check_layers(parse_rules(["2-3=dense"], OFFERED), n_layers=4)
     with pytest.raises(OptionError, match="reaches layer 7, but the model has 4 layers"):
-        restrict(utility, [0, 2, 3], names, parse_rules(["5-7=dense"], OFFERED), n_layers=4)
+        check_layers(parse_rules(["5-7=dense"], OFFERED), n_layers=4)
 
 
 def test_a_restricted_layer_gets_only_its_strategies_at_the_same_sparsity():

@@ -130,7 +130,7 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
     density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
     utility = torch.stack([layer_scores[i].utility(options.objective) for i in free])
     rules = parse_rules(options.layer_strategies, options.strategies)
-    utility = restrict(utility, free, [c.name for c in candidates], rules, n_layers)
+    utility = restrict(utility, free, [c.name for c in candidates], rules)
     return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
                   0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
 

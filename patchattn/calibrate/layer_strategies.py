@@ -60,13 +60,17 @@ def parse_rules(specs: Sequence[str], offered: Sequence[str]) -> tuple[LayerRule
     return rules
 
 
-def restrict(utility: torch.Tensor, free: Sequence[int], candidate_names: Sequence[str], rules: Sequence[LayerRule],
-             n_layers: int) -> torch.Tensor:
-    """``utility`` (F, H, C) over the free layers, with each rule's left-out candidates set to :data:`FORBIDDEN`."""
+def check_layers(rules: Sequence[LayerRule], n_layers: int) -> None:
+    """Every rule within the model's ``n_layers`` (checked once the model is loaded, before anything is scored)."""
     for rule in rules:
         if rule.last >= n_layers:
             raise OptionError("layer_strategies", f"{rule.spec()} reaches layer {rule.last}, but the model has {n_layers} "
                                                   f"layers (0-{n_layers - 1})")
+
+
+def restrict(utility: torch.Tensor, free: Sequence[int], candidate_names: Sequence[str],
+             rules: Sequence[LayerRule]) -> torch.Tensor:
+    """``utility`` (F, H, C) over the free layers, with each rule's left-out candidates set to :data:`FORBIDDEN`."""
     if not rules:
         return utility
     utility = utility.clone()

@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import OptionError
+from ..hf import num_layers
 from ..models import context_length
 from ..patch import check_supported
 from ..recipe import HeadPlan, Recipe, model_identity
@@ -20,6 +21,7 @@ from .kinds import (UnseenKind, first_held_out, kind_stats, leave_one_out, robus
                     verify_mode)
 from .kv import allocate_kv
 from .kv_search import DecodeVerifier, search_kv_budget
+from .layer_strategies import check_layers, parse_rules
 from .options import DEFAULT_STRATEGIES, CalibrationOptions
 from .probe import Probe, layer_sensitivity, layer_weights
 from .record import calibration_stats, head_plans
@@ -122,6 +124,7 @@ def calibrate(
         raise OptionError("verify", "unseen-kind verifies each kind of text under a recipe allocated on the others: give "
                                     "two kinds or more (a dict of texts; on the command line --kinds or several --text)")
     check_supported(model)
+    check_layers(parse_rules(options.layer_strategies, options.strategies), num_layers(model.config))
     # a loss bound is verified; a fixed target on several kinds with held-out text is measured once per kind (its record)
     measured = options.max_loss is not None or (several and held_out is not None)
     verifier = verifier_for(model, texts, several, held_out) if measured else None
