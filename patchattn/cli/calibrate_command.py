@@ -23,7 +23,7 @@ def calibrate(
     seq_len: int = typer.Option(4096, "--seq-len", "-n", help="Calibration length in tokens."),
     output: Path = typer.Option(Path("recipe.json"), "--output", "-o", help="Recipe JSON to write."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the layouts (tokens)."),
-    strategies: str = typer.Option("dense,streaming,vertical_slash_spread,block_topk", "--strategies", help="Comma-separated strategies to choose from (also: vertical_slash, estimated from the prompt's last 64 queries only (MInference); vertical_slash_tokens, fixed token columns, best in-sample but the first to lose on kinds of text calibration never read; vertical_slash_adaptive)."),
+    strategies: str = typer.Option("dense,streaming,vertical_slash_spread,block_topk", "--strategies", help="Comma-separated strategies to choose from (also: vertical_slash, estimated from the prompt's last 64 queries only (MInference); vertical_slash_tokens, fixed token columns, best in-sample but the first to lose on kinds of text calibration never read; vertical_slash_adaptive; vertical_slash_topk, spread vertical-slash and block top-k in one head)."),
     objective: str = typer.Option("output", "--objective", help="What to keep most of: attention 'output' accuracy (default), attention 'mass', or 'residual' (output error after the output projection, as a share of the layer's attention output: heads weighed by what they contribute)."),
     text: List[Path] = typer.Option([], "--text", help="Calibration text file, a UTF-8 kind of text of its own named by its stem: its first --seq-len tokens are scored, the rest verifies --max-loss (repeatable; default: every shipped kind, see --kinds)."),
     kinds: Optional[str] = typer.Option(

@@ -7,6 +7,7 @@ from .registry import STRATEGIES, get_strategy, register
 from .streaming import Streaming
 from .vertical_slash import VerticalSlash, VerticalSlashSpread, VerticalSlashTokens
 from .vertical_slash_adaptive import VerticalSlashAdaptive
+from .vertical_slash_topk import VerticalSlashTopK
 
 __all__ = [
     "STRATEGIES",
@@ -19,6 +20,7 @@ __all__ = [
     "VerticalSlashAdaptive",
     "VerticalSlashSpread",
     "VerticalSlashTokens",
+    "VerticalSlashTopK",
     "get_strategy",
     "register",
 ]
