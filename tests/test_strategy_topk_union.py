@@ -37,12 +37,13 @@ def test_the_grid_spans_thresholds_over_the_slash_grid_densest_last():
 def test_a_patched_model_runs_it_between_its_two_parts():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(1))
-    params = {"vertical_tokens": 32, "slash_tokens": 64}
+    slash = {"vertical_tokens": 32, "slash_tokens": 64}
+    variants = {"vertical_slash_spread": slash, "block_topk": {"threshold": 0.5},
+                "vertical_slash_topk": {**slash, "threshold": 0.5}}
     sparsity = {}
     with torch.no_grad():
-        for name, extra in (("vertical_slash_spread", {}), ("block_topk", None), ("vertical_slash_topk", {"threshold": 0.5})):
-            kw = {"threshold": 0.5} if extra is None else {**params, **extra}
-            recipe = Recipe.uniform(model.config, name, block_size=32, **kw)
+        for name, params in variants.items():
+            recipe = Recipe.uniform(model.config, name, block_size=32, **params)
             with patchattn.patched(model, recipe, backend="torch"), record_sparsity() as rec:
                 assert torch.isfinite(model(ids).logits).all()
             sparsity[name] = rec.sparsity

@@ -7,11 +7,12 @@
 # two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Rows 10-14 ran on 2026-12-07 (evening;
 # gpu-sweep/): offered vertical-slash, every recipe loses the same nine passkey prompts; block top-k alone holds the
 # passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash; rows 19-21
-# offer vertical-slash in some layers only (--layer-strategies), each at the same 72%. Rows 19-21 ran 2026-12-07 late: vertical-slash
-# in layers 5-10 loses the passkey; in 0-4 only it holds (0.32) but email reads +5.9%. Rows 22-23 offer the union
-# strategy vertical_slash_topk past layer 4 (past layer 10 in 22), which held email on three heads on the CPU.
-# Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-only recipe that holds it (0.31) gives the heads that read the passkey
-# (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind recipes give them block top-k.
+# offer vertical-slash in some layers only (--layer-strategies), each at the same 72%. Rows 19-21 ran 2026-12-07
+# late: vertical-slash in layers 5-10 loses the passkey; in 0-4 only it holds (0.32) but email reads +5.9%. Rows 22-23
+# offer the union strategy vertical_slash_topk past layer 4 (past layer 10 in 22), which held email on three heads on
+# the CPU. Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-only recipe that holds it
+# (0.31) gives the heads that read the passkey (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind
+# recipes give them block top-k.
 # COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their
 # lost / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
