@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Issue 21, the passkey: which calibration choice keeps eval's passkey within 2 points of dense at a mean sparsity of
-# 70% or more, with perplexity on the three unseen kinds within +3%? First run 2026-12-07 evening (COMPARE, rows 8, 10-14: gpu-sweep/).
-# Known so far (H100, SmolLM2 at 8K, 100 prompts): dense 0.32; the prose-only s80-probed recipe 0.31 (but +6.6-14% on
-# code and docs); every five-kind recipe at 72%: 0.11-0.23 (spread vertical-slash + needle check: 0.23). Each row here
-# is one calibration (~30 s on the H100) and one eval of passkey + perplexity on the unseen kinds (~90 s): run it in
-# two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Rows 10-14 ran on 2026-12-07 (evening;
-# gpu-sweep/): offered vertical-slash, every recipe loses the same nine passkey prompts; block top-k alone holds the
-# passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash; rows 19-21
-# offer vertical-slash in some layers only (--layer-strategies), each at the same 72%. Rows 19-21 ran 2026-12-07
+# 70% or more, with perplexity on the three unseen kinds within +3%? First run 2026-12-07 evening (COMPARE, rows 8,
+# 10-14: gpu-sweep/). Known so far (H100, SmolLM2 at 8K, 100 prompts): dense 0.32; the prose-only s80-probed recipe 0.31
+# (but +6.6-14% on code and docs); every five-kind recipe at 72%: 0.11-0.23 (spread vertical-slash + needle check:
+# 0.23). Each row here is one calibration (~30 s on the H100) and one eval of passkey + perplexity on the unseen kinds
+# (~90 s): run it in two calls of 5-6 rows each (ROWS="1 2 3 4 5", then "6 7 8 9 10 11"). Rows 10-14 ran on 2026-12-07
+# (evening; gpu-sweep/): offered vertical-slash, every recipe loses the same nine passkey prompts; block top-k alone
+# holds the passkey but loses email. Rows 15-16 ask the same of the token-column and mass-budgeted vertical-slash; rows
+# 19-21 offer vertical-slash in some layers only (--layer-strategies), each at the same 72%. Rows 19-21 ran 2026-12-07
 # late: vertical-slash in layers 5-10 loses the passkey; in 0-4 only it holds (0.32) but email reads +5.9%. Rows 22-23
 # offer the union strategy vertical_slash_topk past layer 4 (past layer 10 in 22), which held email on three heads on
-# the CPU. Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-only recipe that holds it
-# (0.31) gives the heads that read the passkey (L17H3, L18H7, L20H4-H6) long streaming windows, where the five-kind
-# recipes give them block top-k.
-# COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their
-# lost / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
+# the CPU. Rows 24-25 keep vertical-slash out of layers 5-10 only, as the hand-spliced gpu-sweep/spliced.json does (row
+# 25 also offers the union strategy); run 2026-12-07 night, they read passkey 0.28 / 0.24 and email +4.9% / +7.9%
+# where the splice reads 0.31 and +2.6%. Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-
+# only recipe that holds it (0.31) gives the heads that read the passkey (L17H3, L18H7, L20H4-H6) long streaming
+# windows, where the five-kind recipes give them block top-k.
+# COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their lost
+# / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:${SRC:-$PWD}
@@ -47,6 +49,8 @@ declare -A ROW=(
   [21]="vs-after-10 --layer-strategies 0-10=dense,streaming,block_topk"
   [22]="union-11-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk --layer-strategies 11-29=dense,streaming,block_topk,vertical_slash_topk"
   [23]="union-5-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-29=dense,streaming,block_topk,vertical_slash_topk"
+  [24]="vs-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk"
+  [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
@@ -57,13 +61,15 @@ fi
 for I in ${ROWS:-1 2 3 4 5}; do
   set -- ${ROW[$I]}
   NAME=$1; shift
-  R=$OUT/$NAME.json
+  D=$OUT/$NAME  # a folder per row: a call brings back only a few files per folder
+  R=$D/$NAME.json
+  mkdir -p $D
   SECONDS=0
-  python -m patchattn.cli calibrate $M --seq-len 8192 --target-sparsity 0.72 "$@" -o $R > $OUT/$NAME-calibrate.log 2>&1
+  python -m patchattn.cli calibrate $M --seq-len 8192 --target-sparsity 0.72 "$@" -o $R > $D/$NAME-calibrate.log 2>&1
   python -m patchattn.cli eval $M -r $R --lengths 8192 --tasks passkey,ppl --trials 100 --speed-runs 0 \
     --ppl-text /tmp/unseen/legal.txt --ppl-text /tmp/unseen/email.txt --ppl-text /tmp/unseen/c.txt -o /tmp/ev-$NAME \
-    > $OUT/$NAME-eval.log 2>&1
-  cp /tmp/ev-$NAME/results.json $OUT/$NAME-results.json
+    > $D/$NAME-eval.log 2>&1
+  cp /tmp/ev-$NAME/results.json $D/$NAME-results.json  # each row's files land as it ends: a call cut short keeps them
   echo "$NAME ($*): $SECONDS s"
   grep "passkey\|^| legal\|^| email\|^| c " /tmp/ev-$NAME/results.md
 done
