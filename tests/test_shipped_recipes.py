@@ -82,3 +82,22 @@ def test_the_8k_report_ran_the_shipped_recipes():
             assert info["kv_policy_counts"] == kv, name
     rows = {(r["task"], r["variant"]) for r in report["results"]}
     assert rows == {(t, v) for t in ("ppl", "passkey", "single") for v in names | {"dense"}}
+
+
+def test_the_spliced_recipe_is_what_splice_py_builds():
+    """recipes/...-s72-spliced.json is not a calibration but a splice of two calibrated recipes
+    (examples/unseen-kinds/splice.py): its layers must be the ones that script builds from them now."""
+    import importlib.util
+    import json
+
+    root = RECIPES[0].parent.parent
+    spec = importlib.util.spec_from_file_location("splice", root / "examples" / "unseen-kinds" / "splice.py")
+    splice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(splice)
+    built = splice.splice(json.loads(splice.BASE.read_text()), json.loads(splice.DONOR.read_text()))
+    shipped = json.loads((RECIPES[0].parent / f"{splice.NAME}.json").read_text())
+    assert shipped["layers"] == built["layers"]
+    assert shipped["calibration"]["spliced"] == splice.NOTE
+    kinds = shipped["calibration"]["kinds"]
+    assert set(kinds) == set(splice.KINDS)
+    assert all(0.0 < k["achieved_sparsity"] < 1.0 and k["ppl_loss"] is not None for k in kinds.values())

@@ -61,7 +61,10 @@ def splice(base: dict, donor: dict) -> dict:
 
 def record_measured(recipe: dict, results: dict) -> None:
     """Replace row 19's per-kind record by what ``results`` (eval's results.json) measured with this recipe."""
-    variant = next(v for v, meta in results["variants"].items() if not meta.get("dense") and meta.get("recipe"))
+    ours = [v for v, meta in results["variants"].items() if not meta.get("dense") and "uniform" not in meta]
+    if len(ours) != 1:
+        raise SystemExit(f"expected one recipe besides dense and uniform twins in the results, found {ours}")
+    variant = ours[0]
     rows = [r for r in results["results"] if r["task"].startswith("ppl")]
     by = {(r["task"], r["variant"]): r for r in rows}
     texts = {"prose": "ppl"} | {Path(t["path"]).stem: f"ppl:{t['name']}" for t in results["ppl_texts"]}
