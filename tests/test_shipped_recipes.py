@@ -1,5 +1,6 @@
-"""The recipes shipped in recipes/: valid, named after their file, their recorded sparsity true, fitting the
-embedded SmolLM2, and a patched forward on it stays close to dense."""
+"""The recipes shipped in recipes/ (and the prose-only ones of recipes/prose-only/ that earlier reports ran): valid,
+named after their file, their recorded sparsity true, fitting the embedded SmolLM2, and a patched forward on it stays
+close to dense."""
 
 from pathlib import Path
 
@@ -9,11 +10,30 @@ import torch
 import patchattn
 from patchattn.recipe import Recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
+ROOT = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(ROOT.glob("*.json")) + sorted((ROOT / "prose-only").glob("*.json"))
+CALIBRATED_ON_FIVE_KINDS = ("s80", "s80-probed", "s80-blocks", "kv30", "s72-spread", "kinds")
 
 
 def test_recipes_are_shipped():
-    assert {"smollm2-135m-instruct-8k-s80", "smollm2-135m-instruct-8k-s80-probed"} <= {p.stem for p in RECIPES}
+    assert {"smollm2-135m-instruct-8k-s80", "smollm2-135m-instruct-8k-s80-probed"} <= {p.stem for p in ROOT.glob("*.json")}
+
+
+@pytest.mark.parametrize("name", CALIBRATED_ON_FIVE_KINDS)
+def test_shipped_calibrations_read_every_kind_and_record_each(name):
+    """Issue 21: the shipped calibrations are robust over the five shipped kinds of text, with the loss and the
+    sparsity measured on each kind's held-out text recorded in the recipe."""
+    from patchattn.text import KINDS
+
+    calibration = Recipe.load(ROOT / f"smollm2-135m-instruct-8k-{name}.json").calibration
+    assert calibration["robust"] == "worst"
+    kinds = calibration["kinds"]
+    assert set(kinds) == set(KINDS)
+    for kind in kinds.values():
+        assert kind["scored_tokens"] >= 8192 and kind["ppl_loss"] is not None
+        assert abs(kind["achieved_sparsity"] - calibration["achieved_sparsity"]) < 0.1  # each kind near the target
+    if calibration["achieved_sparsity"] > 0:  # measured on each kind, not the target copied
+        assert len({kind["achieved_sparsity"] for kind in kinds.values()}) == len(kinds)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -45,7 +65,7 @@ def test_shipped_recipes_fit_the_embedded_model(smollm):
     ids = tokenizer(load_text("heldout")[:20000], return_tensors="pt").input_ids[:, :2048]
     with torch.no_grad():
         dense = model(ids).logits[0, -64:].float().log_softmax(-1)
-    for path in RECIPES:
+    for path in sorted(ROOT.glob("*.json")):  # (the prose-only ones ran through this test as they were shipped)
         recipe = Recipe.load(path)
         recipe.check_model(model.config)
         with torch.no_grad(), patchattn.patched(model, recipe):
@@ -59,9 +79,9 @@ def test_shipped_recipes_fit_the_embedded_model(smollm):
 REPORT = Path(__file__).resolve().parents[1] / "examples" / "smollm2-8k-s80" / "results.json"
 
 
-def test_the_8k_report_ran_the_shipped_recipes():
-    """examples/smollm2-8k-s80 (issue #2's report) must describe the recipes shipped now: recalibrating one of them
-    without running the report again fails here."""
+def test_the_8k_report_ran_the_prose_only_recipes():
+    """examples/smollm2-8k-s80 (issue #2's report) ran the prose-only recipes kept in recipes/prose-only/: changing one
+    of them without running the report again fails here."""
     import json
 
     report = json.loads(REPORT.read_text())
@@ -69,7 +89,7 @@ def test_the_8k_report_ran_the_shipped_recipes():
     names = {"smollm2-135m-instruct-8k-s80-probed", "smollm2-135m-instruct-8k-s80-uniform"}
     assert set(report["variants"]) == names | {"dense"}
     for name in names:
-        recipe, info = Recipe.load(RECIPES[0].parent / f"{name}.json"), report["variants"][name]
+        recipe, info = Recipe.load(ROOT / "prose-only" / f"{name}.json"), report["variants"][name]
         assert info["strategy_counts"] == recipe.strategy_counts(), name
         assert info["block_size"] == recipe.block_size and info["calibrated_sparsity"] == recipe.calibration["achieved_sparsity"]
         if "plan_hash" in info:  # reports from before plan hashes were recorded compare by their counts
@@ -90,12 +110,12 @@ def test_the_spliced_recipe_is_what_splice_py_builds():
     import importlib.util
     import json
 
-    root = RECIPES[0].parent.parent
+    root = ROOT.parent
     spec = importlib.util.spec_from_file_location("splice", root / "examples" / "unseen-kinds" / "splice.py")
     splice = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(splice)
     built = splice.splice(json.loads(splice.BASE.read_text()), json.loads(splice.DONOR.read_text()))
-    shipped = json.loads((RECIPES[0].parent / f"{splice.NAME}.json").read_text())
+    shipped = json.loads((ROOT / f"{splice.NAME}.json").read_text())
     assert shipped["layers"] == built["layers"]
     assert shipped["calibration"]["spliced"] == splice.NOTE
     kinds = shipped["calibration"]["kinds"]

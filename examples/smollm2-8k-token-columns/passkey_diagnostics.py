@@ -10,7 +10,7 @@ from patchattn.eval.tasks import answer
 
 G = "/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 model, tok = load_model(G, dtype="bfloat16", device="cuda")
-base = Recipe.load("recipes/smollm2-135m-instruct-8k-s80.json")
+base = Recipe.load("recipes/prose-only/smollm2-135m-instruct-8k-s80.json")
 LOST = [1, 15, 28, 31, 37]
 OK = [0, 2, 3, 14, 18]
 prompts = {t: build_prompt("passkey", tok, 8192, t) for t in LOST + OK}

@@ -20,7 +20,7 @@ hmap = getattr(m, "hf_device_map", None) or {"": str(m.device)}
 print(f"{dmap} over {torch.cuda.device_count()} visible GPU(s): devices {sorted({str(v) for v in hmap.values()})}",
       {k: str(v) for k, v in list(hmap.items())[:2]}, "...", {k: str(v) for k, v in list(hmap.items())[-2:]})
 ids = tok(load_text("calibration"), return_tensors="pt").input_ids[:, :4096].to("cuda:0")
-rec = Recipe.load("recipes/smollm2-135m-instruct-8k-s80.json")
+rec = Recipe.load("recipes/prose-only/smollm2-135m-instruct-8k-s80.json")
 with torch.no_grad():
     dense = m(ids).logits.float().cpu()
     with patched(m, rec):

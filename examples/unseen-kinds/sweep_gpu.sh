@@ -53,7 +53,7 @@ declare -A ROW=(
   [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
-  python -m patchattn.cli eval $M -r recipes/smollm2-135m-instruct-8k-s80-probed.json \
+  python -m patchattn.cli eval $M -r recipes/prose-only/smollm2-135m-instruct-8k-s80-probed.json \
     -r recipes/smollm2-135m-instruct-8k-s72-spread.json --lengths 8192 --tasks passkey --trials 100 --speed-runs 0 \
     -o /tmp/ev-compare > $OUT/compare-eval.log 2>&1
   cp /tmp/ev-compare/results.json $OUT/compare-results.json; grep "passkey" /tmp/ev-compare/results.md
