@@ -1,4 +1,5 @@
-"""--layer-strategies: a range of layers chooses among fewer strategies, under the same global budget."""
+"""--layer-strategies: a range of layers chooses among fewer strategies, under the same global budget or (with
+--layer-budgets kept) within the density the allocation without rules gives it."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from conftest import tiny_model
 from test_cli import assert_clean_error, calibration_text, invoke  # noqa: F401  (calibration_text is a fixture)
 
 from patchattn.calibrate import calibrate
-from patchattn.calibrate.layer_strategies import FORBIDDEN, LayerRule, check_layers, parse_rules, restrict
+from patchattn.calibrate.allocate import allocate
+from patchattn.calibrate.layer_strategies import FORBIDDEN, LayerRule, check_layers, choose, parse_rules, restrict
 from patchattn.errors import OptionError
 
 OFFERED = ("dense", "streaming", "vertical_slash_spread", "block_topk")
@@ -43,6 +45,40 @@ def test_a_restricted_layer_gets_only_its_strategies_at_the_same_sparsity():
     assert {h.strategy for h in ruled.layers[1]} <= {"dense", "streaming"}
     assert ruled.calibration["layer_strategies"] == ["1=dense,streaming"]
     assert abs(ruled.calibration["achieved_sparsity"] - 0.7) <= 0.02
+
+
+def test_kept_budgets_leave_the_other_layers_as_the_unruled_allocation_and_move_no_density():
+    """Layer 1 is offered only dense and a poor cheap candidate. Sharing one budget, the allocation takes density from
+    layers 0 and 2 to pay for layer 1's dense heads; kept, layers 0 and 2 are exactly the allocation without rules, and
+    layer 1 chooses within the density that allocation gave it."""
+    names = ["dense", "streaming", "block_topk", "block_topk"]
+    density = torch.tensor([1.0, 0.1, 0.2, 0.4]).expand(3, 4, 4).clone()
+    utility = torch.tensor([1.0, 0.3, 0.8, 0.95]).expand(3, 4, 4).clone()
+    utility[1] = torch.tensor([1.0, 0.2, 0.9, 0.97])  # layer 1 would pick block top-k without the rule
+    rules = parse_rules(["1=dense,streaming"], OFFERED)
+    target = 0.4
+    open_choice = allocate(density.reshape(-1, 4), utility.reshape(-1, 4), target).view(3, 4)
+    shared = choose(density, utility, [0, 1, 2], names, rules, target, "shared")
+    kept = choose(density, utility, [0, 1, 2], names, rules, target, "kept")
+    pick = lambda choice: density.gather(-1, choice[..., None]).squeeze(-1)  # noqa: E731
+    for choice in (shared, kept):
+        assert set(choice[1].tolist()) <= {0, 1} and float(pick(choice).mean()) <= target + 1e-6
+    assert torch.equal(kept[[0, 2]], open_choice[[0, 2]])
+    assert float(pick(kept)[1].mean()) <= float(pick(open_choice)[1].mean()) + 1e-6
+    assert float(pick(shared)[[0, 2]].mean()) < float(pick(open_choice)[[0, 2]].mean()), "sharing moved density"
+    assert torch.equal(choose(density, utility, [0, 1, 2], names, (), target, "kept"), open_choice)
+
+
+def test_calibrate_with_kept_budgets_records_them(calibration_text):
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    free = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED)
+    kept = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED,
+                     layer_strategies=["1=dense,streaming"], layer_budgets="kept")
+    assert [(h.strategy, h.params) for h in kept.layers[0]] == [(h.strategy, h.params) for h in free.layers[0]]
+    assert {h.strategy for h in kept.layers[1]} <= {"dense", "streaming"}
+    assert kept.calibration["layer_budgets"] == "kept" and kept.calibration["achieved_sparsity"] >= 0.7 - 0.02
+    with pytest.raises(OptionError, match="layer_budgets"):
+        calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, layer_budgets="split")
 
 
 def test_cli_refuses_a_bad_rule_before_loading_and_a_layer_past_the_model(tiny_model_dir, calibration_text, tmp_path):

@@ -17,9 +17,8 @@ from ..layout import num_blocks
 from ..models import prefill
 from ..patch import ATTN_NAME, capture
 from ..strategies import STRATEGIES, Strategy
-from .allocate import allocate
 from .kv import EVAL_ROWS, KVScores, kv_candidates, score_kv_layer, with_copy_tail
-from .layer_strategies import parse_rules, restrict
+from .layer_strategies import LayerRule, choose, parse_rules
 from .options import CalibrationOptions
 from .scoring import LayerScores, sample_rows, score_layer
 
@@ -45,11 +44,12 @@ class Scores:
     sampled_rows: int
     retrieval_rows: int
     kv: dict[int, KVScores]
+    rules: tuple[LayerRule, ...] = ()  # --layer-strategies, applied when allocating (patchattn.calibrate.layer_strategies)
+    layer_budgets: str = "shared"
 
     def choose(self, target_sparsity: float) -> torch.Tensor:
-        n_cand = self.density.shape[-1]
-        flat = allocate(self.density.view(-1, n_cand), self.utility.reshape(-1, n_cand), 1.0 - target_sparsity)
-        return flat.view(len(self.free), -1)
+        names = [c.name for c in self.candidates] if self.rules else []
+        return choose(self.density, self.utility, self.free, names, self.rules, 1.0 - target_sparsity, self.layer_budgets)
 
     def pick(self, values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         return torch.gather(values, -1, choice[..., None]).squeeze(-1)
@@ -129,10 +129,9 @@ def score_text(model, input_ids: torch.Tensor, options: CalibrationOptions, on_l
     stack = lambda name: torch.stack([getattr(layer_scores[i], name) for i in free])  # noqa: E731
     density, mass, error = stack("density"), stack("kept_mass"), stack("output_error")
     utility = torch.stack([layer_scores[i].utility(options.objective) for i in free])
-    rules = parse_rules(options.layer_strategies, options.strategies)
-    utility = restrict(utility, free, [c.name for c in candidates], rules)
     return Scores(free, n_layers, windows, candidates, density, mass, error, utility, n_sampled,
-                  0 if copy_rows is None else int(copy_rows.numel()), kv_scores)
+                  0 if copy_rows is None else int(copy_rows.numel()), kv_scores,
+                  parse_rules(options.layer_strategies, options.strategies), options.layer_budgets)
 
 
 def captured_prefill(model, input_ids: torch.Tensor, hook) -> None:

@@ -1,7 +1,11 @@
 """Layers that choose among fewer strategies than the rest: ``--layer-strategies 5-29=dense,streaming,block_topk``.
 
-The allocation still spends one global budget over every head, but a head of a restricted layer is offered only the
-candidates of the strategies its rule names. What it is for: on SmolLM2 at 8K the vertical-slash heads hold copy-heavy
+By default (``layer_budgets="shared"``) the allocation still spends one global budget over every head, but a head of a
+restricted layer is offered only the candidates of the strategies its rule names. With ``"kept"`` the allocation first
+runs without the rules, and each rule's layers then choose among their strategies within the density that allocation
+gave them: the layers outside every rule keep the unrestricted plans, and no budget moves between ranges because a
+restricted strategy scores worse per block (on SmolLM2 at 8K a shared budget drew density from layers 12-20, where
+email's copying heads are, into the restricted layers 5-10). What it is for: on SmolLM2 at 8K the vertical-slash heads hold copy-heavy
 text (email) and lose the passkey, block top-k heads the reverse (``examples/unseen-kinds/gpu-sweep/``), and a rule per
 range of layers tries one where it helps and the other elsewhere, each calibrated at the same sparsity.
 """
@@ -15,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import OptionError
+from .allocate import allocate
 
 FORBIDDEN = -1e6  # the utility of a candidate a rule leaves out: never chosen while any allowed one remains
 _SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*=\s*(.+)$")
@@ -80,3 +85,25 @@ def restrict(utility: torch.Tensor, free: Sequence[int], candidate_names: Sequen
                 left_out = [c for c, name in enumerate(candidate_names) if name not in rule.strategies]
                 utility[f, :, left_out] = FORBIDDEN
     return utility
+
+
+LAYER_BUDGETS = ("shared", "kept")
+
+
+def choose(density: torch.Tensor, utility: torch.Tensor, free: Sequence[int], candidate_names: Sequence[str],
+           rules: Sequence[LayerRule], target_density: float, layer_budgets: str = "shared") -> torch.Tensor:
+    """One candidate per head, (F, H) over the free layers: ``density`` and ``utility`` (F, H, C) allocated to
+    ``target_density`` under ``rules``, sharing one budget or keeping each rule's (see the module)."""
+    n_free, n_cand = density.shape[0], density.shape[-1]
+    restricted = restrict(utility, free, candidate_names, rules)
+    if layer_budgets == "shared" or not rules:
+        return allocate(density.reshape(-1, n_cand), restricted.reshape(-1, n_cand), target_density).view(n_free, -1)
+    choice = allocate(density.reshape(-1, n_cand), utility.reshape(-1, n_cand), target_density).view(n_free, -1)
+    for rule in rules:
+        rows = [f for f, layer in enumerate(free) if rule.first <= layer <= rule.last]
+        if not rows:
+            continue
+        d = density[rows]
+        budget = float(d.gather(-1, choice[rows][..., None]).mean())
+        choice[rows] = allocate(d.reshape(-1, n_cand), restricted[rows].reshape(-1, n_cand), budget).view(len(rows), -1)
+    return choice

@@ -10,7 +10,7 @@ from ..layout import BLOCK_SIZES
 from ..strategies import STRATEGIES
 from .kinds import ROBUST, VERIFY
 from .kv import EVAL_ROWS
-from .layer_strategies import parse_rules
+from .layer_strategies import LAYER_BUDGETS, parse_rules
 from .search import LossBound
 from .texts import calibration_texts
 
@@ -62,6 +62,7 @@ class CalibrationOptions:
     verify: str = "auto"
     break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
     layer_strategies: tuple[str, ...] = ()  # "A-B=name,name": those layers choose among fewer strategies (layer_strategies.py)
+    layer_budgets: str = "shared"  # with layer_strategies: one budget over every head, or each rule's layers keep theirs
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -81,6 +82,7 @@ class CalibrationOptions:
         check.all_of("strategies", self.strategies, sorted(STRATEGIES))
         object.__setattr__(self, "layer_strategies", tuple(self.layer_strategies))
         parse_rules(self.layer_strategies, self.strategies)
+        check.one_of("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
         check.one_of("objective", self.objective, OBJECTIVES)
         check.integer("n_rows", self.n_rows, 1)
         check.integer("decode_pages", self.decode_pages, 0)

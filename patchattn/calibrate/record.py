@@ -46,7 +46,7 @@ def calibration_stats(scores: Scores, choice: torch.Tensor, options: Calibration
         "retrieval_rows": scores.retrieval_rows,
         "retrieval_weight": options.retrieval_weight if scores.retrieval_rows else 0.0,
         "strategies": list(options.strategies),
-        **({"layer_strategies": list(options.layer_strategies)} if options.layer_strategies else {}),
+        **({"layer_strategies": list(options.layer_strategies), "layer_budgets": options.layer_budgets} if options.layer_strategies else {}),
         "layer_density": [round(float(layer_density[i]), 6) if i in layer_density else None for i in range(n_layers)],
         **({"model_windows": {str(i): w for i, w in enumerate(scores.windows) if w is not None}} if len(scores.free) < n_layers else {}),
         "candidates": [

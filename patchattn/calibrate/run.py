@@ -69,6 +69,7 @@ def calibrate(
     verify: str = "auto",
     needles: Sequence[Probe] = (),
     layer_strategies: Sequence[str] = (),
+    layer_budgets: str = "shared",
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -111,13 +112,15 @@ def calibrate(
     ``"auto"`` or ``"unseen-kind"``), so the bound is met on kinds calibration never read
     (:class:`~patchattn.calibrate.kinds.UnseenKind`); ``verify="held-out"`` measures every kind under the recipe
     allocated on all of them. ``layer_strategies`` (``"FIRST-LAST=name,name"`` each) offers those layers only the named
-    strategies (:mod:`patchattn.calibrate.layer_strategies`)."""
+    strategies, under one budget over every head (``layer_budgets="shared"``) or each rule's layers within what the
+    allocation without rules gave them (``"kept"``; :mod:`patchattn.calibrate.layer_strategies`)."""
     texts, several = texts_by_kind(input_ids)
     options = CalibrationOptions(
         target_sparsity=target_sparsity, max_loss=max_loss, seq_len=next(iter(texts.values())).shape[1], block_size=block_size,
         strategies=tuple(strategies), objective=objective, n_rows=n_rows, kv_budget=kv_budget, decode_pages=decode_pages,
         decode_recall=decode_recall, retrieval_weight=retrieval_weight, dense_prefix_tokens=dense_prefix_tokens, seed=seed,
         min_sparse_tokens=min_sparse_tokens, robust=robust, verify=verify, layer_strategies=tuple(layer_strategies),
+        layer_budgets=layer_budgets,
     )  # every option checked, as the CLI does before loading the model
     mode = verify_mode(options.verify, several, options.max_loss is not None)
     if mode == "unseen-kind" and not several:

@@ -51,6 +51,7 @@ def calibrate(
         None, "--needles", help="Needle prompts (the first text with a hidden number at least half the prompt back and a question about it), each run once: a head whose answer rows read the needle is not given a streaming window that cuts it off. Default: 2 (none where the text is too short for one). 0: none."
     ),
     layer_strategies: List[str] = typer.Option([], "--layer-strategies", help="FIRST-LAST=STRATEGY,STRATEGY (repeatable): those layers choose among these of --strategies only, under the same global budget (e.g. 5-29=dense,streaming,block_topk)."),
+    layer_budgets: str = typer.Option("shared", "--layer-budgets", help="With --layer-strategies: 'shared' spends one budget over every head; 'kept' gives each rule's layers the density the allocation without rules gives them, to choose among their strategies within it (the other layers keep the unrestricted plans)."),
     break_even: bool = typer.Option(True, "--break-even/--no-break-even", help="On a GPU, time each layer's sparse prefill against dense attention at the calibration length, its half and its quarter, and prefill a layer densely below the length where its sparse path stops losing (written into the recipe per layer). Nothing is timed on a CPU."),
     min_sparse_tokens: int = typer.Option(0, "--min-sparse-tokens", help="Prompts shorter than this prefill densely (written into the recipe): where building layouts costs more than the attention it skips, e.g. small models on a GPU. 0: every prompt sparse."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="PNG heat map of chosen densities (default: beside the recipe)."),
@@ -73,7 +74,7 @@ def calibrate(
             kv_budget=kv_budget, decode_pages=decode_pages, decode_recall=decode_recall, retrieval_weight=retrieval_weight,
             dense_prefix_tokens=dense_prefix_tokens, probes=probes, needles=needles, min_sparse_tokens=min_sparse_tokens, seed=seed,
             texts=tuple(text), kinds=None if kinds is None else _comma_list(kinds), robust=robust, break_even=break_even,
-            verify=verify, layer_strategies=tuple(layer_strategies),
+            verify=verify, layer_strategies=tuple(layer_strategies), layer_budgets=layer_budgets,
         )
         heat = heatmap or output.with_suffix(".png")
         _check_outputs({"--output": output, "--heatmap": heat, "--baseline-output": baseline_output})
@@ -196,6 +197,7 @@ def _calibrate_with_progress(lm, tokenizer, texts: list, options):
             robust=options.robust,
             verify=options.verify,
             layer_strategies=options.layer_strategies,
+            layer_budgets=options.layer_budgets,
         )
     _fit_break_even(lm, recipe, first_ids, options)
     return recipe
