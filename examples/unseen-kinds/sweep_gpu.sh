@@ -15,7 +15,10 @@
 # where the splice reads 0.31 and +2.6%. Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-
 # only recipe that holds it (0.31) gives the heads that read the passkey (L17H3, L18H7, L20H4-H6) long streaming
 # windows, where the five-kind recipes give them block top-k.
-# COMPARE=1 first evaluates the shipped prose-only s80-probed and five-kind s72-spread recipes in one run, so their lost
+# Rows 26-27 (not run yet) ask the same rules with --layer-budgets kept: each ruled range chooses within the density the
+# allocation without rules gives it (row 24's shared budget moved density from layers 12-29 into 5-10); row 27 is the
+# splice's own rule (vertical-slash kept out of 5-11 and 21-29).
+# COMPARE=1 first evaluates the prose-only s80-probed (recipes/prose-only/) and five-kind s72-spread recipes in one run, so their lost
 # / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
 set -uo pipefail
@@ -51,6 +54,8 @@ declare -A ROW=(
   [23]="union-5-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-29=dense,streaming,block_topk,vertical_slash_topk"
   [24]="vs-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk"
   [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk"
+  [26]="kept-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets kept"
+  [27]="kept-splice --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/prose-only/smollm2-135m-instruct-8k-s80-probed.json \
