@@ -69,7 +69,7 @@ def test_kept_budgets_leave_the_other_layers_as_the_unruled_allocation_and_move_
     assert torch.equal(choose(density, utility, [0, 1, 2], names, (), target, "kept"), open_choice)
 
 
-def test_calibrate_with_kept_budgets_records_them(calibration_text):
+def test_calibrate_with_kept_budgets_records_them():
     ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
     free = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED)
     kept = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 21 on Gemma 3 270M at 32K. Calibrated on four shipped kinds (prose, code, dialogue, structured), so the Python
 # documentation is a kind it never read, beside legal text and C source from this folder (the email here is 29K Gemma
-# tokens, too short for a 32K window). VARIANTS: one calibration per entry, NAME then calibrate's own options
-# separated by ";" ("default": today's defaults at TARGET; e.g. "blocks --strategies dense,streaming,block_topk";
-# with --max-loss the bound replaces TARGET). STEP=ppl: the calibrations, then
-# perplexity on the three unseen kinds beside each recipe's uniform twin (one 32K window each); STEP=needles: eval's
-# passkey, dense and each recipe (TRIALS prompts from SEED, as eval seeds them). Sparsity target: of the full layers'
+# tokens, too short for a 32K window). VARIANTS: one calibration per entry, entries separated by ";", each NAME then
+# calibrate's own options ("default": today's defaults at TARGET; e.g. "blocks --strategies dense,streaming,block_topk";
+# with --max-loss the bound replaces TARGET). STEP=ppl: the calibrations, then perplexity on the three unseen kinds
+# beside each recipe's uniform twin (one 32K window each); STEP=needles: eval's passkey, dense and each recipe (TRIALS
+# prompts from SEED, as eval seeds them). Sparsity target: of the full layers'
 # blocks (Gemma's windowed layers compute their own window whatever the recipe; eval's per-text sparsity counts the
 # blocks those windows reach as computed, so 0.85 of the full layers reads about 71% there).
 # The model reaches the device as in benchmarks/NOTES_device_smollm2.md (Gemma converted to /tmp/gemma-hf).

@@ -5,9 +5,9 @@ restricted layer is offered only the candidates of the strategies its rule names
 runs without the rules, and each rule's layers then choose among their strategies within the density that allocation
 gave them: the layers outside every rule keep the unrestricted plans, and no budget moves between ranges because a
 restricted strategy scores worse per block (on SmolLM2 at 8K a shared budget drew density from layers 12-20, where
-email's copying heads are, into the restricted layers 5-10). What it is for: on SmolLM2 at 8K the vertical-slash heads hold copy-heavy
-text (email) and lose the passkey, block top-k heads the reverse (``examples/unseen-kinds/gpu-sweep/``), and a rule per
-range of layers tries one where it helps and the other elsewhere, each calibrated at the same sparsity.
+email's copying heads are, into the restricted layers 5-10). What it is for: on SmolLM2 at 8K the vertical-slash heads
+hold copy-heavy text (email) and lose the passkey, block top-k heads the reverse (``examples/unseen-kinds/gpu-sweep/``),
+and a rule per range of layers tries one where it helps and the other elsewhere, each calibrated at the same sparsity.
 """
 
 from __future__ import annotations
