@@ -1,5 +1,5 @@
-"""--layer-strategies: a range of layers chooses among fewer strategies, under the same global budget or (with
---layer-budgets kept) within the density the allocation without rules gives it."""
+"""--layer-strategies: a range of layers chooses among fewer strategies, within the density the allocation without rules
+gives it (--layer-budgets kept, the default) or under one global budget (shared)."""
 
 import pytest
 import torch
@@ -36,14 +36,14 @@ def test_restrict_leaves_out_the_rules_candidates_in_their_layers_only():
         check_layers(parse_rules(["5-7=dense"], OFFERED), n_layers=4)
 
 
-def test_a_restricted_layer_gets_only_its_strategies_at_the_same_sparsity():
+def test_a_restricted_layer_gets_only_its_strategies_at_the_same_sparsity_under_a_shared_budget():
     ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
     free = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED)
     assert {h.strategy for h in free.layers[1]} - {"dense", "streaming"}, "the rule must change something to be tested"
     ruled = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED,
-                      layer_strategies=["1=dense,streaming"])
+                      layer_strategies=["1=dense,streaming"], layer_budgets="shared")
     assert {h.strategy for h in ruled.layers[1]} <= {"dense", "streaming"}
-    assert ruled.calibration["layer_strategies"] == ["1=dense,streaming"]
+    assert ruled.calibration["layer_strategies"] == ["1=dense,streaming"] and ruled.calibration["layer_budgets"] == "shared"
     assert abs(ruled.calibration["achieved_sparsity"] - 0.7) <= 0.02
 
 
@@ -69,11 +69,11 @@ def test_kept_budgets_leave_the_other_layers_as_the_unruled_allocation_and_move_
     assert torch.equal(choose(density, utility, [0, 1, 2], names, (), target, "kept"), open_choice)
 
 
-def test_calibrate_with_kept_budgets_records_them():
+def test_calibrate_keeps_each_rules_budget_by_default_and_records_it():
     ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
     free = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED)
     kept = calibrate(tiny_model("llama"), ids, target_sparsity=0.7, block_size=32, strategies=OFFERED,
-                     layer_strategies=["1=dense,streaming"], layer_budgets="kept")
+                     layer_strategies=["1=dense,streaming"])
     assert [(h.strategy, h.params) for h in kept.layers[0]] == [(h.strategy, h.params) for h in free.layers[0]]
     assert {h.strategy for h in kept.layers[1]} <= {"dense", "streaming"}
     assert kept.calibration["layer_budgets"] == "kept" and kept.calibration["achieved_sparsity"] >= 0.7 - 0.02

@@ -15,9 +15,11 @@
 # where the splice reads 0.31 and +2.6%. Row 10 asks whether block top-k's pooled estimate costs the passkey: the prose-
 # only recipe that holds it (0.31) gives the heads that read the passkey (L17H3, L18H7, L20H4-H6) long streaming
 # windows, where the five-kind recipes give them block top-k.
-# Rows 26-27 (not run yet) ask the same rules with --layer-budgets kept: each ruled range chooses within the density the
-# allocation without rules gives it (row 24's shared budget moved density from layers 12-29 into 5-10); row 27 is the
-# splice's own rule (vertical-slash kept out of 5-11 and 21-29).
+# Rows 19-25 ran with one shared budget, the default then (now named). Rows 26-27 ask the same rules with
+# --layer-budgets kept (the default since): each ruled range chooses within the density the allocation
+# without rules gives it (row 24's shared budget moved density from layers 12-29 into 5-10); row 27 is the splice's own
+# rule (vertical-slash kept out of 5-11 and 21-29). Run 2026-12-07 second night: row 27 reads passkey 0.37, email +2.6%
+# and is shipped as recipes/smollm2-135m-instruct-8k-s72-kept.json; row 26 reads 0.29 and +3.0%.
 # COMPARE=1 first evaluates the prose-only s80-probed (recipes/prose-only/) and five-kind s72-spread recipes in one run, so their lost
 # / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
@@ -47,13 +49,13 @@ declare -A ROW=(
   [16]="adaptive-blocks --strategies dense,streaming,vertical_slash_adaptive,block_topk"
   [17]="retrieval25 --retrieval-weight 0.25"
   [18]="probes8-needles4 --probes 8 --needles 4"
-  [19]="vs-in-0-4 --layer-strategies 5-29=dense,streaming,block_topk"
-  [20]="vs-in-0-10 --layer-strategies 11-29=dense,streaming,block_topk"
-  [21]="vs-after-10 --layer-strategies 0-10=dense,streaming,block_topk"
-  [22]="union-11-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk --layer-strategies 11-29=dense,streaming,block_topk,vertical_slash_topk"
-  [23]="union-5-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-29=dense,streaming,block_topk,vertical_slash_topk"
-  [24]="vs-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk"
-  [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk"
+  [19]="vs-in-0-4 --layer-strategies 5-29=dense,streaming,block_topk --layer-budgets shared"
+  [20]="vs-in-0-10 --layer-strategies 11-29=dense,streaming,block_topk --layer-budgets shared"
+  [21]="vs-after-10 --layer-strategies 0-10=dense,streaming,block_topk --layer-budgets shared"
+  [22]="union-11-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk --layer-strategies 11-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets shared"
+  [23]="union-5-29 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets shared"
+  [24]="vs-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets shared"
+  [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets shared"
   [26]="kept-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets kept"
   [27]="kept-splice --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
 )

@@ -45,7 +45,7 @@ class Scores:
     retrieval_rows: int
     kv: dict[int, KVScores]
     rules: tuple[LayerRule, ...] = ()  # --layer-strategies, applied when allocating (patchattn.calibrate.layer_strategies)
-    layer_budgets: str = "shared"
+    layer_budgets: str = "kept"
 
     def choose(self, target_sparsity: float) -> torch.Tensor:
         names = [c.name for c in self.candidates] if self.rules else []

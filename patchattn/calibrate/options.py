@@ -62,7 +62,7 @@ class CalibrationOptions:
     verify: str = "auto"
     break_even: bool = True  # on a GPU, time each layer's prefill break-even (patchattn.calibrate.breakeven)
     layer_strategies: tuple[str, ...] = ()  # "A-B=name,name": those layers choose among fewer strategies (layer_strategies.py)
-    layer_budgets: str = "shared"  # with layer_strategies: one budget over every head, or each rule's layers keep theirs
+    layer_budgets: str = "kept"  # with layer_strategies: each rule's layers keep their density, or one budget over every head
 
     def __post_init__(self):
         object.__setattr__(self, "strategies", tuple(self.strategies))

@@ -69,7 +69,7 @@ def calibrate(
     verify: str = "auto",
     needles: Sequence[Probe] = (),
     layer_strategies: Sequence[str] = (),
-    layer_budgets: str = "shared",
+    layer_budgets: str = "kept",
 ) -> Recipe:
     """Score every candidate budget on every head in one forward pass and allocate to ``target_sparsity`` (default
     0.85), or, with ``max_loss`` (e.g. ``"ppl=2%"``), to the sparsest target whose recipe keeps the perplexity of
@@ -112,8 +112,8 @@ def calibrate(
     ``"auto"`` or ``"unseen-kind"``), so the bound is met on kinds calibration never read
     (:class:`~patchattn.calibrate.kinds.UnseenKind`); ``verify="held-out"`` measures every kind under the recipe
     allocated on all of them. ``layer_strategies`` (``"FIRST-LAST=name,name"`` each) offers those layers only the named
-    strategies, under one budget over every head (``layer_budgets="shared"``) or each rule's layers within what the
-    allocation without rules gave them (``"kept"``; :mod:`patchattn.calibrate.layer_strategies`)."""
+    strategies, each rule's layers within what the allocation without rules gave them (``layer_budgets="kept"``) or
+    under one budget over every head (``"shared"``; :mod:`patchattn.calibrate.layer_strategies`)."""
     texts, several = texts_by_kind(input_ids)
     options = CalibrationOptions(
         target_sparsity=target_sparsity, max_loss=max_loss, seq_len=next(iter(texts.values())).shape[1], block_size=block_size,
