@@ -5,7 +5,8 @@ answer's tokens fed (teacher forcing) and reports per variant the mean log-proba
 share of prompts whose every answer token is the argmax (what greedy decoding would reproduce, given the prompt), and
 the prefill sparsity. The prompts are `patchattn eval`'s passkey task (repeated filler, seeded and limited to the
 model's context as eval does; runs before 2026-12-07 afternoon drew other prompts of the same task).
-``--dense`` adds, for each recipe, a copy with some of its heads dense.
+``--dense`` adds, for each recipe, a copy with some of its heads dense. ``--task`` reads another of eval's needle tasks
+(its first answer), ``--seed`` eval's seed, ``--prompts`` only some of the trials (their indices, as eval numbers them).
 
 ``--read`` says how the answer is read:
 - ``gen`` (default): the prompt prefilled, then the answer fed through the cache, as generation reads it. The prompt's
@@ -17,7 +18,7 @@ model's context as eval does; runs before 2026-12-07 afternoon drew other prompt
   over 30 prompts, −0.87 and −1.15 (``gpu-8k-s72/needles/``). Six prompts are also too few.
 
     python passkey_tf.py MODEL.gguf RECIPE.json [RECIPE.json ...] --trials 16 --length 8192 [--dense strategy=streaming]
-        [--read gen|tf] [--device cuda --dtype bfloat16]
+        [--read gen|tf] [--device cuda --dtype bfloat16] [--task single --seed 1 --prompts 1,41,49]
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--dense", action="append", default=[], help="also each recipe with these heads dense: "
                         "'strategy=NAME' or 'layers=A-B' (repeatable: one variant each)")
     parser.add_argument("--read", choices=("gen", "tf"), default="gen", help="how the answer is read (module text)")
+    parser.add_argument("--task", default="passkey", help="eval's needle task whose prompts are read")
+    parser.add_argument("--seed", type=int, default=0, help="eval's --seed")
+    parser.add_argument("--prompts", default="", help="comma-separated trial indices to read (default: all --trials)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -88,7 +92,9 @@ def main() -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     # the model's context limit, as eval passes it: the draws depend on it (before 2026-12-07 afternoon this passed
     # None, so its prompts were other draws of the same task, not eval's)
-    prompts = task_prompts("passkey", tokenizer, args.length, context_length(model.config), args.trials, 0)
+    prompts = task_prompts(args.task, tokenizer, args.length, context_length(model.config), args.trials, args.seed)
+    if args.prompts:
+        prompts = [prompts[int(i)] for i in args.prompts.split(",")]
     variants = [("dense", None)]
     for path in args.recipes:
         recipe = Recipe.load(path)
