@@ -117,9 +117,9 @@ def test_the_spliced_recipe_is_what_splice_py_builds():
     splice = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(splice)
     built = splice.splice(json.loads(splice.BASE.read_text()), json.loads(splice.DONOR.read_text()))
-    shipped = json.loads((splice.HERE / "gpu-sweep" / "spliced.json").read_text())
-    assert shipped["layers"] == built["layers"]
-    assert shipped["calibration"]["spliced"] == splice.NOTE
-    kinds = shipped["calibration"]["kinds"]
+    recorded = json.loads((splice.HERE / "gpu-sweep" / "spliced.json").read_text())
+    assert recorded["layers"] == built["layers"]
+    assert recorded["calibration"]["spliced"] == splice.NOTE
+    kinds = recorded["calibration"]["kinds"]
     assert set(kinds) == set(splice.KINDS)
     assert all(0.0 < k["achieved_sparsity"] < 1.0 and k["ppl_loss"] is not None for k in kinds.values())

@@ -91,7 +91,7 @@ LAYER_BUDGETS = ("shared", "kept")
 
 
 def choose(density: torch.Tensor, utility: torch.Tensor, free: Sequence[int], candidate_names: Sequence[str],
-           rules: Sequence[LayerRule], target_density: float, layer_budgets: str = "kept") -> torch.Tensor:
+           rules: Sequence[LayerRule], target_density: float, layer_budgets: str) -> torch.Tensor:
     """One candidate per head, (F, H) over the free layers: ``density`` and ``utility`` (F, H, C) allocated to
     ``target_density`` under ``rules``, sharing one budget or keeping each rule's (see the module)."""
     n_free, n_cand = density.shape[0], density.shape[-1]
