@@ -20,6 +20,10 @@
 # without rules gives it (row 24's shared budget moved density from layers 12-29 into 5-10); row 27 is the splice's own
 # rule (vertical-slash kept out of 5-11 and 21-29). Run 2026-12-07 second night: row 27 reads passkey 0.37, email +2.6%
 # and is shipped as recipes/smollm2-135m-instruct-8k-s72-kept.json; row 26 reads 0.29 and +3.0%.
+# Rows 28-33 (2026-12-08) ask the single needle (ONE_EVAL=1 TASKS=single,ppl SEED=1: the rows calibrated, then one eval
+# of them all, dense run once; DEADLINE stops that eval at an epoch second, keeping its finished rows): vertical-slash
+# in 12-20 only (28), the union strategy in layers 0-4 (29; at 70%: 31; in 0-11: 32; everywhere: 33), eight layer
+# probes (30). Every row loses the same four prompts; the best, row 31, reads 0.80 against dense's 0.83.
 # COMPARE=1 first evaluates the prose-only s80-probed (recipes/prose-only/) and five-kind s72-spread recipes in one run, so their lost
 # / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
@@ -58,6 +62,12 @@ declare -A ROW=(
   [25]="union-not-5-10 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets shared"
   [26]="kept-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets kept"
   [27]="kept-splice --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [28]="kept-vs-12-20 --layer-strategies 0-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [29]="kept-union-0-4 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [31]="kept-union-0-4-s70 --target-sparsity 0.70 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [32]="kept-union-0-11 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [33]="kept-union-all --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 21-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets kept"
+  [30]="kept-splice-probes8 --probes 8 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/prose-only/smollm2-135m-instruct-8k-s80-probed.json \
@@ -65,6 +75,9 @@ if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside 
     -o /tmp/ev-compare > $OUT/compare-eval.log 2>&1
   cp /tmp/ev-compare/results.json $OUT/compare-results.json; grep "passkey" /tmp/ev-compare/results.md
 fi
+TASKS=${TASKS:-passkey,ppl}
+UNSEEN="--ppl-text /tmp/unseen/legal.txt --ppl-text /tmp/unseen/email.txt --ppl-text /tmp/unseen/c.txt"
+RECIPES=${WITH:+-r $WITH}  # ONE_EVAL=1: every row's recipe (and WITH, e.g. the shipped one) in one eval, dense run once
 for I in ${ROWS:-1 2 3 4 5}; do
   set -- ${ROW[$I]}
   NAME=$1; shift
@@ -73,10 +86,19 @@ for I in ${ROWS:-1 2 3 4 5}; do
   mkdir -p $D
   SECONDS=0
   python -m patchattn.cli calibrate $M --seq-len 8192 --target-sparsity 0.72 "$@" -o $R > $D/$NAME-calibrate.log 2>&1
-  python -m patchattn.cli eval $M -r $R --lengths 8192 --tasks passkey,ppl --trials 100 --speed-runs 0 \
-    --ppl-text /tmp/unseen/legal.txt --ppl-text /tmp/unseen/email.txt --ppl-text /tmp/unseen/c.txt -o /tmp/ev-$NAME \
-    > $D/$NAME-eval.log 2>&1
+  echo "$NAME ($*): calibrated in $SECONDS s"
+  if [ -n "${ONE_EVAL:-}" ]; then RECIPES="$RECIPES -r $R"; continue; fi
+  python -m patchattn.cli eval $M -r $R --lengths 8192 --tasks $TASKS --trials 100 --seed ${SEED:-0} --speed-runs 0 \
+    $UNSEEN -o /tmp/ev-$NAME > $D/$NAME-eval.log 2>&1
   cp /tmp/ev-$NAME/results.json $D/$NAME-results.json  # each row's files land as it ends: a call cut short keeps them
-  echo "$NAME ($*): $SECONDS s"
-  grep "passkey\|^| legal\|^| email\|^| c " /tmp/ev-$NAME/results.md
+  echo "$NAME: $SECONDS s"
+  grep "passkey\|needle\|^| legal\|^| email\|^| c " /tmp/ev-$NAME/results.md
 done
+if [ -n "${ONE_EVAL:-}" ]; then
+  SECONDS=0  # DEADLINE (epoch seconds): the eval stops there, keeping its finished rows
+  timeout -s INT $(( ${DEADLINE:-0} > 0 ? DEADLINE - $(date +%s) : 100000 )) python -m patchattn.cli eval $M $RECIPES --lengths 8192 --tasks $TASKS --trials 100 --seed ${SEED:-0} --speed-runs 0 \
+    $UNSEEN -o /tmp/ev-rows > $OUT/rows-eval.log 2>&1
+  cp /tmp/ev-rows/results.json $OUT/rows-results.json; cp /tmp/ev-rows/results.md $OUT/rows-results.md
+  echo "one eval of$RECIPES: $SECONDS s"
+  grep -v "WARNING\|plans would\|faster, no\|is kept in full\|own; computing" /tmp/ev-rows/results.md | head -60
+fi
