@@ -94,12 +94,21 @@ def test_accuracy_cells_count_prompts_lost_and_won():
             row["value"] = sum(row["scores"]) / 4
     table = accuracy_tables(results)[0]
     passkey = next(r for r in table.rows if r[0].startswith("passkey"))
-    assert passkey[1:] == ["0.50", "0.50 (+0.00, 1 lost / 1 won)", "0.00 (−0.50, 2 lost / 0 won)"]
+    assert passkey[1:] == ["0.50", "0.50 (+0.00, 1 lost / 1 won, p=1)", "0.00 (−0.50, 2 lost / 0 won, p=0.5)"]
     ppl = next(r for r in table.rows if r[0] == "perplexity")
     assert "lost" not in ppl[2] and ppl[2].endswith("%)")
     row = {"metric": "accuracy", "scores": [0.5, 1.0]}  # partial credit: no flips to count
     assert paired_flips(row, {"metric": "accuracy", "scores": [1, 1]}) is None
     assert paired_flips({"metric": "accuracy", "scores": [1]}, {"metric": "accuracy", "scores": [1, 0]}) is None
+
+
+def test_flip_p_value_is_mcnemars_exact_test():
+    from patchattn.eval.cells import flip_p_value
+
+    assert flip_p_value(0, 0) == 1.0 and flip_p_value(3, 3) == 1.0
+    assert flip_p_value(6, 1) == flip_p_value(1, 6) == 2 * (1 + 7) / 2**7  # 0.125: six of seven one way is chance often
+    assert flip_p_value(9, 0) == 2 / 2**9
+    assert flip_p_value(9, 2) < 0.07 < flip_p_value(8, 2)  # two-sided, from the binomial tail
 
 
 def test_markdown_has_every_section():

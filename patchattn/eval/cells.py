@@ -3,6 +3,8 @@ sparsity, bytes, the KV cache and the prefill kernels; ``–`` for what was not 
 
 from __future__ import annotations
 
+from math import comb
+
 from .results import mean_of
 
 def fmt_value(row: dict | None) -> str:
@@ -11,8 +13,9 @@ def fmt_value(row: dict | None) -> str:
 
 def fmt_delta(row: dict | None, base: dict | None) -> str:
     """' (+0.20)' for accuracy, ' (+0.31, +1.4%)' for perplexity: the difference from the baseline row. Accuracy on
-    the same prompts also says how many prompts flipped each way (' (−0.05, 3 lost / 1 won)'): a difference made
-    of one-way flips is the variant's, one of as many won as lost is noise."""
+    the same prompts also says how many prompts flipped each way and how likely flips that one-sided are by chance
+    (' (−0.05, 6 lost / 1 won, p=0.12)', :func:`flip_p_value`): a difference made of one-way flips is the variant's,
+    one of as many won as lost is noise."""
     if row is None or base is None or row.get("value") is None or base.get("value") is None:
         return ""
     delta = row["value"] - base["value"]
@@ -21,7 +24,7 @@ def fmt_delta(row: dict | None, base: dict | None) -> str:
         text += f", {100 * delta / base['value']:+.1f}%"
     flips = paired_flips(row, base)
     if flips is not None and any(flips):
-        text += f", {flips[0]} lost / {flips[1]} won"
+        text += f", {flips[0]} lost / {flips[1]} won, p={flip_p_value(*flips):.2g}"
     return f" ({text})"
 
 
@@ -32,6 +35,14 @@ def paired_flips(row: dict, base: dict) -> tuple[int, int] | None:
     if row.get("metric") == "perplexity" or not a or len(a) != len(b) or any(x not in (0, 1) for x in (*a, *b)):
         return None
     return sum(1 for x, y in zip(a, b) if x > y), sum(1 for x, y in zip(a, b) if y > x)
+
+
+def flip_p_value(lost: int, won: int) -> float:
+    """McNemar's exact test on paired flips: the two-sided chance of a split at least as one-sided as ``lost`` /
+    ``won`` if each flipped prompt had gone either way at even odds (1.0 for an even split or none)."""
+    n = lost + won
+    tail = sum(comb(n, i) for i in range(min(lost, won) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def fmt_speedup(value: float | None, base: float | None) -> str:

@@ -65,8 +65,9 @@ def render_markdown(results: dict, plot_files: list[str] = ()) -> str:
         "variant skipped in prefill attention (on layers with the model's own sliding window, of the blocks the window "
         "reaches)."
         + (f" Brackets: difference from `{BASELINE}` on the same prompts; for accuracy, how many prompts `{BASELINE}` "
-           "answered that the variant missed (lost) and the reverse (won): a difference of one-way flips is the "
-           "variant's, one of as many won as lost is noise." if has_base else ""),
+           "answered that the variant missed (lost) and the reverse (won), and p, the chance of flips at least that one-sided "
+           "if each flipped prompt had gone either way at even odds (McNemar's exact test): a difference of one-way "
+           "flips with a small p is the variant's, one of as many won as lost is noise." if has_base else ""),
     ]
     if results.get("complete") is False:
         lines += ["", f"**Partial results**: the run was interrupted after {len(results['results'])} result rows; "
