@@ -5,7 +5,7 @@ answer's tokens fed (teacher forcing) and reports per variant the mean log-proba
 share of prompts whose every answer token is the argmax (what greedy decoding would reproduce, given the prompt), and
 the prefill sparsity. The prompts are `patchattn eval`'s passkey task (repeated filler, seeded and limited to the
 model's context as eval does; runs before 2026-12-07 afternoon drew other prompts of the same task).
-``--dense`` adds, for each recipe, a copy with some of its heads dense. ``--task`` reads another of eval's needle tasks
+``--dense`` adds, for each recipe, a copy with some of its heads dense (by strategy, layer range or layer:head). ``--task`` reads another of eval's needle tasks
 (its first answer), ``--seed`` eval's seed, ``--prompts`` only some of the trials (their indices, as eval numbers them).
 
 ``--read`` says how the answer is read:
@@ -37,15 +37,16 @@ from patchattn.stats import record_sparsity
 
 
 def densified(recipe: Recipe, spec: str) -> Recipe:
-    """A copy of ``recipe`` with the heads ``spec`` names dense ('strategy=NAME', 'layers=A-B')."""
+    """A copy of ``recipe`` with the heads ``spec`` names dense ('strategy=NAME', 'layers=A-B', 'heads=L:H,L:H')."""
     from patchattn.recipe import HeadPlan
 
     what, value = spec.split("=")
     lo, hi = (int(x) for x in value.split("-")) if what == "layers" else (0, 0)
+    heads = {tuple(int(x) for x in lh.split(":")) for lh in value.split(",")} if what == "heads" else set()
     copy = Recipe.from_dict(recipe.to_dict())
     for li, layer in enumerate(copy.layers):
         for h, plan in enumerate(layer):
-            if (what == "strategy" and plan.strategy == value) or (what == "layers" and lo <= li <= hi):
+            if (what == "strategy" and plan.strategy == value) or (what == "layers" and lo <= li <= hi) or (li, h) in heads:
                 layer[h] = HeadPlan("dense", {}, density=1.0)
     return copy
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--dense", action="append", default=[], help="also each recipe with these heads dense: "
-                        "'strategy=NAME' or 'layers=A-B' (repeatable: one variant each)")
+                        "'strategy=NAME', 'layers=A-B' or 'heads=L:H,L:H' (repeatable: one variant each)")
     parser.add_argument("--read", choices=("gen", "tf"), default="gen", help="how the answer is read (module text)")
     parser.add_argument("--task", default="passkey", help="eval's needle task whose prompts are read")
     parser.add_argument("--seed", type=int, default=0, help="eval's --seed")

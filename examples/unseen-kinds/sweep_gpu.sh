@@ -23,7 +23,11 @@
 # Rows 28-33 (2026-12-08) ask the single needle (ONE_EVAL=1 TASKS=single,ppl SEED=1: the rows calibrated, then one eval
 # of them all, dense run once; DEADLINE stops that eval at an epoch second, keeping its finished rows): vertical-slash
 # in 12-20 only (28), the union strategy in layers 0-4 (29; at 70%: 31; in 0-11: 32; everywhere: 33), eight layer
-# probes (30). Every row loses the same four prompts; the best, row 31, reads 0.80 against dense's 0.83.
+# probes (30). Every row loses the same four prompts; the best, row 31, reads 0.80 against dense's 0.83. Rows 34-35
+# (not run yet) ask whether density alone moves them: row 27 at 70%, row 31 at 68% (the unseen kinds then near 70%).
+# Rows 36-37 (not run yet) let the probes' answers bound the search (--max-loss ppl=3%,answer=0.2, eight probes): the
+# CPU traced the lost digits to layers 0-2 (single-needle-cpu/), which a needle answer may see where perplexity does not.
+# Rows 38-39 (not run yet): layer 0 dense, within row 27's kept budgets (38) or paid for by every other layer (39).
 # COMPARE=1 first evaluates the prose-only s80-probed (recipes/prose-only/) and five-kind s72-spread recipes in one run, so their lost
 # / won passkey prompts are counted on the same prompts (on the CPU both lose 3 of 4 prompts s72-spread loses).
 # On the lent GPU, the model as in benchmarks/NOTES_device_smollm2.md.
@@ -67,6 +71,12 @@ declare -A ROW=(
   [31]="kept-union-0-4-s70 --target-sparsity 0.70 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
   [32]="kept-union-0-11 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
   [33]="kept-union-all --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 21-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets kept"
+  [34]="kept-splice-s70 --target-sparsity 0.70 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [35]="kept-union-0-4-s68 --target-sparsity 0.68 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [36]="kept-splice-answer --max-loss ppl=3%,answer=0.2 --probes 8 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [37]="kept-union-0-4-answer --max-loss ppl=3%,answer=0.2 --probes 8 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [38]="kept-splice-dense0 --layer-strategies 0-0=dense --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [39]="shared-dense0 --layer-strategies 0-0=dense --layer-budgets shared"
   [30]="kept-splice-probes8 --probes 8 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
@@ -85,7 +95,8 @@ for I in ${ROWS:-1 2 3 4 5}; do
   R=$D/$NAME.json
   mkdir -p $D
   SECONDS=0
-  python -m patchattn.cli calibrate $M --seq-len 8192 --target-sparsity 0.72 "$@" -o $R > $D/$NAME-calibrate.log 2>&1
+  TARGET="--target-sparsity 0.72"; [[ " $* " == *" --max-loss "* || " $* " == *" --target-sparsity "* ]] && TARGET=""
+  python -m patchattn.cli calibrate $M --seq-len 8192 $TARGET "$@" -o $R > $D/$NAME-calibrate.log 2>&1
   echo "$NAME ($*): calibrated in $SECONDS s"
   if [ -n "${ONE_EVAL:-}" ]; then RECIPES="$RECIPES -r $R"; continue; fi
   python -m patchattn.cli eval $M -r $R --lengths 8192 --tasks $TASKS --trials 100 --seed ${SEED:-0} --speed-runs 0 \
