@@ -5,8 +5,9 @@ answer's tokens fed (teacher forcing) and reports per variant the mean log-proba
 share of prompts whose every answer token is the argmax (what greedy decoding would reproduce, given the prompt), and
 the prefill sparsity. The prompts are `patchattn eval`'s passkey task (repeated filler, seeded and limited to the
 model's context as eval does; runs before 2026-12-07 afternoon drew other prompts of the same task).
-``--dense`` adds, for each recipe, a copy with some of its heads dense (by strategy, layer range or layer:head). ``--task`` reads another of eval's needle tasks
-(its first answer), ``--seed`` eval's seed, ``--prompts`` only some of the trials (their indices, as eval numbers them).
+``--dense`` adds, for each recipe, a copy with some of its heads dense (by strategy, layer range or layer:head).
+``--task`` reads another of eval's needle tasks (its first answer), ``--seed`` eval's seed, ``--prompts`` only some of
+the trials (their indices, as eval numbers them).
 
 ``--read`` says how the answer is read:
 - ``gen`` (default): the prompt prefilled, then the answer fed through the cache, as generation reads it. The prompt's

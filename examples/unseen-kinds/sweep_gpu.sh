@@ -38,6 +38,10 @@ M=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 HERE=$(dirname "$0")
 mkdir -p /tmp/unseen "$OUT"
 for K in legal email c; do zcat "$HERE/$K.txt.gz" > /tmp/unseen/$K.txt; done
+# Rows 27-39's rules: the splice's (no vertical-slash in 5-11, 21-29), the union strategy offered, and in layers 0-4
+SPLICE="--layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk"
+UNION="--strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk"
+UNION_0_4="$UNION --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk"
 declare -A ROW=(
   [1]="five-mean --robust mean"
   [2]="prose-kind --kinds prose"
@@ -67,17 +71,17 @@ declare -A ROW=(
   [26]="kept-not-5-10 --layer-strategies 5-10=dense,streaming,block_topk --layer-budgets kept"
   [27]="kept-splice --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
   [28]="kept-vs-12-20 --layer-strategies 0-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [29]="kept-union-0-4 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [31]="kept-union-0-4-s70 --target-sparsity 0.70 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [32]="kept-union-0-11 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [33]="kept-union-all --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 21-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets kept"
-  [34]="kept-splice-s70 --target-sparsity 0.70 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [35]="kept-union-0-4-s68 --target-sparsity 0.68 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [36]="kept-splice-answer --max-loss ppl=3%,answer=0.2 --probes 8 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [37]="kept-union-0-4-answer --max-loss ppl=3%,answer=0.2 --probes 8 --strategies dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
-  [38]="kept-splice-dense0 --layer-strategies 0-0=dense --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [29]="kept-union-0-4 $UNION_0_4 --layer-budgets kept"
+  [30]="kept-splice-probes8 --probes 8 $SPLICE --layer-budgets kept"
+  [31]="kept-union-0-4-s70 --target-sparsity 0.70 $UNION_0_4 --layer-budgets kept"
+  [32]="kept-union-0-11 $UNION --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
+  [33]="kept-union-all $UNION --layer-strategies 0-4=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 5-11=dense,streaming,block_topk,vertical_slash_topk --layer-strategies 12-20=dense,streaming,vertical_slash_spread,block_topk,vertical_slash_topk --layer-strategies 21-29=dense,streaming,block_topk,vertical_slash_topk --layer-budgets kept"
+  [34]="kept-splice-s70 --target-sparsity 0.70 $SPLICE --layer-budgets kept"
+  [35]="kept-union-0-4-s68 --target-sparsity 0.68 $UNION_0_4 --layer-budgets kept"
+  [36]="kept-splice-answer --max-loss ppl=3%,answer=0.2 --probes 8 $SPLICE --layer-budgets kept"
+  [37]="kept-union-0-4-answer --max-loss ppl=3%,answer=0.2 --probes 8 $UNION_0_4 --layer-budgets kept"
+  [38]="kept-splice-dense0 --layer-strategies 0-0=dense $SPLICE --layer-budgets kept"
   [39]="shared-dense0 --layer-strategies 0-0=dense --layer-budgets shared"
-  [30]="kept-splice-probes8 --probes 8 --layer-strategies 5-11=dense,streaming,block_topk --layer-strategies 21-29=dense,streaming,block_topk --layer-budgets kept"
 )
 if [ -n "${COMPARE:-}" ]; then  # the prose recipe that held the passkey beside the five-kind one, in one run (~90 s)
   python -m patchattn.cli eval $M -r recipes/prose-only/smollm2-135m-instruct-8k-s80-probed.json \
